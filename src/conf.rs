@@ -294,7 +294,7 @@ unsafe extern "C" fn kylin_directive(
         ngx_conf_log_error!(
             NGX_LOG_EMERG,
             cf,
-            "\"kylin\" cannot be combined with another load balancing method, and must come before \"keepalive\""
+            "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with \"ip_hash\", \"hash\", \"least_conn\" or \"random\", and \"keepalive\" must follow it"
         );
         return conf_error();
     }

@@ -48,6 +48,31 @@ pub struct UpstreamState {
     backup: Option<Group>,
 }
 
+/// The zone's peer-list generation (bumped when `resolve` changes the servers); 0 without.
+#[cfg(nginx1_27_3)]
+unsafe fn peers_config(peers: *mut ngx_http_upstream_rr_peers_t) -> ngx_uint_t {
+    // SAFETY: peers is valid; config is NULL or points into the same zone.
+    unsafe { (*peers).config.as_ref().copied().unwrap_or(0) }
+}
+
+#[cfg(not(nginx1_27_3))]
+unsafe fn peers_config(_peers: *mut ngx_http_upstream_rr_peers_t) -> ngx_uint_t {
+    0
+}
+
+/// Whether the zone's peers changed since this request's round-robin data was set up
+/// (round robin answers NGX_BUSY then, and so do we).
+#[cfg(nginx1_27_3)]
+unsafe fn config_changed(rrp: &ngx_http_upstream_rr_peer_data_t, peers: *mut ngx_http_upstream_rr_peers_t) -> bool {
+    // SAFETY: peers is valid; config is NULL or points into the same zone.
+    unsafe { (*peers).config.as_ref().is_some_and(|&c| c != rrp.config) }
+}
+
+#[cfg(not(nginx1_27_3))]
+unsafe fn config_changed(_rrp: &ngx_http_upstream_rr_peer_data_t, _peers: *mut ngx_http_upstream_rr_peers_t) -> bool {
+    false
+}
+
 /// Builds a group from an nginx peer list. The caller holds the list's lock if it is shared.
 unsafe fn build_group(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Group, String> {
     let mut list = Vec::new();
@@ -72,7 +97,7 @@ unsafe fn build_state(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Upstre
         let primary = build_group(peers)?;
         let next = (*peers).next;
         let backup = if next.is_null() { None } else { Some(build_group(next)?) };
-        let config = if (*peers).config.is_null() { 0 } else { *(*peers).config };
+        let config = peers_config(peers);
         Ok(UpstreamState { source: peers, config, primary, backup })
     }
 }
@@ -250,7 +275,7 @@ impl Drop for PeersLock {
 unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers_t) -> Result<(), String> {
     // SAFETY: peers is the valid primary list; config points into the same memory.
     unsafe {
-        let config = if (*peers).config.is_null() { 0 } else { *(*peers).config };
+        let config = peers_config(peers);
         let fresh = matches!(&kcf.state, Some(s) if s.source == peers && s.config == config);
         if !fresh {
             kcf.state = Some(Box::new(build_state(peers)?));
@@ -272,7 +297,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let peers = pd.rrp.peers;
         let _lock = PeersLock::wlock(peers);
 
-        if !(*peers).config.is_null() && pd.rrp.config != *(*peers).config {
+        if config_changed(&pd.rrp, peers) {
             (*pc).name = (*peers).name;
             return NGX_BUSY as ngx_int_t;
         }
@@ -329,7 +354,10 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
         let best = group.peers[choice.server];
         pd.rrp.current = best;
-        (*best).refs += 1;
+        #[cfg(nginx1_27_3)]
+        {
+            (*best).refs += 1;
+        }
         (*pc).sockaddr = (*best).sockaddr;
         (*pc).socklen = (*best).socklen;
         (*pc).name = ptr::addr_of_mut!((*best).name);
