@@ -8,6 +8,7 @@ BEGIN {
 }
 
 no_shuffle();
+no_root_location();
 run_tests();
 
 __DATA__

@@ -1,33 +1,17 @@
-# Stickiness by client address. A front location turns each SSI include into a real
-# request whose client address (via realip) is taken from the URI, so one test request
-# speaks for many clients: each output line is one client asking three times.
+# Stickiness by client address. t/ssi.pl turns each SSI include into a real request whose
+# client address (via realip) is taken from the URI, so one test request speaks for many
+# clients: each output line is one client asking three times.
 use Test::Nginx::Socket 'no_plan';
 
 BEGIN {
     my $base = $ENV{TEST_NGINX_SERVER_PORT} || $ENV{TEST_NGINX_PORT} || 1984;
     $ENV{"TEST_NGINX_B${_}_PORT"} ||= $base + 10 + $_ for 1 .. 4;
-    $ENV{TEST_NGINX_CLIENT_PORT} ||= $base + 20;
+    $ENV{TEST_NGINX_REALIP_PORT} ||= $base + 20;
 }
 
-# Three includes of /via/ADDR per line, one line per client address.
-sub clients {
-    my @addrs = @_;
-    my $page = join "", map {
-        ('<!--# include virtual="/via/' . $_ . '" -->') x 3, "\n"
-    } @addrs;
-    return <<"_EOC_";
-    location = /t {
-        default_type text/html;
-        ssi on;
-        return 200 '$page';
-    }
-    location /via/ {
-        rewrite ^/via/(.*)\$ / break;
-        proxy_pass http://127.0.0.1:\$TEST_NGINX_CLIENT_PORT;
-        proxy_set_header X-Real-IP \$1;
-    }
-_EOC_
-}
+
+use FindBin;
+require "$FindBin::Bin/ssi.pl";
 
 no_shuffle();
 run_tests();
@@ -46,7 +30,7 @@ The whole IPv4 address is hashed (stock ip_hash would put one /24 on one node).
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; return 200 "n2"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
@@ -74,28 +58,16 @@ Each line mixes three addresses of one /64: they must land on one node.
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; return 200 "n2"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
     }
 --- config eval
-my $page = join "", map {
+main::ssi_page(map {
     my $net = sprintf "2001:db8:%x:%x", $_, $_ * 7;
-    join("", map { qq{<!--# include virtual="/via/$net:$_" -->} } "0:0:0:1", "ffff:1:2:3", "abcd::9") . "\n"
-} 1 .. 40;
-<<"_EOC_";
-    location = /t {
-        default_type text/html;
-        ssi on;
-        return 200 '$page';
-    }
-    location /via/ {
-        rewrite ^/via/(.*)\$ / break;
-        proxy_pass http://127.0.0.1:\$TEST_NGINX_CLIENT_PORT;
-        proxy_set_header X-Real-IP \$1;
-    }
-_EOC_
+    CORE::join "", map { qq{<!--# include virtual="/via/$net:$_" wait="yes" -->} } "0:0:0:1", "ffff:1:2:3", "abcd::9"
+} 1 .. 40) . main::via_location()
 --- request
 GET /t
 --- response_body_like eval
@@ -116,7 +88,7 @@ qr/\A(?=.*n1)(?=.*n2)(?=.*n3)(?:(n\d)\1\1\n){40}\z/s
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; return 200 "n2"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
@@ -153,28 +125,16 @@ node from both (so several nginx instances agree).
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server { listen 127.0.0.1:$TEST_NGINX_B4_PORT; return 200 "n4"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location /f { proxy_pass http://forward; }
         location /b { proxy_pass http://backward; }
     }
 --- config eval
-my $page = join "", map {
-    qq{<!--# include virtual="/via/f/10.7.$_.1" --><!--# include virtual="/via/b/10.7.$_.1" -->\n}
-} 1 .. 50;
-<<"_EOC_";
-    location = /t {
-        default_type text/html;
-        ssi on;
-        return 200 '$page';
-    }
-    location /via/ {
-        rewrite ^/via/(\\w)/(.*)\$ /\$1 break;
-        proxy_pass http://127.0.0.1:\$TEST_NGINX_CLIENT_PORT;
-        proxy_set_header X-Real-IP \$2;
-    }
-_EOC_
+main::ssi_page(map {
+    qq{<!--# include virtual="/via/f/10.7.$_.1" wait="yes" --><!--# include virtual="/via/b/10.7.$_.1" wait="yes" -->}
+} 1 .. 50) . main::via_location()
 --- request
 GET /t
 --- response_body_like eval

@@ -4,31 +4,17 @@ use Test::Nginx::Socket 'no_plan';
 BEGIN {
     my $base = $ENV{TEST_NGINX_SERVER_PORT} || $ENV{TEST_NGINX_PORT} || 1984;
     $ENV{"TEST_NGINX_B${_}_PORT"} ||= $base + 10 + $_ for 1 .. 4;
-    $ENV{TEST_NGINX_CLIENT_PORT} ||= $base + 20;
+    $ENV{TEST_NGINX_REALIP_PORT} ||= $base + 20;
     # A port nothing listens on: connections to it are refused.
     $ENV{TEST_NGINX_DEAD_PORT} ||= $base + 29;
 }
 
-sub clients {
-    my @addrs = @_;
-    my $page = join "", map {
-        ('<!--# include virtual="/via/' . $_ . '" -->') x 3, "\n"
-    } @addrs;
-    return <<"_EOC_";
-    location = /t {
-        default_type text/html;
-        ssi on;
-        return 200 '$page';
-    }
-    location /via/ {
-        rewrite ^/via/(.*)\$ / break;
-        proxy_pass http://127.0.0.1:\$TEST_NGINX_CLIENT_PORT;
-        proxy_set_header X-Real-IP \$1;
-    }
-_EOC_
-}
+
+use FindBin;
+require "$FindBin::Bin/ssi.pl";
 
 no_shuffle();
+no_root_location();
 run_tests();
 
 __DATA__
@@ -44,7 +30,7 @@ __DATA__
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; return 200 "n2"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
@@ -70,7 +56,7 @@ qr/\A(?!.*n2)(?=.*n1)(?=.*n3)(?:(n\d)\1\1\n){60}\z/s
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
@@ -113,8 +99,6 @@ fail_timeout, goes straight to the backup.
     "X-Upstream: 127.0.0.1:$ENV{TEST_NGINX_DEAD_PORT}, 127.0.0.1:$ENV{TEST_NGINX_B1_PORT}",
     "X-Upstream: 127.0.0.1:$ENV{TEST_NGINX_B1_PORT}",
 ]
---- error_log
-upstream server temporarily disabled while connecting to upstream
 
 
 
@@ -131,7 +115,7 @@ upstream server temporarily disabled while connecting to upstream
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server { listen 127.0.0.1:$TEST_NGINX_B4_PORT; return 200 "n4"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
@@ -160,7 +144,7 @@ qr/\A(?:n1n1n1\n){30}\z/s
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
     server { listen 127.0.0.1:$TEST_NGINX_B4_PORT; return 200 "n4"; }
     server {
-        listen 127.0.0.1:$TEST_NGINX_CLIENT_PORT;
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location / { proxy_pass http://kylin_nodes; }
