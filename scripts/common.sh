@@ -93,3 +93,21 @@ PY
     cp -f "$cdylib" "$KYLIN_MODULE.tmp" && mv -f "$KYLIN_MODULE.tmp" "$KYLIN_MODULE"
     export NGINX_BIN KYLIN_MODULE
 }
+
+# Runs `nginx -t` on every nginx-conf/*.conf, with the module path pointed at the build.
+check_example_configs() {
+    local conf dir rc=0
+    dir="$(mktemp -d)"
+    mkdir -p "$dir/logs" "$dir/conf"
+    for conf in "$ROOT"/nginx-conf/*.conf; do
+        sed "s#^load_module .*#load_module $KYLIN_MODULE;#" "$conf" >"$dir/conf/nginx.conf"
+        if "$NGINX_BIN" -p "$dir" -c conf/nginx.conf -t -q -g "pid $dir/nginx.pid; error_log $dir/logs/error.log;"; then
+            echo "ok: $(basename "$conf")"
+        else
+            echo "FAILED: nginx -t on $conf" >&2
+            rc=1
+        fi
+    done
+    rm -rf "$dir"
+    return $rc
+}
