@@ -1,27 +1,38 @@
 //! How a peer is chosen (pure Rust, no FFI).
 //!
-//! The nginx glue (`upstream.rs`) computes the request's key hash, wraps nginx's peer list
-//! in a [`Servers`] view, and calls [`choose`]. Everything that decides *which* server a
-//! request goes to lives here, so it can be unit-tested without nginx.
+//! The nginx glue (`upstream.rs`) gathers the request's facts into a [`Request`], wraps
+//! nginx's peer list in a [`Servers`] view, and calls [`choose`]. Everything that decides
+//! *which* server a request goes to lives in this file, so it can be tested without nginx.
 //!
-//! Selection today:
-//! 1. Walk the key's preference list on the primary ring ([`Ring::order`]). The first server
-//!    is the key's sticky server; if it is usable the request goes there ([`Route::Sticky`]).
-//! 2. Otherwise the first usable server further down the list takes it
+//! 1. **Learned route.** A request whose session was created by server L (the glue looked
+//!    the session up in the learned-routes table) goes to L while L is usable
+//!    ([`Route::Learned`]).
+//! 2. **Sticky server.** Otherwise the request walks its key's preference list on the ring
+//!    ([`Ring::order`]); the first server is its sticky server ([`Route::Sticky`]).
+//! 3. **Failover.** When that server is unusable (`down`, failed, at `max_conns`, already
+//!    tried by this request), the first usable server further down the list takes it
 //!    ([`Route::Failover`]): the same key always fails over to the same second choice.
-//! 3. When no primary server is usable, the same walk runs over the `backup` servers
-//!    ([`Route::Backup`]).
-//!
-//! "Usable" is nginx's own notion (not `down`, not failed within `fail_timeout` after
-//! `max_fails`, under `max_conns`, not already tried by this request), provided by the caller.
+//! 4. **Bounded load.** A *movable* request ([`may_move`]) whose server (sticky, failover or
+//!    learned) is at or over its bound goes to the next server of its own order that is under
+//!    its bound ([`Route::Spilled`]), so a spilled client keeps landing on the same second
+//!    choice. A server's bound is `ceil(c * (in_flight_total + 1) * weight / live_weight)`
+//!    (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"; HAProxy's
+//!    `hash-balance-factor`). With `c > 1` some usable server is always under its bound.
+//!    Requests that may not move stay put whatever the load.
+//! 5. **Backup.** When no primary server is usable, the same walk runs over the `backup`
+//!    servers ([`Route::Backup`]).
 
 use crate::ring::Ring;
 
-/// How the chosen server was reached; reported in logs and, later, in variables and status.
+/// How the chosen server was reached; reported by `$kylin_route` and in logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// The key's own server.
     Sticky,
+    /// The server that created the request's session.
+    Learned,
+    /// A later server in the key's order, because the sticky or learned one was over its bound.
+    Spilled,
     /// A later server in the key's order, because the ones before were unusable.
     Failover,
     /// A backup server, because no primary server was usable.
@@ -32,16 +43,127 @@ impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Sticky => "sticky",
+            Route::Learned => "learned",
+            Route::Spilled => "spilled",
             Route::Failover => "failover",
             Route::Backup => "backup",
         }
     }
 }
 
+/// What is known about a request's session, for the decision to move it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// The request carries no (well-formed) session cookie.
+    None,
+    /// The session is known to live on one node only.
+    Local,
+    /// The session is known to be shared by all nodes (e.g. confirmed in Redis).
+    Shared,
+    /// The request carries a session whose kind is not known (not checked yet).
+    Unknown,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::None => "none",
+            SessionState::Local => "local",
+            SessionState::Shared => "shared",
+            SessionState::Unknown => "unknown",
+        }
+    }
+}
+
+/// The one rule for which requests may leave their server when it is over its bound:
+/// requests without a session, and sessions every node can serve. A node-local session, or
+/// one not known to be shared, never moves while its node is usable.
+#[inline]
+pub fn may_move(session: SessionState) -> bool {
+    matches!(session, SessionState::None | SessionState::Shared)
+}
+
 /// A view of one group of servers (primary or backup) at selection time.
 pub trait Servers {
-    /// Whether server `i` may take this request now.
+    /// Whether server `i` may take this request now (nginx's own availability tests).
     fn usable(&mut self, i: usize) -> bool;
+    /// Requests in flight on server `i`, counted across all worker processes.
+    fn load(&self, i: usize) -> u64;
+    /// Server `i`'s `weight`.
+    fn weight(&self, i: usize) -> u64;
+}
+
+/// The load bound of one group at this moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    /// The balance factor `c` in thousandths (1250 = 1.25); 0 turns bounding off.
+    pub factor_milli: u32,
+    /// Requests in flight on the whole group.
+    pub total: u64,
+    /// Sum of the weights of the group's live servers.
+    pub live_weight: u64,
+}
+
+impl Bound {
+    /// Bounding turned off: pure stickiness.
+    pub const OFF: Bound = Bound { factor_milli: 0, total: 0, live_weight: 0 };
+
+    pub fn is_on(&self) -> bool {
+        self.factor_milli > 0 && self.live_weight > 0
+    }
+
+    /// `ceil(c * (total + 1) * weight / live_weight)`, the most requests a server of this
+    /// weight may have in flight before it stops taking movable requests.
+    pub fn limit(&self, weight: u64) -> u64 {
+        if !self.is_on() {
+            return u64::MAX;
+        }
+        let num = u128::from(self.factor_milli) * (u128::from(self.total) + 1) * u128::from(weight.max(1));
+        let den = 1000 * u128::from(self.live_weight);
+        u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a server with `load` in flight and this weight may take one more movable request.
+    #[inline]
+    pub fn admits(&self, load: u64, weight: u64) -> bool {
+        !self.is_on() || load < self.limit(weight)
+    }
+}
+
+/// Parses `kylin_balance_factor`: a decimal greater than 1 and at most 100 with up to three
+/// decimals, in thousandths, or `off` (0).
+pub fn parse_factor(v: &[u8]) -> Option<u32> {
+    if v == b"off" {
+        return Some(0);
+    }
+    let text = core::str::from_utf8(v).ok()?;
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || int.len() > 3 || !digits(int) || frac.len() > 3 || !digits(frac) || text.ends_with('.') {
+        return None;
+    }
+    let int: u32 = int.parse().ok()?;
+    let f = frac.bytes().zip([100u32, 10, 1]).map(|(d, m)| u32::from(d - b'0') * m).sum::<u32>();
+    let milli = int * 1000 + f;
+    (1000 < milli && milli <= 100_000).then_some(milli)
+}
+
+/// The facts about a request that the decision needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Hash of the stickiness key (client address or `kylin_hash`).
+    pub key: u64,
+    /// The primary server that created this request's session, if learned.
+    pub learned: Option<usize>,
+    /// Whether the request may move off an over-bound server ([`may_move`]).
+    pub movable: bool,
+}
+
+/// One group of servers: its ring, its live view and its current bound.
+pub struct Group<'a, S: Servers> {
+    pub ring: &'a Ring,
+    pub servers: &'a mut S,
+    pub bound: Bound,
 }
 
 /// The decision: which server of which group, and why.
@@ -52,87 +174,299 @@ pub struct Choice {
     pub route: Route,
 }
 
-/// First usable server in `key`'s order on `ring`, and whether it is the key's first choice.
-#[inline]
-fn first_usable(ring: &Ring, servers: &mut impl Servers, key: u64) -> Option<(usize, bool)> {
-    ring.order(key).enumerate().find(|&(_, i)| servers.usable(i)).map(|(n, i)| (i, n == 0))
+/// For a movable request whose `home` server is over its bound: the first usable server of
+/// the key's order (other than `home`) that is under its bound.
+fn spill<S: Servers>(g: &mut Group<'_, S>, key: u64, home: usize) -> Option<usize> {
+    let bound = g.bound;
+    let servers = &mut *g.servers;
+    g.ring
+        .order(key)
+        .filter(|&i| i != home)
+        .find(|&i| servers.usable(i) && bound.admits(servers.load(i), servers.weight(i)))
 }
 
-/// Chooses the server for a request whose key hashes to `key`.
-/// Returns `None` when no server in either group is usable.
-pub fn choose<P, B>(key: u64, primary: (&Ring, &mut P), backup: Option<(&Ring, &mut B)>) -> Option<Choice>
+/// Whether `i` is over its bound (so a movable request should look further).
+#[inline]
+fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
+    !g.bound.admits(g.servers.load(i), g.servers.weight(i))
+}
+
+/// Sticky/failover/spill within one group; `None` when no server of the group is usable.
+fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route)> {
+    if let Some(l) = learned {
+        if l < g.ring.peers() && g.servers.usable(l) {
+            if req.movable && over(g, l) {
+                if let Some(t) = spill(g, req.key, l) {
+                    return Some((t, Route::Spilled));
+                }
+            }
+            return Some((l, Route::Learned));
+        }
+    }
+    let mut first = true;
+    let mut found = None;
+    for i in g.ring.order(req.key) {
+        if g.servers.usable(i) {
+            found = Some((i, if first { Route::Sticky } else { Route::Failover }));
+            break;
+        }
+        first = false;
+    }
+    let (home, route) = found?;
+    if req.movable && over(g, home) {
+        if let Some(t) = spill(g, req.key, home) {
+            return Some((t, Route::Spilled));
+        }
+    }
+    Some((home, route))
+}
+
+/// Chooses the server for a request. Returns `None` when no server in either group is usable.
+pub fn choose<P, B>(req: &Request, mut primary: Group<'_, P>, backup: Option<Group<'_, B>>) -> Option<Choice>
 where
     P: Servers,
     B: Servers,
 {
-    if let Some((server, first)) = first_usable(primary.0, primary.1, key) {
-        let route = if first { Route::Sticky } else { Route::Failover };
+    if let Some((server, route)) = within(&mut primary, req, req.learned) {
         return Some(Choice { server, backup: false, route });
     }
-    let (ring, servers) = backup?;
-    first_usable(ring, servers, key).map(|(server, _)| Choice { server, backup: true, route: Route::Backup })
+    let mut b = backup?;
+    within(&mut b, req, None).map(|(server, _)| Choice { server, backup: true, route: Route::Backup })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ring::key_hash;
+    use proptest::prelude::*;
 
-    struct Set(Vec<bool>);
-    impl Servers for Set {
-        fn usable(&mut self, i: usize) -> bool {
-            self.0[i]
+    #[derive(Clone)]
+    struct Set {
+        up: Vec<bool>,
+        load: Vec<u64>,
+        weight: Vec<u64>,
+    }
+
+    impl Set {
+        fn up(n: usize) -> Set {
+            Set { up: vec![true; n], load: vec![0; n], weight: vec![1; n] }
+        }
+        fn bound(&self, factor_milli: u32) -> Bound {
+            let live_weight = (0..self.up.len()).filter(|&i| self.up[i]).map(|i| self.weight[i]).sum();
+            Bound { factor_milli, total: self.load.iter().sum(), live_weight }
         }
     }
 
-    fn ring(n: usize) -> (Vec<String>, Ring) {
+    impl Servers for Set {
+        fn usable(&mut self, i: usize) -> bool {
+            self.up[i]
+        }
+        fn load(&self, i: usize) -> u64 {
+            self.load[i]
+        }
+        fn weight(&self, i: usize) -> u64 {
+            self.weight[i]
+        }
+    }
+
+    fn ring(n: usize) -> Ring {
         let names: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
-        let r = Ring::new(names.iter().map(|s| (s.as_bytes(), 1))).unwrap();
-        (names, r)
+        Ring::new(names.iter().map(|s| (s.as_bytes(), 1))).unwrap()
+    }
+
+    fn pick(r: &Ring, s: &mut Set, req: Request, factor: u32) -> Option<Choice> {
+        let bound = s.bound(factor);
+        choose(&req, Group { ring: r, servers: s, bound }, None::<Group<'_, Set>>)
+    }
+
+    fn req(key: u64) -> Request {
+        Request { key, learned: None, movable: true }
     }
 
     #[test]
-    fn sticky_when_owner_is_usable() {
-        let (_, r) = ring(4);
+    fn only_session_less_and_shared_sessions_move() {
+        assert!(may_move(SessionState::None));
+        assert!(may_move(SessionState::Shared));
+        assert!(!may_move(SessionState::Local));
+        assert!(!may_move(SessionState::Unknown));
+    }
+
+    #[test]
+    fn sticky_when_owner_is_usable_and_under_bound() {
+        let r = ring(4);
         for k in 0..500u32 {
             let h = key_hash(&k.to_le_bytes());
-            let c = choose(h, (&r, &mut Set(vec![true; 4])), None::<(&Ring, &mut Set)>).unwrap();
+            let c = pick(&r, &mut Set::up(4), req(h), 1250).unwrap();
             assert_eq!(c, Choice { server: r.owner(h).unwrap(), backup: false, route: Route::Sticky });
         }
     }
 
     #[test]
     fn failover_goes_to_the_keys_second_choice() {
-        let (_, r) = ring(4);
+        let r = ring(4);
         for k in 0..500u32 {
             let h = key_hash(&k.to_le_bytes());
             let order: Vec<usize> = r.order(h).collect();
-            let mut up = vec![true; 4];
-            up[order[0]] = false;
-            let c = choose(h, (&r, &mut Set(up.clone())), None::<(&Ring, &mut Set)>).unwrap();
+            let mut s = Set::up(4);
+            s.up[order[0]] = false;
+            let c = pick(&r, &mut s, req(h), 0).unwrap();
             assert_eq!((c.server, c.route), (order[1], Route::Failover));
-            up[order[1]] = false;
-            let c = choose(h, (&r, &mut Set(up)), None::<(&Ring, &mut Set)>).unwrap();
+            s.up[order[1]] = false;
+            let c = pick(&r, &mut s, req(h), 0).unwrap();
             assert_eq!((c.server, c.route), (order[2], Route::Failover));
         }
     }
 
     #[test]
     fn backup_only_when_no_primary_is_usable() {
-        let (_, r) = ring(3);
-        let (_, b) = ring(2);
+        let r = ring(3);
+        let b = ring(2);
         let h = key_hash(b"client");
-        let mut p = Set(vec![false, true, false]);
-        let c = choose(h, (&r, &mut p), Some((&b, &mut Set(vec![true, true])))).unwrap();
+        let mut p = Set::up(3);
+        p.up = vec![false, true, false];
+        let mut bs = Set::up(2);
+        let c = choose(&req(h), Group { ring: &r, servers: &mut p, bound: Bound::OFF }, Some(Group { ring: &b, servers: &mut bs, bound: Bound::OFF })).unwrap();
         assert!(!c.backup);
-        let mut p = Set(vec![false; 3]);
-        let c = choose(h, (&r, &mut p), Some((&b, &mut Set(vec![true, true])))).unwrap();
-        assert!(c.backup);
-        assert_eq!(c.route, Route::Backup);
-        assert_eq!(c.server, b.owner(h).unwrap());
-        let mut p = Set(vec![false; 3]);
-        assert_eq!(choose(h, (&r, &mut p), Some((&b, &mut Set(vec![false, false])))), None);
-        let mut p = Set(vec![false; 3]);
-        assert_eq!(choose(h, (&r, &mut p), None::<(&Ring, &mut Set)>), None);
+        p.up = vec![false; 3];
+        let c = choose(&req(h), Group { ring: &r, servers: &mut p, bound: Bound::OFF }, Some(Group { ring: &b, servers: &mut bs, bound: Bound::OFF })).unwrap();
+        assert_eq!((c.backup, c.route, c.server), (true, Route::Backup, b.owner(h).unwrap()));
+        bs.up = vec![false; 2];
+        assert_eq!(choose(&req(h), Group { ring: &r, servers: &mut p, bound: Bound::OFF }, Some(Group { ring: &b, servers: &mut bs, bound: Bound::OFF })), None);
+        assert_eq!(pick(&r, &mut p, req(h), 0), None);
+    }
+
+    #[test]
+    fn factors() {
+        assert_eq!(parse_factor(b"1.25"), Some(1250));
+        assert_eq!(parse_factor(b"1.5"), Some(1500));
+        assert_eq!(parse_factor(b"2"), Some(2000));
+        assert_eq!(parse_factor(b"1.001"), Some(1001));
+        assert_eq!(parse_factor(b"100"), Some(100_000));
+        assert_eq!(parse_factor(b"off"), Some(0));
+        for bad in [&b"1"[..], b"1.0", b"0.9", b"1.2345", b"-1.5", b"1.", b".5", b"abc", b"", b"100.001", b"1e3", b"1,5", b"99999999999"] {
+            assert_eq!(parse_factor(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn bound_formula() {
+        // c = 1.25, 10 in flight, 4 equal servers: ceil(1.25 * 11 / 4) = ceil(3.4375) = 4.
+        let b = Bound { factor_milli: 1250, total: 10, live_weight: 4 };
+        assert_eq!(b.limit(1), 4);
+        assert!(b.admits(3, 1));
+        assert!(!b.admits(4, 1));
+        // Weight 2 of 5: ceil(1.25 * 11 * 2 / 5) = ceil(5.5) = 6.
+        let b = Bound { factor_milli: 1250, total: 10, live_weight: 5 };
+        assert_eq!(b.limit(2), 6);
+        // Idle cluster: every server admits its first request.
+        let b = Bound { factor_milli: 1010, total: 0, live_weight: 100 };
+        assert_eq!(b.limit(1), 1);
+        assert!(Bound::OFF.admits(u64::MAX - 1, 1));
+        // No overflow at extremes.
+        let b = Bound { factor_milli: u32::MAX, total: u64::MAX, live_weight: 1 };
+        assert_eq!(b.limit(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn movable_request_spills_to_the_next_server_under_bound() {
+        let r = ring(4);
+        let h = key_hash(b"busy BI server");
+        let order: Vec<usize> = r.order(h).collect();
+        let mut s = Set::up(4);
+        s.load[order[0]] = 10; // total 10, bound ceil(1.25*11/4) = 4
+        let c = pick(&r, &mut s, req(h), 1250).unwrap();
+        assert_eq!((c.server, c.route), (order[1], Route::Spilled));
+        // Its second choice is full too: the third.
+        s.load[order[1]] = 5; // total 15, bound ceil(1.25*16/4) = 5
+        let c = pick(&r, &mut s, req(h), 1250).unwrap();
+        assert_eq!((c.server, c.route), (order[2], Route::Spilled));
+        // A request that may not move stays.
+        let c = pick(&r, &mut s, Request { movable: false, ..req(h) }, 1250).unwrap();
+        assert_eq!((c.server, c.route), (order[0], Route::Sticky));
+        // Bounding off: stays.
+        let c = pick(&r, &mut s, req(h), 0).unwrap();
+        assert_eq!((c.server, c.route), (order[0], Route::Sticky));
+    }
+
+    #[test]
+    fn learned_route_wins_while_its_server_is_usable() {
+        let r = ring(4);
+        let h = key_hash(b"office NAT");
+        let order: Vec<usize> = r.order(h).collect();
+        let l = order[3];
+        let mut s = Set::up(4);
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        assert_eq!((c.server, c.route), (l, Route::Learned));
+        // Over its bound but not movable (node-local or unknown session): stays.
+        s.load[l] = 50;
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        assert_eq!((c.server, c.route), (l, Route::Learned));
+        // Over its bound and shared: spills along the key's order.
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: true }, 1250).unwrap();
+        assert_eq!((c.server, c.route), (order[0], Route::Spilled));
+        // Learned server down: the key's order decides.
+        s.up[l] = false;
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        assert_eq!((c.server, c.route), (order[0], Route::Sticky));
+        // An out-of-range learned index (server list changed) is ignored.
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(99), movable: false }, 1250).unwrap();
+        assert_eq!(c.route, Route::Sticky);
+    }
+
+    #[test]
+    fn no_server_under_bound_means_stay() {
+        let r = ring(2);
+        let h = 7;
+        let mut s = Set::up(2);
+        s.load = vec![5, 5];
+        // Bound with total passed explicitly lower than the loads (a racy snapshot).
+        let bound = Bound { factor_milli: 1100, total: 2, live_weight: 2 };
+        let c = choose(&req(h), Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+        assert_eq!(c.route, Route::Sticky);
+    }
+
+    proptest! {
+        /// Feeding movable requests one by one (none finishing), no server ever exceeds its
+        /// bound, and every request lands somewhere.
+        #[test]
+        fn movable_load_never_exceeds_the_bound(
+            n in 2usize..12,
+            weights in proptest::collection::vec(1u64..4, 12),
+            factor in 1010u32..2000,
+            keys in proptest::collection::vec(0u64..6, 1..300),
+        ) {
+            let r = {
+                let names: Vec<String> = (0..n).map(|i| format!("10.0.0.{i}:7070")).collect();
+                Ring::new(names.iter().zip(&weights).map(|(s, &w)| (s.as_bytes(), w as u32))).unwrap()
+            };
+            let mut s = Set::up(n);
+            s.weight = weights[..n].to_vec();
+            let w_total: u64 = s.weight.iter().sum();
+            for k in keys {
+                let bound = s.bound(factor);
+                let c = choose(&req(key_hash(&k.to_le_bytes())), Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+                // Admitted under the bound computed before this request.
+                prop_assert!(s.load[c.server] < bound.limit(s.weight[c.server]));
+                s.load[c.server] += 1;
+                let _ = w_total;
+            }
+        }
+
+        /// Requests that may not move always go to their sticky (or learned) server.
+        #[test]
+        fn pinned_requests_never_move(
+            loads in proptest::collection::vec(0u64..100, 5),
+            key in any::<u64>(),
+            learned in proptest::option::of(0usize..5),
+        ) {
+            let r = ring(5);
+            let mut s = Set::up(5);
+            s.load = loads;
+            let c = pick(&r, &mut s, Request { key, learned, movable: false }, 1250).unwrap();
+            match learned {
+                Some(l) => prop_assert_eq!((c.server, c.route), (l, Route::Learned)),
+                None => prop_assert_eq!((c.server, c.route), (r.owner(key).unwrap(), Route::Sticky)),
+            }
+        }
     }
 }

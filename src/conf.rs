@@ -23,8 +23,10 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_http_upstream_add,
     ngx_http_upstream_main_conf_t, ngx_http_upstream_module, ngx_http_upstream_srv_conf_t,
-    ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t, ngx_url_t, NGX_CONF_BLOCK, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
+    ngx_int_t, ngx_module_t, ngx_parse_size, ngx_parse_time, ngx_pcalloc,
+    ngx_shm_zone_t, ngx_str_t, ngx_uint_t, ngx_url_t, NGX_ERROR, NGX_CONF_BLOCK, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
     NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleServerConf, Merge, MergeConfigError};
@@ -34,7 +36,7 @@ use crate::upstream::{self, UpstreamState};
 
 /// Per-upstream configuration of this module (an `ngx_http_upstream_srv_conf_t` companion).
 /// nginx also creates one for every `server {}` and the `http {}` level; those stay unused.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SrvConf {
     /// The kylin balancer was selected (`kylin_upstream` or `kylin`).
     pub enabled: bool,
@@ -45,6 +47,65 @@ pub struct SrvConf {
     pub line: ngx_uint_t,
     /// Rings and peer tables; built at init or, with a `zone`, lazily in each worker.
     pub state: Option<Box<UpstreamState>>,
+
+    /// `kylin_hash`: the stickiness key; the client address when unset.
+    pub hash: Option<*mut ngx_http_complex_value_t>,
+    /// `kylin_balance_factor` in thousandths; `None` until set (default
+    /// [`DEFAULT_BALANCE_FACTOR`]), `Some(0)` for `off`.
+    pub balance_factor: Option<u32>,
+    /// `kylin_session_cookie`; default `JSESSIONID`.
+    pub session_cookie: Option<Vec<u8>>,
+    /// `kylin_session_routes zone=`; the default zone when unset.
+    pub routes_zone: Option<*mut ngx_shm_zone_t>,
+    /// `kylin_session_routes timeout=`, seconds.
+    pub routes_timeout: Option<i64>,
+    /// The first kylin_* option directive of the block, to reject it without `kylin`.
+    pub option_seen: Option<(&'static str, Option<&'static CStr>, ngx_uint_t)>,
+    /// The module-wide load zone.
+    pub load_zone: *mut ngx_shm_zone_t,
+    /// The upstream's name.
+    pub name: Vec<u8>,
+}
+
+impl Default for SrvConf {
+    fn default() -> SrvConf {
+        SrvConf {
+            enabled: false,
+            init_upstream_ran: false,
+            file: None,
+            line: 0,
+            state: None,
+            hash: None,
+            balance_factor: None,
+            session_cookie: None,
+            routes_zone: None,
+            routes_timeout: None,
+            option_seen: None,
+            load_zone: ptr::null_mut(),
+            name: Vec::new(),
+        }
+    }
+}
+
+/// Default `kylin_balance_factor` (1.25), in thousandths; see README "Choosing the balance factor".
+pub const DEFAULT_BALANCE_FACTOR: u32 = 1250;
+/// Default `kylin_session_cookie`.
+pub const DEFAULT_SESSION_COOKIE: &[u8] = b"JSESSIONID";
+/// Default idle timeout of learned routes: Kylin's own session timeout, 8 hours.
+pub const DEFAULT_ROUTES_TIMEOUT: i64 = 8 * 3600;
+
+impl SrvConf {
+    pub fn balance_factor(&self) -> u32 {
+        self.balance_factor.unwrap_or(DEFAULT_BALANCE_FACTOR)
+    }
+
+    pub fn session_cookie(&self) -> &[u8] {
+        self.session_cookie.as_deref().unwrap_or(DEFAULT_SESSION_COOKIE)
+    }
+
+    pub fn routes_timeout(&self) -> i64 {
+        self.routes_timeout.unwrap_or(DEFAULT_ROUTES_TIMEOUT)
+    }
 }
 
 impl Merge for SrvConf {
@@ -62,9 +123,18 @@ impl HttpModule for Module {
         unsafe { &*ptr::addr_of!(ngx_http_kylin_upstream_module) }
     }
 
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        crate::shm::reset_for_new_configuration();
+        // SAFETY: nginx calls preconfiguration with a valid cf at the start of the http block.
+        unsafe { crate::variables::add_variables(cf) }
+    }
+
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx calls postconfiguration with a valid cf inside the http block.
-        unsafe { check_balancers(cf) }
+        let rc = unsafe { check_balancers(cf) };
+        // SAFETY: runs during configuration, before nginx creates shared zones.
+        unsafe { crate::shm::size_load_zone() };
+        rc
     }
 }
 
@@ -74,7 +144,7 @@ unsafe impl HttpModuleServerConf for Module {
 }
 
 static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(Module::preconfiguration),
     postconfiguration: Some(Module::postconfiguration),
     create_main_conf: None,
     init_main_conf: None,
@@ -84,7 +154,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 3] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 7] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -97,6 +167,38 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 3] = [
         name: ngx_string!("kylin"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
         set: Some(kylin_directive),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_hash"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_hash),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_balance_factor"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_balance_factor),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_session_cookie"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_session_cookie),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_session_routes"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
+        set: Some(kylin_session_routes),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -327,6 +429,21 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
     for &uscf in ups {
         // SAFETY: every element is a valid upstream.
         let Some(kcf) = (unsafe { srv_conf(uscf) }) else { continue };
+        if let (false, Some((directive, file, line))) = (kcf.enabled, kcf.option_seen) {
+            // SAFETY: uscf is valid.
+            let host = unsafe { (*uscf).host };
+            let file = file.map(|f| f.to_string_lossy()).unwrap_or_default();
+            ngx_log_error!(
+                NGX_LOG_EMERG,
+                unsafe { (*cf).log },
+                "\"{}\" needs the kylin balancer: add \"kylin;\" to upstream \"{}\" or declare it with \"kylin_upstream\" in {}:{}",
+                directive,
+                host,
+                file,
+                line
+            );
+            return ngx::ffi::NGX_ERROR as ngx_int_t;
+        }
         if kcf.enabled && !kcf.init_upstream_ran {
             // SAFETY: uscf is valid.
             let host = unsafe { (*uscf).host };
@@ -345,3 +462,181 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
     }
     ngx::ffi::NGX_OK as ngx_int_t
 }
+
+// -------------------------------------------------------------------------------------------
+// Option directives (inside an upstream block that uses the kylin balancer)
+
+/// The directive's arguments (name first).
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    // SAFETY: nginx sets cf->args to the directive's words while calling its handler.
+    unsafe { (*cf).args.as_ref().map(|a| a.as_slice::<ngx_str_t>()).unwrap_or(&[]) }
+}
+
+/// Records an option directive's position; `false` (after logging) if it is a duplicate.
+unsafe fn note_option(cf: *mut ngx_conf_t, kcf: &mut SrvConf, directive: &'static str, already: bool) -> bool {
+    if already {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{}\" directive is duplicate", directive);
+        return false;
+    }
+    if kcf.option_seen.is_none() {
+        // SAFETY: cf is valid while parsing.
+        let (file, line) = unsafe { conf_position(cf) };
+        kcf.option_seen = Some((directive, file, line));
+    }
+    true
+}
+
+/// `kylin_hash key;`
+unsafe extern "C" fn kylin_hash(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_hash", kcf.hash.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let mut value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    if value.is_empty() {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "empty key in \"kylin_hash\" directive");
+        return conf_error();
+    }
+    // SAFETY: allocating from the configuration pool; a zeroed ccv is its initial state.
+    unsafe {
+        let cv = ngx_pcalloc((*cf).pool, core::mem::size_of::<ngx_http_complex_value_t>()) as *mut ngx_http_complex_value_t;
+        if cv.is_null() {
+            return conf_error();
+        }
+        let mut ccv: ngx_http_compile_complex_value_t = core::mem::zeroed();
+        ccv.cf = cf;
+        ccv.value = &mut value;
+        ccv.complex_value = cv;
+        if ngx_http_compile_complex_value(&mut ccv) != ngx::ffi::NGX_OK as ngx_int_t {
+            return conf_error();
+        }
+        kcf.hash = Some(cv);
+    }
+    CONF_OK
+}
+
+/// `kylin_balance_factor number | off;`
+unsafe extern "C" fn kylin_balance_factor(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_balance_factor", kcf.balance_factor.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    match crate::balancer::parse_factor(value.as_bytes()) {
+        Some(m) => {
+            kcf.balance_factor = Some(m);
+            CONF_OK
+        }
+        None => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{}\" in \"kylin_balance_factor\" directive: it must be a number greater than 1 and at most 100 with up to three decimals (for example 1.25), or \"off\"",
+                value
+            );
+            conf_error()
+        }
+    }
+}
+
+/// `kylin_session_cookie name;`
+unsafe extern "C" fn kylin_session_cookie(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_session_cookie", kcf.session_cookie.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    if !crate::session::valid_name(value.as_bytes()) {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid cookie name \"{}\" in \"kylin_session_cookie\" directive: expected 1 to {} letters, digits or !#$%&'*+-.^_`|~",
+            value,
+            crate::session::MAX_NAME_LEN
+        );
+        return conf_error();
+    }
+    kcf.session_cookie = Some(value.as_bytes().to_vec());
+    CONF_OK
+}
+
+/// `kylin_session_routes zone=name:size [timeout=time];`
+unsafe extern "C" fn kylin_session_routes(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_session_routes", kcf.routes_zone.is_some()) } {
+        return conf_error();
+    }
+    let mut zone: Option<(ngx_str_t, usize)> = None;
+    let mut timeout = None;
+    // SAFETY: cf args hold the directive and its parameters.
+    for v in unsafe { args(cf) }.iter().skip(1) {
+        let b = v.as_bytes();
+        if let Some(rest) = v.strip_prefix("zone=") {
+            let rb = rest.as_bytes();
+            let Some(colon) = rb.iter().rposition(|&c| c == b':') else {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{}\" in \"kylin_session_routes\": expected zone=name:size", v);
+                return conf_error();
+            };
+            let (Some((name, size)), true) = (rest.split_at(colon), colon > 0) else {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{}\" in \"kylin_session_routes\": expected zone=name:size", v);
+                return conf_error();
+            };
+            let mut size = ngx_str_t { len: size.len - 1, data: unsafe { size.data.add(1) } };
+            // SAFETY: size is a valid ngx_str_t into the configuration buffer.
+            let n = unsafe { ngx_parse_size(&mut size) };
+            if n == NGX_ERROR as isize || (n as usize) < crate::shm::MIN_ROUTES_SIZE {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "invalid zone size \"{}\" in \"kylin_session_routes\": it must be at least {}k",
+                    size,
+                    crate::shm::MIN_ROUTES_SIZE / 1024
+                );
+                return conf_error();
+            }
+            zone = Some((name, n as usize));
+        } else if let Some(rest) = v.strip_prefix("timeout=") {
+            let mut t = rest;
+            // SAFETY: t is a valid ngx_str_t into the configuration buffer.
+            let secs = unsafe { ngx_parse_time(&mut t, 1) };
+            if secs == NGX_ERROR as ngx_int_t || secs <= 0 {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid timeout \"{}\" in \"kylin_session_routes\": expected a time such as 8h or 30m", rest);
+                return conf_error();
+            }
+            timeout = Some(secs as i64);
+        } else {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid parameter \"{}\" in \"kylin_session_routes\": expected zone=name:size and optionally timeout=time",
+                String::from_utf8_lossy(b)
+            );
+            return conf_error();
+        }
+    }
+    let Some((mut name, size)) = zone else {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"kylin_session_routes\" needs zone=name:size");
+        return conf_error();
+    };
+    // SAFETY: cf is valid; name points into the configuration buffer, which nginx copies.
+    match unsafe { crate::shm::routes_zone(cf, &mut name, size) } {
+        Some(z) => {
+            kcf.routes_zone = Some(z);
+            kcf.routes_timeout = timeout;
+            CONF_OK
+        }
+        None => conf_error(),
+    }
+}
+

@@ -8,13 +8,20 @@
 //!   [`balancer::choose`] and nginx's round-robin peer bookkeeping).
 
 pub mod balancer;
+pub mod session;
 pub mod key;
+pub mod load;
 pub mod ring;
+pub mod routes;
 
 #[cfg(not(test))]
 mod conf;
 #[cfg(not(test))]
+mod shm;
+#[cfg(not(test))]
 mod upstream;
+#[cfg(not(test))]
+mod variables;
 
 #[cfg(not(test))]
 pub use conf::ngx_http_kylin_upstream_module;

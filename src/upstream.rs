@@ -2,32 +2,42 @@
 //!
 //! nginx's round-robin module keeps the peer list and all per-peer bookkeeping (`conns`,
 //! `fails`, `checked`, the request's `tried` bitmap, the shared `zone` copy); we reuse it
-//! unchanged and replace only the choice. `init_upstream` builds the consistent-hash rings,
-//! `init_peer` computes the request's key, `get` asks [`crate::balancer::choose`] and then
-//! does the same bookkeeping as nginx's own `hash ... consistent` balancer, and `free` is
-//! round robin's.
+//! unchanged and replace only the choice:
+//! - `init_upstream` builds the consistent-hash rings and declares the shared zones;
+//! - `init_peer` computes the request's key and reads its session cookie and learned route;
+//! - `get` gathers loads and asks [`crate::balancer::choose`], then does the same bookkeeping
+//!   as nginx's own `hash ... consistent` balancer and counts the request in flight;
+//! - `free` uncounts it, learns the session a response created, and calls round robin's free.
 
 use core::ffi::c_void;
 use core::ptr;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_request_t, ngx_http_upstream_free_round_robin_peer,
+    ngx_conf_t, ngx_http_complex_value, ngx_http_request_t, ngx_http_upstream_free_round_robin_peer,
     ngx_http_upstream_init_round_robin, ngx_http_upstream_init_round_robin_peer,
     ngx_http_upstream_rr_peer_data_t, ngx_http_upstream_rr_peer_t, ngx_http_upstream_rr_peers_t,
-    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_palloc, ngx_peer_connection_t, ngx_rwlock_unlock,
-    ngx_rwlock_wlock, ngx_time, ngx_uint_t, sockaddr_in, sockaddr_in6, NGX_BUSY, NGX_ERROR,
-    NGX_LOG_EMERG, NGX_LOG_ERR, NGX_OK,
+    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_list_t, ngx_palloc, ngx_peer_connection_t,
+    ngx_rwlock_unlock, ngx_rwlock_wlock, ngx_str_t, ngx_time, ngx_uint_t, sockaddr_in, sockaddr_in6,
+    NGX_BUSY, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_WARN, NGX_OK, NGX_PEER_FAILED,
 };
 // Used by ngx_log_debug_mask!, which expands to nothing unless nginx is built --with-debug.
 #[allow(unused_imports)]
 use ngx::log::DebugMask;
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error};
 
-use crate::balancer::{self, Choice, Route, Servers};
+use crate::balancer::{self, Bound, Choice, Group as Pick, Request, Route, Servers, SessionState};
 use crate::conf::{srv_conf, SrvConf};
 use crate::key::client_key;
+use crate::load::{self, Counter, Slot};
 use crate::ring::{key_hash, Ring};
+use crate::session::{self, RequestSession, SetSession};
+use crate::shm;
+
+/// nginx's NGX_PEER_NEXT (403/404 passed to the next server): not a failure, not a response
+/// to learn from.
+const NGX_PEER_NEXT: ngx_uint_t = 2;
 
 /// One group of servers (primary or backup) as the balancer sees it.
 #[derive(Debug)]
@@ -35,6 +45,10 @@ pub struct Group {
     ring: Ring,
     /// Ring index -> nginx peer, in list order.
     peers: Vec<*mut ngx_http_upstream_rr_peer_t>,
+    /// Ring index -> hash of the server's address: its identity in the route table.
+    ids: Vec<u64>,
+    /// Ring index -> the server's shared counters (resolved in each worker).
+    slots: Vec<Option<&'static Slot>>,
 }
 
 /// The per-process view of one upstream's servers.
@@ -46,6 +60,14 @@ pub struct UpstreamState {
     config: ngx_uint_t,
     primary: Group,
     backup: Option<Group>,
+    /// Server identity -> primary ring index, for learned routes.
+    by_id: HashMap<u64, usize>,
+    /// The upstream's in-flight total.
+    total: Option<&'static Slot>,
+    slots_ready: bool,
+    /// Sum of the weights of live primary servers, refreshed once a second.
+    live_weight: u64,
+    live_at: i64,
 }
 
 /// The zone's peer-list generation (bumped when `resolve` changes the servers); 0 without.
@@ -76,18 +98,20 @@ unsafe fn config_changed(_rrp: &ngx_http_upstream_rr_peer_data_t, _peers: *mut n
 /// Builds a group from an nginx peer list. The caller holds the list's lock if it is shared.
 unsafe fn build_group(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Group, String> {
     let mut list = Vec::new();
-    let mut ids: Vec<(&[u8], u32)> = Vec::new();
+    let mut names: Vec<(&[u8], u32)> = Vec::new();
     // SAFETY: peers is a valid list; its peers live as long as the list.
     unsafe {
         let mut p = (*peers).peer;
         while !p.is_null() {
             list.push(p);
-            ids.push(((*p).name.as_bytes(), (*p).weight.clamp(1, u32::MAX as ngx_int_t) as u32));
+            names.push(((*p).name.as_bytes(), (*p).weight.clamp(1, u32::MAX as ngx_int_t) as u32));
             p = (*p).next;
         }
     }
-    let ring = Ring::new(ids).map_err(|e| e.to_string())?;
-    Ok(Group { ring, peers: list })
+    let ids = names.iter().map(|(n, _)| key_hash(n)).collect();
+    let ring = Ring::new(names).map_err(|e| e.to_string())?;
+    let slots = vec![None; list.len()];
+    Ok(Group { ring, peers: list, ids, slots })
 }
 
 /// Builds the state for `peers` (primary list, with backups in `peers->next`).
@@ -97,16 +121,29 @@ unsafe fn build_state(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Upstre
         let primary = build_group(peers)?;
         let next = (*peers).next;
         let backup = if next.is_null() { None } else { Some(build_group(next)?) };
-        let config = peers_config(peers);
-        Ok(UpstreamState { source: peers, config, primary, backup })
+        let by_id = primary.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        Ok(UpstreamState {
+            source: peers,
+            config: peers_config(peers),
+            primary,
+            backup,
+            by_id,
+            total: None,
+            slots_ready: false,
+            live_weight: 0,
+            live_at: i64::MIN,
+        })
     }
 }
 
-/// `peer.init_upstream`: round robin's setup, then our rings.
-pub unsafe extern "C" fn init_upstream(
-    cf: *mut ngx_conf_t,
-    us: *mut ngx_http_upstream_srv_conf_t,
-) -> ngx_int_t {
+/// Number of servers (primary and backup) of a peer list.
+unsafe fn server_count(peers: *mut ngx_http_upstream_rr_peers_t) -> usize {
+    // SAFETY: peers is a valid list.
+    unsafe { (*peers).number + (*peers).next.as_ref().map_or(0, |b| b.number) }
+}
+
+/// `peer.init_upstream`: round robin's setup, then our rings and shared zones.
+pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes valid cf and us.
     unsafe {
         if ngx_http_upstream_init_round_robin(cf, us) != NGX_OK as ngx_int_t {
@@ -119,11 +156,24 @@ pub unsafe extern "C" fn init_upstream(
             return NGX_ERROR as ngx_int_t;
         };
         kcf.init_upstream_ran = true;
+        kcf.name = (*us).host.as_bytes().to_vec();
+
+        let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        match shm::load_zone(cf, server_count(peers) + 1) {
+            Some(z) => kcf.load_zone = z,
+            None => return NGX_ERROR as ngx_int_t,
+        }
+        if kcf.routes_zone.is_none() {
+            let mut name = ngx_str_t { len: shm::DEFAULT_ROUTES_ZONE.len(), data: shm::DEFAULT_ROUTES_ZONE.as_ptr() as *mut u8 };
+            match shm::routes_zone(cf, &mut name, shm::DEFAULT_ROUTES_SIZE) {
+                Some(z) => kcf.routes_zone = Some(z),
+                None => return NGX_ERROR as ngx_int_t,
+            }
+        }
 
         // With a zone, peers are copied to shared memory after this point: each worker builds
-        // its tables from that copy on first use. Without one, build them now, so that a
-        // configuration error shows in `nginx -t` and workers inherit the tables.
-        let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        // its tables from that copy on first use. Building them now as well shows a
+        // configuration error in `nginx -t`, and workers without a zone inherit them.
         match build_state(peers) {
             Ok(state) => kcf.state = Some(Box::new(state)),
             Err(e) => {
@@ -147,14 +197,25 @@ pub unsafe extern "C" fn init_upstream(
 #[repr(C)]
 struct PeerData {
     rrp: ngx_http_upstream_rr_peer_data_t,
+    r: *mut ngx_http_request_t,
     conf: *mut SrvConf,
     key: u64,
+    /// Identity of the server that created this request's session, if learned.
+    learned: Option<u64>,
+    /// Route-table key of the request's session, if it carries one.
+    session: Option<u128>,
+    movable: bool,
     /// This request moved to the backup servers.
     on_backup: bool,
+    /// Counters of the server this try went to, while it is counted in flight.
+    counted: Option<&'static Slot>,
+    counted_total: Option<&'static Slot>,
+    /// Identity of the server this try went to.
+    current_id: u64,
 }
 
 /// The stickiness key of a request: its client address (after realip).
-unsafe fn request_key(r: *mut ngx_http_request_t) -> u64 {
+unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
     // SAFETY: r and its connection are valid during the request; sockaddr matches its family.
     unsafe {
         let c = (*r).connection;
@@ -176,21 +237,65 @@ unsafe fn request_key(r: *mut ngx_http_request_t) -> u64 {
     }
 }
 
+/// Values of the headers called `name` in an nginx header list.
+unsafe fn header_values<'a>(list: &'a ngx_list_t, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    // SAFETY: the list belongs to a live request.
+    unsafe { ngx::http::list_iterator(list) }
+        .filter(move |(k, _)| k.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| v.as_bytes())
+}
+
 /// `peer.init`: per request.
-unsafe extern "C" fn init_peer(
-    r: *mut ngx_http_request_t,
-    us: *mut ngx_http_upstream_srv_conf_t,
-) -> ngx_int_t {
+unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes a valid request with an upstream, and the upstream it uses.
     unsafe {
         let Some(kcf) = srv_conf(us) else { return NGX_ERROR as ngx_int_t };
+        let key = match kcf.hash {
+            Some(cv) => {
+                let mut v = ngx_str_t::default();
+                if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
+                    return NGX_ERROR as ngx_int_t;
+                }
+                key_hash(v.as_bytes())
+            }
+            None => client_address_key(r),
+        };
+
+        // The session cookie, and the server that created the session.
+        let cookies = header_values(&(*r).headers_in.headers, "Cookie");
+        let (state, skey, learned) = match session::request_session(cookies, kcf.session_cookie()) {
+            RequestSession::None => (SessionState::None, None, None),
+            RequestSession::Id(id) => {
+                let now = ngx_time();
+                let timeout = kcf.routes_timeout();
+                let found = kcf.routes_zone.and_then(|z| {
+                    shm::with_routes(z, |t| {
+                        let k = session::session_key(t.header().secret, &kcf.name, id);
+                        (k, t.lookup(k, now, timeout))
+                    })
+                });
+                (SessionState::Unknown, found.map(|f| f.0), found.and_then(|f| f.1))
+            }
+        };
+        if let Some(ctx) = crate::variables::ctx(r) {
+            ctx.session = state;
+            ctx.route = None;
+        }
+
         let pd = ngx_palloc((*r).pool, core::mem::size_of::<PeerData>()) as *mut PeerData;
         if pd.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
+        ptr::addr_of_mut!((*pd).r).write(r);
         ptr::addr_of_mut!((*pd).conf).write(kcf);
-        ptr::addr_of_mut!((*pd).key).write(request_key(r));
+        ptr::addr_of_mut!((*pd).key).write(key);
+        ptr::addr_of_mut!((*pd).learned).write(learned);
+        ptr::addr_of_mut!((*pd).session).write(skey);
+        ptr::addr_of_mut!((*pd).movable).write(balancer::may_move(state));
         ptr::addr_of_mut!((*pd).on_backup).write(false);
+        ptr::addr_of_mut!((*pd).counted).write(None);
+        ptr::addr_of_mut!((*pd).counted_total).write(None);
+        ptr::addr_of_mut!((*pd).current_id).write(0);
 
         // Round robin fills in `rrp` (peers, tried bitmap, tries) when peer.data points at it.
         let u = (*r).upstream;
@@ -202,6 +307,12 @@ unsafe extern "C" fn init_peer(
         (*u).peer.free = Some(free_peer);
     }
     NGX_OK as ngx_int_t
+}
+
+/// Whether nginx considers a peer failed right now (`max_fails` within `fail_timeout`).
+#[inline]
+fn failed(p: &ngx_http_upstream_rr_peer_t, now: i64) -> bool {
+    p.max_fails != 0 && p.fails >= p.max_fails && now - p.checked as i64 <= p.fail_timeout as i64
 }
 
 /// nginx's view of whether a peer may take this request: the same tests as its own
@@ -231,15 +342,22 @@ impl Servers for NginxServers<'_> {
             if p.max_conns != 0 && p.conns >= p.max_conns {
                 return false;
             }
-            if !self.single
-                && p.max_fails != 0
-                && p.fails >= p.max_fails
-                && self.now - p.checked as i64 <= p.fail_timeout as i64
-            {
+            if !self.single && failed(p, self.now) {
                 return false;
             }
         }
         true
+    }
+
+    #[inline]
+    fn load(&self, i: usize) -> u64 {
+        self.group.slots[i].map_or(0, |s| s.inflight())
+    }
+
+    #[inline]
+    fn weight(&self, i: usize) -> u64 {
+        // SAFETY: as in `usable`.
+        unsafe { (*self.group.peers[i]).weight.max(1) as u64 }
     }
 }
 
@@ -271,17 +389,50 @@ impl Drop for PeersLock {
 }
 
 /// Makes sure the per-process tables describe `peers` (built lazily with a zone, rebuilt when
-/// `resolve` changed the zone's peers). Called with the peers lock held.
-unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers_t) -> Result<(), String> {
-    // SAFETY: peers is the valid primary list; config points into the same memory.
+/// `resolve` changed the zone's peers) and point at the shared counters. Called with the
+/// peers lock held.
+unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers_t) -> Result<&mut UpstreamState, String> {
+    // SAFETY: peers is the valid primary list.
     unsafe {
         let config = peers_config(peers);
         let fresh = matches!(&kcf.state, Some(s) if s.source == peers && s.config == config);
         if !fresh {
             kcf.state = Some(Box::new(build_state(peers)?));
         }
+        let Some(state) = kcf.state.as_deref_mut() else { return Err("no state".into()) };
+        if !state.slots_ready {
+            if let Some(table) = shm::load_table(kcf.load_zone) {
+                let name = &kcf.name;
+                state.total = table.slot(load::upstream_key(name));
+                let groups = core::iter::once(&mut state.primary).chain(state.backup.as_mut());
+                for g in groups {
+                    for (i, &p) in g.peers.iter().enumerate() {
+                        g.slots[i] = table.slot(load::server_key(name, (*p).name.as_bytes()));
+                    }
+                }
+                state.slots_ready = true;
+            }
+        }
+        Ok(state)
     }
-    Ok(())
+}
+
+/// Refreshes the live weight (sum of weights of primary servers not down or failed) once per
+/// second: the denominator of the load bound.
+fn refresh_live_weight(state: &mut UpstreamState, now: i64) {
+    if state.live_at == now {
+        return;
+    }
+    // SAFETY: peers are valid while the caller holds the peers lock.
+    state.live_weight = state
+        .primary
+        .peers
+        .iter()
+        .map(|&p| unsafe { &*p })
+        .filter(|p| p.down == 0 && !failed(p, now))
+        .map(|p| p.weight.max(1) as u64)
+        .sum();
+    state.live_at = now;
 }
 
 /// `peer.get`
@@ -303,31 +454,55 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
 
         let kcf = &mut *pd.conf;
-        if !pd.on_backup {
-            if let Err(e) = ensure_state(kcf, peers) {
-                ngx_log_error!(NGX_LOG_ERR, (*pc).log, "kylin: upstream \"{}\": {}", *(*peers).name, e);
-                (*pc).name = (*peers).name;
-                return NGX_ERROR as ngx_int_t;
-            }
-        }
-        let Some(state) = kcf.state.as_deref() else { return NGX_ERROR as ngx_int_t };
+        let factor = kcf.balance_factor();
         let now = ngx_time();
+        let state = if pd.on_backup {
+            kcf.state.as_deref_mut()
+        } else {
+            match ensure_state(kcf, peers) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    ngx_log_error!(NGX_LOG_ERR, (*pc).log, "kylin: upstream \"{}\": {}", *(*peers).name, e);
+                    None
+                }
+            }
+        };
+        let Some(state) = state else {
+            (*pc).name = (*peers).name;
+            return NGX_ERROR as ngx_int_t;
+        };
+        refresh_live_weight(state, now);
+        let state: &UpstreamState = state;
         let tried = pd.rrp.tried;
 
+        let req = Request {
+            key: pd.key,
+            learned: pd.learned.and_then(|id| state.by_id.get(&id).copied()),
+            movable: pd.movable,
+        };
         let choice = match (&state.backup, pd.on_backup) {
             (Some(b), true) => {
                 let mut bs = NginxServers { group: b, tried, now, single: false };
-                balancer::choose(pd.key, (&b.ring, &mut bs), None::<(&Ring, &mut NginxServers)>)
+                let req = Request { learned: None, ..req };
+                balancer::choose(&req, Pick { ring: &b.ring, servers: &mut bs, bound: Bound::OFF }, None::<Pick<'_, NginxServers>>)
                     .map(|c| Choice { backup: true, route: Route::Backup, ..c })
             }
             (None, true) => None,
             (backup, false) => {
                 let single = (*peers).single() != 0;
                 let mut ps = NginxServers { group: &state.primary, tried, now, single };
+                let bound = Bound {
+                    factor_milli: factor,
+                    total: state.total.map_or(0, |t| t.inflight()),
+                    live_weight: state.live_weight,
+                };
                 // Backups start with a clean tried bitmap when the request moves to them.
                 let mut bs = backup.as_ref().map(|b| NginxServers { group: b, tried: ptr::null_mut(), now, single: false });
-                let b = backup.as_ref().zip(bs.as_mut()).map(|(g, s)| (&g.ring, s));
-                balancer::choose(pd.key, (&state.primary.ring, &mut ps), b)
+                let b = backup
+                    .as_ref()
+                    .zip(bs.as_mut())
+                    .map(|(g, s)| Pick { ring: &g.ring, servers: s, bound: Bound::OFF });
+                balancer::choose(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }, b)
             }
         };
 
@@ -368,22 +543,100 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let bits = usize::BITS as usize;
         *tried.add(choice.server / bits) |= 1 << (choice.server % bits);
 
-        ngx_log_debug_mask!(
-            DebugMask::Http,
-            (*pc).log,
-            "kylin peer: {} route: {}",
-            (*best).name,
-            choice.route.as_str()
-        );
+        // Count the try in flight until `free`.
+        pd.current_id = group.ids[choice.server];
+        pd.counted = group.slots[choice.server];
+        pd.counted_total = if choice.backup { None } else { state.total };
+        if let Some(s) = pd.counted {
+            s.start();
+            s.count(Counter::Requests);
+            s.count(match choice.route {
+                Route::Sticky => Counter::Sticky,
+                Route::Learned => Counter::Learned,
+                Route::Spilled => Counter::SpilledIn,
+                Route::Failover => Counter::Failover,
+                Route::Backup => Counter::Backup,
+            });
+        }
+        if let Some(t) = pd.counted_total {
+            t.start();
+            if choice.route == Route::Spilled {
+                t.count(Counter::SpilledOut);
+            }
+        }
+        if let Some(ctx) = crate::variables::ctx(pd.r) {
+            ctx.route = Some(choice.route);
+        }
+
+        ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "kylin peer: {} route: {}", (*best).name, choice.route.as_str());
     }
     NGX_OK as ngx_int_t
 }
 
-/// `peer.free`: round robin's bookkeeping (conns, fails, tries).
+/// Learns (or forgets) the session a response from the current server created.
+unsafe fn learn_session(pd: &PeerData) {
+    // SAFETY: pd.r is the live request; its upstream headers were parsed from this server.
+    unsafe {
+        let kcf = &*pd.conf;
+        let Some(zone) = kcf.routes_zone else { return };
+        let u = (*pd.r).upstream;
+        if u.is_null() || (*u).headers_in.status_n == 0 {
+            return;
+        }
+        let name = kcf.session_cookie();
+        let Some(set) = header_values(&(*u).headers_in.headers, "Set-Cookie").find_map(|v| session::response_session(v, name))
+        else {
+            return;
+        };
+        let now = ngx_time();
+        let timeout = kcf.routes_timeout();
+        let peer = pd.current_id;
+        let request_session = pd.session;
+        let evicted = shm::with_routes(zone, |t| {
+            match set {
+                SetSession::Set(id) => {
+                    let k = session::session_key(t.header().secret, &kcf.name, id);
+                    t.insert(k, peer, now, timeout);
+                }
+                SetSession::Delete => {
+                    if let Some(k) = request_session {
+                        t.remove(k);
+                    }
+                }
+            }
+            t.evictions_to_log(now, 60)
+        })
+        .flatten();
+        if let Some(n) = evicted {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                (*(*pd.r).connection).log,
+                "kylin: upstream \"{}\": session routes zone \"{}\" is full, {} least recently used routes evicted; increase its size with \"kylin_session_routes\"",
+                String::from_utf8_lossy(&kcf.name),
+                (*zone).shm.name,
+                n
+            );
+        }
+    }
+}
+
+/// `peer.free`: uncount the try, learn a new session, then round robin's bookkeeping.
 unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void, state: ngx_uint_t) {
     // SAFETY: data is our PeerData; rrp is its first field.
     unsafe {
-        let pd = data as *mut PeerData;
-        ngx_http_upstream_free_round_robin_peer(pc, ptr::addr_of_mut!((*pd).rrp) as *mut c_void, state);
+        let pd = &mut *(data as *mut PeerData);
+        if let Some(s) = pd.counted.take() {
+            s.finish();
+            if state & NGX_PEER_FAILED as ngx_uint_t != 0 {
+                s.count(Counter::Failures);
+            }
+        }
+        if let Some(t) = pd.counted_total.take() {
+            t.finish();
+        }
+        if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
+            learn_session(pd);
+        }
+        ngx_http_upstream_free_round_robin_peer(pc, ptr::addr_of_mut!(pd.rrp) as *mut c_void, state);
     }
 }

@@ -1,0 +1,480 @@
+//! Learned session routes (pure Rust, no FFI): session key -> server, in a fixed-size region
+//! of shared memory, with an idle timeout and least-recently-used eviction.
+//!
+//! The region holds a [`Header`], a bucket array and an entry array; links are `u32`
+//! indices, never pointers, so the table works at whatever address each process maps it.
+//! The caller serialises access (the glue holds the shared zone's mutex).
+//!
+//! Keys are keyed hashes of session ids ([`crate::session::session_key`]); values are
+//! hashes of server addresses, so a route survives a reload that reorders or adds servers.
+
+use bytemuck::{Pod, Zeroable};
+
+const MAGIC: u64 = 0x6b796c_696e_7274_01; // "kylinrt" v1
+const NIL: u32 = u32::MAX;
+
+/// Table-wide state and statistics, at the start of the region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct Header {
+    magic: u64,
+    capacity: u32,
+    nbuckets: u32,
+    len: u32,
+    free_head: u32,
+    lru_head: u32,
+    lru_tail: u32,
+    /// Secret for the keyed session hash, chosen when the zone is created.
+    pub secret: [u64; 2],
+    pub hits: u64,
+    pub misses: u64,
+    pub inserts: u64,
+    pub evictions: u64,
+    pub expired: u64,
+    /// When eviction was last logged (seconds), for rate limiting.
+    pub evict_logged_at: i64,
+    /// Evictions not yet logged.
+    pub evict_unlogged: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Entry {
+    key: [u64; 2],
+    peer: u64,
+    last_used: i64,
+    prev: u32,
+    next: u32,
+    chain: u32,
+    _pad: u32,
+}
+
+const HEADER: usize = core::mem::size_of::<Header>();
+const ENTRY: usize = core::mem::size_of::<Entry>();
+
+/// Why a region cannot hold a table.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteError {
+    TooSmall,
+    Misaligned,
+    NotATable,
+}
+
+impl core::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RouteError::TooSmall => "the zone is too small for a session route table",
+            RouteError::Misaligned => "the session route region is misaligned",
+            RouteError::NotATable => "the zone does not hold a session route table",
+        })
+    }
+}
+
+/// What an insert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    Updated,
+    /// New, after evicting the least recently used route to make room.
+    Evicted,
+}
+
+/// The table over a region.
+pub struct RouteTable<'a> {
+    hdr: &'a mut Header,
+    buckets: &'a mut [u32],
+    entries: &'a mut [Entry],
+}
+
+/// How many routes a region of `bytes` holds.
+pub fn capacity_for(bytes: usize) -> usize {
+    bytes.saturating_sub(HEADER + 8) / (ENTRY + 4)
+}
+
+fn split(region: &mut [u8], capacity: usize) -> Result<(&mut Header, &mut [u32], &mut [Entry]), RouteError> {
+    if region.as_ptr() as usize % 8 != 0 {
+        return Err(RouteError::Misaligned);
+    }
+    let buckets_bytes = (capacity * 4).next_multiple_of(8);
+    let need = HEADER + buckets_bytes + capacity * ENTRY;
+    if capacity == 0 || region.len() < need {
+        return Err(RouteError::TooSmall);
+    }
+    let (h, rest) = region.split_at_mut(HEADER);
+    let (b, rest) = rest.split_at_mut(buckets_bytes);
+    let e = &mut rest[..capacity * ENTRY];
+    let hdr: &mut Header = bytemuck::try_from_bytes_mut(h).map_err(|_| RouteError::Misaligned)?;
+    let buckets: &mut [u32] = bytemuck::try_cast_slice_mut(&mut b[..capacity * 4]).map_err(|_| RouteError::Misaligned)?;
+    let entries: &mut [Entry] = bytemuck::try_cast_slice_mut(e).map_err(|_| RouteError::Misaligned)?;
+    Ok((hdr, buckets, entries))
+}
+
+impl<'a> RouteTable<'a> {
+    /// Formats `region` as an empty table (8-byte aligned).
+    pub fn format(region: &'a mut [u8], secret: [u64; 2]) -> Result<RouteTable<'a>, RouteError> {
+        let mut capacity = capacity_for(region.len());
+        // Leave room for the bucket array's padding.
+        while capacity > 0 && split(region, capacity).is_err() {
+            capacity -= 1;
+        }
+        let capacity = capacity.min(NIL as usize - 1);
+        let (hdr, buckets, entries) = split(region, capacity)?;
+        *hdr = Header::zeroed();
+        hdr.magic = MAGIC;
+        hdr.capacity = capacity as u32;
+        hdr.nbuckets = capacity as u32;
+        hdr.secret = secret;
+        hdr.lru_head = NIL;
+        hdr.lru_tail = NIL;
+        buckets.fill(NIL);
+        for (i, e) in entries.iter_mut().enumerate() {
+            *e = Entry::zeroed();
+            e.next = if i + 1 < capacity { (i + 1) as u32 } else { NIL };
+        }
+        hdr.free_head = 0;
+        Ok(RouteTable { hdr, buckets, entries })
+    }
+
+    /// Opens a region formatted before (by this or another process).
+    pub fn attach(region: &'a mut [u8]) -> Result<RouteTable<'a>, RouteError> {
+        if region.len() < HEADER {
+            return Err(RouteError::TooSmall);
+        }
+        let hdr: &Header = bytemuck::try_from_bytes(&region[..HEADER]).map_err(|_| RouteError::Misaligned)?;
+        if hdr.magic != MAGIC {
+            return Err(RouteError::NotATable);
+        }
+        let capacity = hdr.capacity as usize;
+        let (hdr, buckets, entries) = split(region, capacity)?;
+        Ok(RouteTable { hdr, buckets, entries })
+    }
+
+    pub fn header(&self) -> &Header {
+        self.hdr
+    }
+
+    pub fn header_mut(&mut self) -> &mut Header {
+        self.hdr
+    }
+
+    pub fn len(&self) -> usize {
+        self.hdr.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hdr.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.hdr.capacity as usize
+    }
+
+    fn bucket(&self, key: u128) -> usize {
+        (key % u128::from(self.hdr.nbuckets)) as usize
+    }
+
+    fn find(&self, key: u128) -> Option<usize> {
+        let k = split_key(key);
+        let mut i = self.buckets[self.bucket(key)];
+        while i != NIL {
+            let e = &self.entries[i as usize];
+            if e.key == k {
+                return Some(i as usize);
+            }
+            i = e.chain;
+        }
+        None
+    }
+
+    fn lru_unlink(&mut self, i: usize) {
+        let (prev, next) = (self.entries[i].prev, self.entries[i].next);
+        if prev == NIL {
+            self.hdr.lru_head = next;
+        } else {
+            self.entries[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.hdr.lru_tail = prev;
+        } else {
+            self.entries[next as usize].prev = prev;
+        }
+    }
+
+    fn lru_push_front(&mut self, i: usize) {
+        let head = self.hdr.lru_head;
+        self.entries[i].prev = NIL;
+        self.entries[i].next = head;
+        if head == NIL {
+            self.hdr.lru_tail = i as u32;
+        } else {
+            self.entries[head as usize].prev = i as u32;
+        }
+        self.hdr.lru_head = i as u32;
+    }
+
+    fn chain_unlink(&mut self, i: usize) {
+        let key = join_key(self.entries[i].key);
+        let b = self.bucket(key);
+        let mut cur = self.buckets[b];
+        let mut prev = NIL;
+        while cur != NIL {
+            if cur as usize == i {
+                let next = self.entries[i].chain;
+                if prev == NIL {
+                    self.buckets[b] = next;
+                } else {
+                    self.entries[prev as usize].chain = next;
+                }
+                return;
+            }
+            prev = cur;
+            cur = self.entries[cur as usize].chain;
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        self.chain_unlink(i);
+        self.lru_unlink(i);
+        self.entries[i] = Entry::zeroed();
+        self.entries[i].next = self.hdr.free_head;
+        self.hdr.free_head = i as u32;
+        self.hdr.len -= 1;
+    }
+
+    /// Drops routes idle for more than `timeout` seconds, oldest first, at most `max` of them.
+    pub fn expire(&mut self, now: i64, timeout: i64, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let t = self.hdr.lru_tail;
+            if t == NIL || now - self.entries[t as usize].last_used <= timeout {
+                break;
+            }
+            self.release(t as usize);
+            self.hdr.expired += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// The server of `key`'s session, refreshing its idle time; `None` if unknown or expired.
+    pub fn lookup(&mut self, key: u128, now: i64, timeout: i64) -> Option<u64> {
+        let Some(i) = self.find(key) else {
+            self.hdr.misses += 1;
+            return None;
+        };
+        if now - self.entries[i].last_used > timeout {
+            self.release(i);
+            self.hdr.expired += 1;
+            self.hdr.misses += 1;
+            return None;
+        }
+        self.entries[i].last_used = now;
+        self.lru_unlink(i);
+        self.lru_push_front(i);
+        self.hdr.hits += 1;
+        Some(self.entries[i].peer)
+    }
+
+    /// Records that `key`'s session lives on `peer`.
+    pub fn insert(&mut self, key: u128, peer: u64, now: i64, timeout: i64) -> Inserted {
+        if let Some(i) = self.find(key) {
+            self.entries[i].peer = peer;
+            self.entries[i].last_used = now;
+            self.lru_unlink(i);
+            self.lru_push_front(i);
+            return Inserted::Updated;
+        }
+        // Expired routes make room first; they are not evictions.
+        self.expire(now, timeout, 4);
+        let mut result = Inserted::New;
+        if self.hdr.free_head == NIL {
+            let t = self.hdr.lru_tail;
+            if t == NIL {
+                return Inserted::Updated; // capacity 0 cannot happen after format
+            }
+            self.release(t as usize);
+            self.hdr.evictions += 1;
+            self.hdr.evict_unlogged += 1;
+            result = Inserted::Evicted;
+        }
+        let i = self.hdr.free_head as usize;
+        self.hdr.free_head = self.entries[i].next;
+        let b = self.bucket(key);
+        self.entries[i] = Entry {
+            key: split_key(key),
+            peer,
+            last_used: now,
+            prev: NIL,
+            next: NIL,
+            chain: self.buckets[b],
+            _pad: 0,
+        };
+        self.buckets[b] = i as u32;
+        self.lru_push_front(i);
+        self.hdr.len += 1;
+        self.hdr.inserts += 1;
+        result
+    }
+
+    /// Forgets `key`'s route (the session was deleted).
+    pub fn remove(&mut self, key: u128) -> bool {
+        match self.find(key) {
+            Some(i) => {
+                self.release(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evictions to report if the last report is at least `interval` seconds old; resets the
+    /// pending count when it returns `Some`.
+    pub fn evictions_to_log(&mut self, now: i64, interval: i64) -> Option<u64> {
+        if self.hdr.evict_unlogged == 0 || now - self.hdr.evict_logged_at < interval {
+            return None;
+        }
+        let n = self.hdr.evict_unlogged;
+        self.hdr.evict_unlogged = 0;
+        self.hdr.evict_logged_at = now;
+        Some(n)
+    }
+}
+
+fn split_key(k: u128) -> [u64; 2] {
+    [k as u64, (k >> 64) as u64]
+}
+
+fn join_key(k: [u64; 2]) -> u128 {
+    u128::from(k[0]) | (u128::from(k[1]) << 64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// An 8-byte-aligned region.
+    fn region(bytes: usize) -> Vec<u64> {
+        vec![0u64; bytes / 8]
+    }
+
+    fn bytes(v: &mut [u64]) -> &mut [u8] {
+        bytemuck::cast_slice_mut(v)
+    }
+
+    const H: i64 = 3600;
+
+    #[test]
+    fn insert_lookup_update_remove() {
+        let mut r = region(8192);
+        let mut t = RouteTable::format(bytes(&mut r), [1, 2]).unwrap();
+        assert!(t.capacity() > 100);
+        assert_eq!(t.lookup(5, 0, H), None);
+        assert_eq!(t.insert(5, 77, 0, H), Inserted::New);
+        assert_eq!(t.lookup(5, 10, H), Some(77));
+        assert_eq!(t.insert(5, 78, 20, H), Inserted::Updated);
+        assert_eq!(t.lookup(5, 30, H), Some(78));
+        assert_eq!(t.len(), 1);
+        assert!(t.remove(5));
+        assert!(!t.remove(5));
+        assert_eq!(t.lookup(5, 40, H), None);
+        assert!(t.is_empty());
+        assert_eq!(t.header().hits, 2);
+        assert_eq!(t.header().misses, 2);
+    }
+
+    #[test]
+    fn attach_sees_the_same_table() {
+        let mut r = region(4096);
+        {
+            let mut t = RouteTable::format(bytes(&mut r), [9, 9]).unwrap();
+            t.insert(1 << 100 | 3, 5, 0, H);
+        }
+        let mut t = RouteTable::attach(bytes(&mut r)).unwrap();
+        assert_eq!(t.header().secret, [9, 9]);
+        assert_eq!(t.lookup(1 << 100 | 3, 1, H), Some(5));
+        let mut junk = region(4096);
+        assert_eq!(RouteTable::attach(bytes(&mut junk)).err(), Some(RouteError::NotATable));
+    }
+
+    #[test]
+    fn idle_routes_expire() {
+        let mut r = region(4096);
+        let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+        t.insert(1, 1, 0, 100);
+        t.insert(2, 2, 50, 100);
+        assert_eq!(t.lookup(1, 101, 100), None); // idle 101 s > 100 s
+        assert_eq!(t.lookup(2, 101, 100), Some(2)); // refreshed at 101
+        assert_eq!(t.lookup(2, 200, 100), Some(2));
+        assert_eq!(t.header().expired, 1);
+        assert_eq!(t.expire(1000, 100, 10), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn full_table_evicts_least_recently_used() {
+        let mut r = region(1024);
+        let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+        let cap = t.capacity() as u128;
+        assert!(cap >= 4);
+        for k in 1..=cap {
+            assert_eq!(t.insert(k, k as u64, 0, H), Inserted::New);
+        }
+        // Touch key 1 so that key 2 becomes the least recently used.
+        assert_eq!(t.lookup(1, 1, H), Some(1));
+        assert_eq!(t.insert(cap + 1, 0, 2, H), Inserted::Evicted);
+        assert_eq!(t.lookup(2, 3, H), None);
+        assert_eq!(t.lookup(1, 3, H), Some(1));
+        assert_eq!(t.len() as u128, cap);
+        assert_eq!(t.evictions_to_log(100, 60), Some(1));
+        assert_eq!(t.evictions_to_log(101, 60), None);
+        t.insert(cap + 2, 0, 102, H);
+        assert_eq!(t.evictions_to_log(120, 60), None); // within the minute
+        assert_eq!(t.evictions_to_log(161, 60), Some(1));
+    }
+
+    #[test]
+    fn small_or_misaligned_regions_are_refused() {
+        let mut r = region(64);
+        assert_eq!(RouteTable::format(bytes(&mut r), [0, 0]).err(), Some(RouteError::TooSmall));
+        let mut r = region(4096);
+        let b = bytes(&mut r);
+        assert_eq!(RouteTable::format(&mut b[4..], [0, 0]).err(), Some(RouteError::Misaligned));
+    }
+
+    proptest! {
+        /// The table behaves like a map with LRU eviction: every key it still has maps to the
+        /// last value stored, it never exceeds capacity, and its links stay consistent.
+        #[test]
+        fn behaves_like_a_bounded_map(ops in proptest::collection::vec((0u8..3, 0u128..40, 0u64..5), 1..400)) {
+            let mut r = region(1024);
+            let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+            let cap = t.capacity();
+            let mut model: HashMap<u128, u64> = HashMap::new();
+            for (now, (op, k, v)) in ops.into_iter().enumerate() {
+                let now = now as i64;
+                match op {
+                    0 => { t.insert(k, v, now, 1 << 40); model.insert(k, v); }
+                    1 => { t.remove(k); model.remove(&k); }
+                    _ => {
+                        if let Some(got) = t.lookup(k, now, 1 << 40) {
+                            prop_assert_eq!(Some(&got), model.get(&k));
+                        }
+                    }
+                }
+                prop_assert!(t.len() <= cap);
+                // Walk the LRU list: it has len entries, each findable.
+                let mut n = 0;
+                let mut i = t.hdr.lru_head;
+                while i != NIL {
+                    let key = join_key(t.entries[i as usize].key);
+                    prop_assert_eq!(t.find(key), Some(i as usize));
+                    n += 1;
+                    i = t.entries[i as usize].next;
+                }
+                prop_assert_eq!(n, t.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Session cookies (pure Rust, no FFI): finding the session id in a request, recognising a
+//! new session in a response, and the keyed hash under which a session is stored.
+//!
+//! Only well-formed ids are used: 1 to [`MAX_ID_LEN`] bytes of RFC 6265 cookie-octets. An
+//! empty, oversized, binary or otherwise malformed value counts as "no session": it is never
+//! looked up or stored, and the request is balanced like one without a cookie.
+//! Session ids are never stored: tables hold a keyed SipHash of (upstream, id).
+
+use cookie::Cookie;
+use siphasher::sip128::{Hasher128, SipHasher13};
+use std::hash::Hasher;
+
+/// Longest session id accepted (Tomcat ids are 32 hex digits plus an optional `.jvmRoute`;
+/// Spring Session ids are Base64 of a 36-character UUID).
+pub const MAX_ID_LEN: usize = 256;
+
+/// Longest cookie name accepted by `kylin_session_cookie`.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// What a request carries under the session cookie's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestSession<'a> {
+    /// No cookie of that name, or only malformed values.
+    None,
+    /// The first well-formed value.
+    Id(&'a [u8]),
+}
+
+/// RFC 6265 cookie-octet: visible ASCII except DQUOTE, comma, semicolon and backslash.
+#[inline]
+fn is_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+/// Whether `id` is acceptable as a session id.
+#[inline]
+pub fn valid_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.iter().all(|&b| is_cookie_octet(b))
+}
+
+/// Whether `name` is acceptable as a cookie name (an RFC 7230 token).
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Finds the session cookie `name` in the values of a request's `Cookie` headers.
+pub fn request_session<'a, I>(cookie_headers: I, name: &[u8]) -> RequestSession<'a>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    for header in cookie_headers {
+        // Cheap pre-check: most requests carry cookies, few of them ours.
+        if !contains(header, name) {
+            continue;
+        }
+        let Ok(text) = core::str::from_utf8(header) else { continue };
+        for c in Cookie::split_parse(text).flatten() {
+            if c.name().as_bytes() == name {
+                let v = c.value_trimmed().as_bytes();
+                if valid_id(v) {
+                    if let Some(id) = within(header, v) {
+                        return RequestSession::Id(id);
+                    }
+                }
+            }
+        }
+    }
+    RequestSession::None
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A response's `Set-Cookie` for the session cookie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetSession<'a> {
+    /// A new or refreshed session id.
+    Set(&'a [u8]),
+    /// The cookie is being deleted (empty value, `Max-Age=0` or less).
+    Delete,
+}
+
+/// Reads one `Set-Cookie` header value; `None` when it is about another cookie or malformed.
+pub fn response_session<'a>(set_cookie: &'a [u8], name: &[u8]) -> Option<SetSession<'a>> {
+    if !contains(set_cookie, name) {
+        return None;
+    }
+    let text = core::str::from_utf8(set_cookie).ok()?;
+    let c = Cookie::parse(text).ok()?;
+    if c.name().as_bytes() != name {
+        return None;
+    }
+    let v = c.value_trimmed().as_bytes();
+    if v.is_empty() || c.max_age().is_some_and(|a| a.whole_seconds() <= 0) {
+        return Some(SetSession::Delete);
+    }
+    if !valid_id(v) {
+        return None;
+    }
+    within(set_cookie, v).map(SetSession::Set)
+}
+
+/// `inner` re-borrowed from `outer` with `outer`'s lifetime, if it lies inside it (the cookie
+/// parser returns slices of its input; this keeps that an invariant we check, not assume).
+fn within<'a>(outer: &'a [u8], inner: &[u8]) -> Option<&'a [u8]> {
+    let start = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
+    outer.get(start..start.checked_add(inner.len())?)
+}
+
+/// The key under which a session of an upstream is stored: SipHash-1-3 (128 bits) keyed with
+/// a per-zone random secret, over the upstream name and the id.
+pub fn session_key(secret: [u64; 2], upstream: &[u8], id: &[u8]) -> u128 {
+    let mut h = SipHasher13::new_with_keys(secret[0], secret[1]);
+    h.write_usize(upstream.len());
+    h.write(upstream);
+    h.write(id);
+    let k = h.finish128().as_u128();
+    // 0 marks an empty slot in the tables.
+    if k == 0 {
+        1
+    } else {
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(headers: &[&'a str]) -> RequestSession<'a> {
+        request_session(headers.iter().map(|h| h.as_bytes()), b"JSESSIONID")
+    }
+
+    #[test]
+    fn finds_the_session_among_cookies() {
+        assert_eq!(req(&["a=1; JSESSIONID=ABCDEF0123; b=2"]), RequestSession::Id(b"ABCDEF0123"));
+        assert_eq!(req(&["a=1", "JSESSIONID=X1.node2"]), RequestSession::Id(b"X1.node2"));
+        assert_eq!(req(&["JSESSIONID=\"quoted\""]), RequestSession::Id(b"quoted"));
+        assert_eq!(req(&[]), RequestSession::None);
+        assert_eq!(req(&["XJSESSIONID=1; JSESSIONIDX=2"]), RequestSession::None);
+    }
+
+    #[test]
+    fn malformed_values_are_no_session() {
+        assert_eq!(req(&["JSESSIONID="]), RequestSession::None);
+        assert_eq!(req(&["JSESSIONID=a b"]), RequestSession::None);
+        assert_eq!(req(&["JSESSIONID=a\\b"]), RequestSession::None);
+        let long = format!("JSESSIONID={}", "A".repeat(MAX_ID_LEN + 1));
+        assert_eq!(req(&[&long]), RequestSession::None);
+        let ok = format!("JSESSIONID={}", "A".repeat(MAX_ID_LEN));
+        assert!(matches!(req(&[&ok]), RequestSession::Id(_)));
+        // Binary and non-UTF-8 bytes.
+        let bin: &[u8] = b"JSESSIONID=\xff\xfe\x00";
+        assert_eq!(request_session([bin], b"JSESSIONID"), RequestSession::None);
+    }
+
+    #[test]
+    fn duplicates_take_the_first_well_formed_value() {
+        assert_eq!(req(&["JSESSIONID=; JSESSIONID=B2"]), RequestSession::Id(b"B2"));
+        assert_eq!(req(&["JSESSIONID=A1; JSESSIONID=B2"]), RequestSession::Id(b"A1"));
+    }
+
+    #[test]
+    fn set_cookie() {
+        let n = b"JSESSIONID";
+        assert_eq!(
+            response_session(b"JSESSIONID=9F2A; Path=/kylin; HttpOnly", n),
+            Some(SetSession::Set(b"9F2A"))
+        );
+        assert_eq!(response_session(b"JSESSIONID=; Max-Age=0", n), Some(SetSession::Delete));
+        assert_eq!(response_session(b"JSESSIONID=x; Max-Age=0", n), Some(SetSession::Delete));
+        assert_eq!(response_session(b"other=1", n), None);
+        assert_eq!(response_session(b"JSESSIONIDX=1", n), None);
+        assert_eq!(response_session(b"JSESSIONID=a\\b", n), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name(b"JSESSIONID"));
+        assert!(valid_name(b"e1e6c2c8a5d1b4b7_SESSION"));
+        assert!(!valid_name(b""));
+        assert!(!valid_name(b"a=b"));
+        assert!(!valid_name(b"a b"));
+    }
+
+    #[test]
+    fn keys_depend_on_secret_upstream_and_id() {
+        let s = [1, 2];
+        let k = session_key(s, b"up", b"id");
+        assert_eq!(k, session_key(s, b"up", b"id"));
+        assert_ne!(k, session_key([1, 3], b"up", b"id"));
+        assert_ne!(k, session_key(s, b"up2", b"id"));
+        assert_ne!(k, session_key(s, b"up", b"id2"));
+        // The length prefix keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(session_key(s, b"ab", b"c"), session_key(s, b"a", b"bc"));
+    }
+}

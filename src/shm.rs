@@ -1,0 +1,230 @@
+//! Shared memory zones: the load counters (one module-wide zone, `kylin_load`) and the learned
+//! session routes (`kylin_session_routes zone=...`, or the default zone). Thin glue around
+//! [`crate::load`] and [`crate::routes`].
+//!
+//! Zones are reused across `nginx -s reload` when their name and size stay the same, so
+//! counters and learned routes survive a reload; nginx creates a fresh zone otherwise.
+
+use core::ffi::c_void;
+use core::ptr;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+};
+use ngx::ngx_log_error;
+
+use crate::load::{LoadTable, Slot};
+use crate::routes::RouteTable;
+
+/// The module's tag for its shared zones.
+fn tag() -> *mut c_void {
+    ptr::addr_of_mut!(crate::conf::ngx_http_kylin_upstream_module) as *mut c_void
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load counters
+
+/// Name of the module-wide load zone.
+pub const LOAD_ZONE: &str = "kylin_load";
+
+/// Minimum size of the load zone; it grows with the number of servers.
+const LOAD_ZONE_MIN: usize = 1 << 20;
+
+/// The load zone of the configuration being parsed, and the slots it must hold.
+static LOAD_ZONE_PTR: AtomicPtr<ngx_shm_zone_t> = AtomicPtr::new(ptr::null_mut());
+static LOAD_SLOTS_NEEDED: AtomicUsize = AtomicUsize::new(0);
+
+#[repr(C)]
+struct LoadRegion {
+    magic: u64,
+    nslots: u64,
+    // followed by `nslots` Slot
+}
+
+const LOAD_MAGIC: u64 = 0x6b796c_696e_6c64_01;
+
+/// Called at the start of each configuration's http block.
+pub fn reset_for_new_configuration() {
+    LOAD_ZONE_PTR.store(ptr::null_mut(), Ordering::Relaxed);
+    LOAD_SLOTS_NEEDED.store(0, Ordering::Relaxed);
+}
+
+/// Declares the load zone (once per configuration) and reserves `slots` in it.
+pub unsafe fn load_zone(cf: *mut ngx_conf_t, slots: usize) -> Option<*mut ngx_shm_zone_t> {
+    LOAD_SLOTS_NEEDED.fetch_add(slots, Ordering::Relaxed);
+    let z = LOAD_ZONE_PTR.load(Ordering::Relaxed);
+    if !z.is_null() {
+        return Some(z);
+    }
+    let mut name = ngx_str_t { len: LOAD_ZONE.len(), data: LOAD_ZONE.as_ptr() as *mut u8 };
+    // SAFETY: cf is valid during configuration; size 0 is set in `size_load_zone`.
+    let z = unsafe { ngx_shared_memory_add(cf, &mut name, 0, tag()) };
+    if z.is_null() {
+        return None;
+    }
+    // SAFETY: z was just returned by nginx.
+    unsafe {
+        (*z).init = Some(init_load_zone);
+        (*z).data = ptr::null_mut();
+    }
+    LOAD_ZONE_PTR.store(z, Ordering::Relaxed);
+    Some(z)
+}
+
+/// Sizes the load zone after every upstream reserved its slots (postconfiguration). The size
+/// is rounded up to whole megabytes so that small changes keep the zone (and its counters)
+/// across reloads.
+pub unsafe fn size_load_zone() {
+    let z = LOAD_ZONE_PTR.load(Ordering::Relaxed);
+    if z.is_null() {
+        return;
+    }
+    let slots = LOAD_SLOTS_NEEDED.load(Ordering::Relaxed).max(64) * 4;
+    let bytes = (slots * core::mem::size_of::<Slot>()).saturating_add(256 * 1024);
+    let size = bytes.max(LOAD_ZONE_MIN).next_multiple_of(LOAD_ZONE_MIN);
+    // SAFETY: the zone is not created yet; nginx reads shm.size when it creates it.
+    unsafe { (*z).shm.size = size };
+}
+
+/// Largest block the slab allocator of a fresh zone can hand out, in bytes.
+unsafe fn largest_alloc(shpool: *mut ngx_slab_pool_t) -> usize {
+    // SAFETY: shpool is a freshly initialised slab pool.
+    unsafe { (*shpool).pfree.saturating_sub(1) * ngx_pagesize }
+}
+
+unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: nginx calls zone init with a valid zone; `data` is the previous cycle's data for
+    // a reused zone.
+    unsafe {
+        if !data.is_null() {
+            (*zone).data = data;
+            return NGX_OK as ngx_int_t;
+        }
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let bytes = largest_alloc(shpool);
+        let nslots = bytes.saturating_sub(core::mem::size_of::<LoadRegion>()) / core::mem::size_of::<Slot>();
+        let p = ngx_slab_alloc(shpool, bytes) as *mut LoadRegion;
+        if p.is_null() || nslots == 0 {
+            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate the \"{}\" zone", LOAD_ZONE);
+            return NGX_ERROR as ngx_int_t;
+        }
+        ptr::write_bytes(p as *mut u8, 0, bytes);
+        (*p).magic = LOAD_MAGIC;
+        (*p).nslots = nslots as u64;
+        (*zone).data = p as *mut c_void;
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// The load table of a zone, once nginx has created it.
+pub unsafe fn load_table(zone: *mut ngx_shm_zone_t) -> Option<LoadTable<'static>> {
+    // SAFETY: zone is valid for the cycle; data points at a LoadRegion in shared memory that
+    // lives as long as the zone, followed by nslots zero-initialised (valid) Slots.
+    unsafe {
+        let r = zone.as_ref()?.data as *const LoadRegion;
+        if r.is_null() || (*r).magic != LOAD_MAGIC {
+            return None;
+        }
+        let slots = r.add(1) as *const Slot;
+        Some(LoadTable::new(core::slice::from_raw_parts(slots, (*r).nslots as usize)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session routes
+
+/// Default session routes zone, used by upstreams without `kylin_session_routes`.
+pub const DEFAULT_ROUTES_ZONE: &str = "kylin_session_routes";
+pub const DEFAULT_ROUTES_SIZE: usize = 4 << 20;
+/// Smallest zone `kylin_session_routes` accepts.
+pub const MIN_ROUTES_SIZE: usize = 64 * 1024;
+
+#[repr(C)]
+struct RoutesRegion {
+    magic: u64,
+    len: u64,
+    // followed by `len` bytes formatted by RouteTable
+}
+
+const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_01;
+
+/// Declares (or finds) a session routes zone.
+pub unsafe fn routes_zone(cf: *mut ngx_conf_t, name: &mut ngx_str_t, size: usize) -> Option<*mut ngx_shm_zone_t> {
+    // SAFETY: cf is valid during configuration.
+    let z = unsafe { ngx_shared_memory_add(cf, name, size, tag()) };
+    if z.is_null() {
+        return None;
+    }
+    // SAFETY: z was just returned by nginx.
+    unsafe {
+        (*z).init = Some(init_routes_zone);
+    }
+    Some(z)
+}
+
+fn random_secret() -> [u64; 2] {
+    let mut b = [0u8; 16];
+    // SAFETY: b is a valid writable buffer of 16 bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut c_void, b.len(), 0) };
+    if n != 16 {
+        // getrandom cannot fail for 16 bytes after boot; fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return [t, u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15];
+    }
+    [
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: as in init_load_zone.
+    unsafe {
+        if !data.is_null() {
+            (*zone).data = data;
+            return NGX_OK as ngx_int_t;
+        }
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let bytes = largest_alloc(shpool);
+        let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
+        let len = bytes.saturating_sub(core::mem::size_of::<RoutesRegion>());
+        if p.is_null() {
+            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
+            return NGX_ERROR as ngx_int_t;
+        }
+        let region = core::slice::from_raw_parts_mut(p.add(1) as *mut u8, len);
+        if let Err(e) = RouteTable::format(region, random_secret()) {
+            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\": {}", (*zone).shm.name, e);
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*p).magic = ROUTES_MAGIC;
+        (*p).len = len as u64;
+        (*zone).data = p as *mut c_void;
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Runs `f` on a zone's route table with the zone's mutex held. `None` if the zone is not
+/// ready (or not a routes zone).
+pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut RouteTable<'_>) -> R) -> Option<R> {
+    // SAFETY: zone is valid for the cycle; its data is a RoutesRegion of `len` bytes in shared
+    // memory, guarded by the slab pool's mutex, which every worker inherited from the master.
+    unsafe {
+        let z = zone.as_ref()?;
+        let r = z.data as *mut RoutesRegion;
+        if r.is_null() || (*r).magic != ROUTES_MAGIC {
+            return None;
+        }
+        let shpool = z.shm.addr as *mut ngx_slab_pool_t;
+        let region = core::slice::from_raw_parts_mut(r.add(1) as *mut u8, (*r).len as usize);
+        ngx_shmtx_lock(ptr::addr_of_mut!((*shpool).mutex));
+        let out = RouteTable::attach(region).ok().map(|mut t| f(&mut t));
+        ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
+        out
+    }
+}

@@ -1,0 +1,101 @@
+//! Variables: `$kylin_route` (how the balancer chose the server: sticky, learned, spilled,
+//! failover, backup) and `$kylin_session_state` (none, local, shared, unknown). Both are empty
+//! for requests that no kylin upstream balanced.
+
+use core::ffi::c_void;
+use core::ptr;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t,
+    ngx_str_t, ngx_uint_t, NGX_ERROR, NGX_HTTP_VAR_NOCACHEABLE, NGX_OK,
+};
+
+use crate::balancer::{Route, SessionState};
+use crate::conf::Module;
+use ngx::http::HttpModule;
+
+/// What the balancer decided for a request, kept in the request's module context.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestCtx {
+    pub route: Option<Route>,
+    pub session: SessionState,
+}
+
+/// The request's context, created on first use in the request pool.
+pub unsafe fn ctx(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {
+    // SAFETY: r is a live request; ctx is an array of ngx_http_max_module pointers and our slot
+    // holds NULL or a RequestCtx allocated from the request pool below.
+    unsafe {
+        let slot = (*r).ctx.add(Module::module().ctx_index);
+        if (*slot).is_null() {
+            let p = ngx::ffi::ngx_palloc((*r).pool, core::mem::size_of::<RequestCtx>()) as *mut RequestCtx;
+            if p.is_null() {
+                return None;
+            }
+            p.write(RequestCtx { route: None, session: SessionState::None });
+            *slot = p as *mut c_void;
+        }
+        (*slot as *mut RequestCtx).as_mut()
+    }
+}
+
+fn set_value(v: *mut ngx_http_variable_value_t, s: &'static str) {
+    // SAFETY: nginx passes a valid variable value to fill; s is static.
+    unsafe {
+        (*v).set_len(s.len() as u32);
+        (*v).set_valid(1);
+        (*v).set_no_cacheable(1);
+        (*v).set_not_found(0);
+        (*v).data = s.as_ptr() as *mut u8;
+    }
+}
+
+fn set_not_found(v: *mut ngx_http_variable_value_t) {
+    // SAFETY: nginx passes a valid variable value to fill.
+    unsafe { (*v).set_not_found(1) };
+}
+
+unsafe extern "C" fn get_route(r: *mut ngx_http_request_t, v: *mut ngx_http_variable_value_t, _data: usize) -> ngx_int_t {
+    // SAFETY: r is live; our ctx slot is NULL or ours.
+    let route = unsafe { existing_ctx(r) }.and_then(|c| c.route);
+    match route {
+        Some(route) => set_value(v, route.as_str()),
+        None => set_not_found(v),
+    }
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn get_session_state(r: *mut ngx_http_request_t, v: *mut ngx_http_variable_value_t, _data: usize) -> ngx_int_t {
+    // SAFETY: r is live; our ctx slot is NULL or ours.
+    match unsafe { existing_ctx(r) } {
+        Some(c) if c.route.is_some() => set_value(v, c.session.as_str()),
+        _ => set_not_found(v),
+    }
+    NGX_OK as ngx_int_t
+}
+
+unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
+    // SAFETY: see `ctx`.
+    unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *const RequestCtx).as_ref() }
+}
+
+/// Registers the variables (preconfiguration).
+pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
+    type Getter = unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_http_variable_value_t, usize) -> ngx_int_t;
+    let vars: [(&'static str, Getter); 2] = [("kylin_route", get_route), ("kylin_session_state", get_session_state)];
+    for (name, get) in vars {
+        let mut n = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+        // SAFETY: cf is valid at preconfiguration; nginx copies the name.
+        let var = unsafe { ngx_http_add_variable(cf, &mut n, NGX_HTTP_VAR_NOCACHEABLE as ngx_uint_t) };
+        if var.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        // SAFETY: var was just returned by nginx.
+        unsafe {
+            (*var).get_handler = Some(get);
+            (*var).data = 0;
+        }
+    }
+    let _ = ptr::null::<u8>();
+    NGX_OK as ngx_int_t
+}
