@@ -32,13 +32,15 @@ sub clients {
         . via_location();
 }
 
-# /via/ADDR -> client server, as client ADDR; /via/X/ADDR -> location /X there.
+# /via/ADDR[/s/SESSION] -> client server, as client ADDR, with Cookie JSESSIONID=SESSION (an
+# empty JSESSIONID= without /s/); /via/X/ADDR... -> location /X there. Query strings pass.
 sub via_location {
     return <<'_EOC_';
     location /via/ {
-        rewrite "^/via/(?:(?<kylin_loc>\w)/)?(?<kylin_addr>.+)$" /$kylin_loc break;
+        rewrite "^/via/(?:(?<kylin_loc>\w)/)?(?<kylin_addr>[^/]+)(?:/s/(?<kylin_sid>.+))?$" /$kylin_loc break;
         proxy_pass http://127.0.0.1:$TEST_NGINX_REALIP_PORT;
         proxy_set_header X-Real-IP $kylin_addr;
+        proxy_set_header Cookie "JSESSIONID=$kylin_sid";
     }
 _EOC_
 }
