@@ -172,6 +172,8 @@ pub struct Choice {
     pub server: usize,
     pub backup: bool,
     pub route: Route,
+    /// For [`Route::Spilled`]: the over-bound server the request would otherwise have taken.
+    pub from: Option<usize>,
 }
 
 /// For a movable request whose `home` server is over its bound: the first usable server of
@@ -191,16 +193,17 @@ fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
     !g.bound.admits(g.servers.load(i), g.servers.weight(i))
 }
 
-/// Sticky/failover/spill within one group; `None` when no server of the group is usable.
-fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route)> {
+/// Sticky/failover/spill within one group: (server, route, spilled from); `None` when no
+/// server of the group is usable.
+fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route, Option<usize>)> {
     if let Some(l) = learned {
         if l < g.ring.peers() && g.servers.usable(l) {
             if req.movable && over(g, l) {
                 if let Some(t) = spill(g, req.key, l) {
-                    return Some((t, Route::Spilled));
+                    return Some((t, Route::Spilled, Some(l)));
                 }
             }
-            return Some((l, Route::Learned));
+            return Some((l, Route::Learned, None));
         }
     }
     let mut first = true;
@@ -215,10 +218,10 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
     let (home, route) = found?;
     if req.movable && over(g, home) {
         if let Some(t) = spill(g, req.key, home) {
-            return Some((t, Route::Spilled));
+            return Some((t, Route::Spilled, Some(home)));
         }
     }
-    Some((home, route))
+    Some((home, route, None))
 }
 
 /// Chooses the server for a request. Returns `None` when no server in either group is usable.
@@ -227,11 +230,11 @@ where
     P: Servers,
     B: Servers,
 {
-    if let Some((server, route)) = within(&mut primary, req, req.learned) {
-        return Some(Choice { server, backup: false, route });
+    if let Some((server, route, from)) = within(&mut primary, req, req.learned) {
+        return Some(Choice { server, backup: false, route, from });
     }
     let mut b = backup?;
-    within(&mut b, req, None).map(|(server, _)| Choice { server, backup: true, route: Route::Backup })
+    within(&mut b, req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
 }
 
 #[cfg(test)]
@@ -297,7 +300,7 @@ mod tests {
         for k in 0..500u32 {
             let h = key_hash(&k.to_le_bytes());
             let c = pick(&r, &mut Set::up(4), req(h), 1250).unwrap();
-            assert_eq!(c, Choice { server: r.owner(h).unwrap(), backup: false, route: Route::Sticky });
+            assert_eq!(c, Choice { server: r.owner(h).unwrap(), backup: false, route: Route::Sticky, from: None });
         }
     }
 
@@ -375,7 +378,7 @@ mod tests {
         let mut s = Set::up(4);
         s.load[order[0]] = 10; // total 10, bound ceil(1.25*11/4) = 4
         let c = pick(&r, &mut s, req(h), 1250).unwrap();
-        assert_eq!((c.server, c.route), (order[1], Route::Spilled));
+        assert_eq!((c.server, c.route, c.from), (order[1], Route::Spilled, Some(order[0])));
         // Its second choice is full too: the third.
         s.load[order[1]] = 5; // total 15, bound ceil(1.25*16/4) = 5
         let c = pick(&r, &mut s, req(h), 1250).unwrap();

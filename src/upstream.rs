@@ -560,9 +560,9 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
         if let Some(t) = pd.counted_total {
             t.start();
-            if choice.route == Route::Spilled {
-                t.count(Counter::SpilledOut);
-            }
+        }
+        if let Some(home) = choice.from.and_then(|i| group.slots.get(i).copied().flatten()) {
+            home.count(Counter::SpilledOut);
         }
         if let Some(ctx) = crate::variables::ctx(pd.r) {
             ctx.route = Some(choice.route);

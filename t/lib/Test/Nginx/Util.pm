@@ -82,7 +82,9 @@ our $HtmlDir    = File::Spec->catfile($ServRoot, 'html');
 our $ConfDir    = File::Spec->catfile($ServRoot, 'conf');
 our $ConfFile   = File::Spec->catfile($ConfDir, 'nginx.conf');
 our $PidFile    = File::Spec->catfile($LogDir, 'nginx.pid');
-our $StderrFile = File::Spec->catfile($ServRoot, 'nginx-stderr.log');
+# Under the logs directory, so that the real Test::Nginx (which removes only conf, html, logs,
+# *_cache and *_temp before rmdir-ing the server root) can reuse a server root we used.
+our $StderrFile = File::Spec->catfile($LogDir, 'nginx-stderr.log');
 
 our @EXPORT = qw(
     env_to_nginx is_str check_accum_error_log is_running
@@ -668,10 +670,8 @@ sub error_log_data () {
     if ($CheckAccumErrLog) {
         $lines = _read_log_from($ErrLogFile, undef);
     }
-    if ($MustDieStderr && (!$lines || !@$lines)) {
-        # nginx died before it could open its error log: use its stderr
-        $lines = [ map { "$_\n" } split /\n/, read_stderr_file() ];
-    }
+    # Like the real Test::Nginx, must_die checks read error.log only (nginx writes its
+    # configuration errors there as well as to stderr), never stderr.
     return $lines // [];
 }
 
