@@ -11,6 +11,7 @@ pub mod balancer;
 pub mod session;
 pub mod key;
 pub mod load;
+pub mod report;
 pub mod ring;
 pub mod routes;
 
@@ -18,6 +19,8 @@ pub mod routes;
 mod conf;
 #[cfg(not(test))]
 mod shm;
+#[cfg(not(test))]
+mod status;
 #[cfg(not(test))]
 mod upstream;
 #[cfg(not(test))]

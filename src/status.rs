@@ -1,0 +1,189 @@
+//! `kylin_status;`: a read-only JSON document about every kylin upstream (glue; the document
+//! itself is built in [`crate::report`]).
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use ngx::ffi::{
+    ngx_alloc_chain_link, ngx_command_t, ngx_conf_t, ngx_create_temp_buf, ngx_http_conf_ctx_t,
+    ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_discard_request_body,
+    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
+    ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_time, NGINX_VERSION, NGX_ERROR, NGX_HTTP_GET,
+    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+};
+
+use crate::balancer::Bound;
+use crate::conf::{srv_conf, SrvConf};
+use crate::load::{self, Counter, LoadTable};
+use crate::report::{self, RoutesReport, ServerReport, UpstreamReport};
+use crate::shm;
+
+/// `kylin_status;` in a location: that location serves the status document.
+pub unsafe extern "C" fn kylin_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+    // SAFETY: inside a location, cf->ctx is an http conf ctx whose loc_conf holds the core
+    // module's location configuration.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+        (*clcf).handler = Some(status_handler);
+    }
+    ptr::null_mut()
+}
+
+/// Fills the report of one peer list (primary or backup).
+unsafe fn servers_of(
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    backup: bool,
+    upstream: &[u8],
+    table: Option<&LoadTable<'static>>,
+    now: i64,
+    out: &mut Vec<ServerReport>,
+) -> u64 {
+    let mut live_weight = 0;
+    // SAFETY: peers is a valid list; the caller holds its read lock if shared.
+    unsafe {
+        let mut p = (*peers).peer;
+        while !p.is_null() {
+            let peer = &*p;
+            let failed = peer.max_fails != 0 && peer.fails >= peer.max_fails && now - peer.checked <= peer.fail_timeout;
+            let state = if peer.down != 0 {
+                "down"
+            } else if failed {
+                "failed"
+            } else {
+                "up"
+            };
+            if !backup && state == "up" {
+                live_weight += peer.weight.max(1) as u64;
+            }
+            let slot = table.and_then(|t| t.find(load::server_key(upstream, peer.name.as_bytes())));
+            let c = |k: Counter| slot.map_or(0, |s| s.counter(k));
+            out.push(ServerReport {
+                address: String::from_utf8_lossy(peer.name.as_bytes()).into_owned(),
+                server: String::from_utf8_lossy(peer.server.as_bytes()).into_owned(),
+                weight: peer.weight.max(1) as u64,
+                backup,
+                state,
+                in_flight: slot.map_or(0, |s| s.inflight()),
+                requests: c(Counter::Requests),
+                sticky: c(Counter::Sticky),
+                learned: c(Counter::Learned),
+                spilled_in: c(Counter::SpilledIn),
+                spilled_out: c(Counter::SpilledOut),
+                failover: c(Counter::Failover),
+                backup_requests: c(Counter::Backup),
+                failures: c(Counter::Failures),
+            });
+            p = peer.next;
+        }
+    }
+    live_weight
+}
+
+/// The report of one kylin upstream.
+unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf, now: i64) -> UpstreamReport {
+    // SAFETY: uscf is a valid upstream; in a worker its peer.data is the (zone) peer list.
+    unsafe {
+        let table = shm::load_table(kcf.load_zone);
+        let peers = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        let mut servers = Vec::new();
+        let mut live_weight = 0;
+        if !peers.is_null() {
+            let shared = !(*peers).shpool.is_null();
+            if shared {
+                ngx_rwlock_rlock(ptr::addr_of_mut!((*peers).rwlock));
+            }
+            live_weight = servers_of(peers, false, &kcf.name, table.as_ref(), now, &mut servers);
+            if let Some(b) = (*peers).next.as_mut() {
+                servers_of(b, true, &kcf.name, table.as_ref(), now, &mut servers);
+            }
+            if shared {
+                ngx_rwlock_unlock(ptr::addr_of_mut!((*peers).rwlock));
+            }
+        }
+        let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
+        let factor = kcf.balance_factor();
+        let bound = Bound { factor_milli: factor, total: in_flight, live_weight };
+        let routes = kcf.routes_zone.and_then(|z| {
+            shm::with_routes(z, |t| {
+                let h = t.header();
+                RoutesReport {
+                    zone: String::from_utf8_lossy((*z).shm.name.as_bytes()).into_owned(),
+                    entries: t.len() as u64,
+                    capacity: t.capacity() as u64,
+                    hits: h.hits,
+                    misses: h.misses,
+                    inserts: h.inserts,
+                    evictions: h.evictions,
+                    expired: h.expired,
+                    timeout_seconds: kcf.routes_timeout(),
+                }
+            })
+        });
+        UpstreamReport {
+            name: String::from_utf8_lossy(&kcf.name).into_owned(),
+            balance_factor_milli: (factor > 0).then_some(factor),
+            session_cookie: String::from_utf8_lossy(kcf.session_cookie()).into_owned(),
+            in_flight,
+            live_weight,
+            bound_per_weight: bound.is_on().then(|| bound.limit(1)),
+            servers,
+            routes,
+        }
+    }
+}
+
+unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request.
+    unsafe {
+        if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
+            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+        }
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+
+        let now = ngx_time();
+        let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
+        let mut reports = Vec::new();
+        if let Some(umcf) = umcf.as_ref() {
+            let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+            for &uscf in ups {
+                if let Some(kcf) = srv_conf(uscf) {
+                    if kcf.enabled && kcf.init_upstream_ran {
+                        reports.push(upstream_report(uscf, kcf, now));
+                    }
+                }
+            }
+        }
+        let version = NGINX_VERSION.to_str().unwrap_or("");
+        let body = report::to_json(version, now, &reports);
+
+        (*r).headers_out.status = 200;
+        (*r).headers_out.content_length_n = body.len() as i64;
+        let ct = "application/json";
+        (*r).headers_out.content_type_len = ct.len();
+        (*r).headers_out.content_type.len = ct.len();
+        (*r).headers_out.content_type.data = ct.as_ptr() as *mut u8;
+        (*r).headers_out.content_type_lowcase = ptr::null_mut();
+
+        let rc = ngx_http_send_header(r);
+        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+            return rc;
+        }
+        let b = ngx_create_temp_buf((*r).pool, body.len().max(1));
+        let out = ngx_alloc_chain_link((*r).pool);
+        if b.is_null() || out.is_null() {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        ptr::copy_nonoverlapping(body.as_ptr(), (*b).last, body.len());
+        (*b).last = (*b).last.add(body.len());
+        (*b).set_last_buf(if r == (*r).main { 1 } else { 0 });
+        (*b).set_last_in_chain(1);
+        (*out).buf = b;
+        (*out).next = ptr::null_mut();
+        ngx_http_output_filter(r, out)
+    }
+}
