@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""Scenario test: real concurrency against nginx + the module + slow Kylin stand-ins.
+
+Proves, with real sockets and two nginx workers:
+  1. bound      - a flood of cookie-less requests from one BI server's address never puts more
+                  than ceil(c * C / n) requests on any node (C = the flood's concurrency), while
+                  the same flood through a pure-sticky upstream (factor off) puts all of it on one
+                  node (the control shows the measurement can fail);
+  2. sessions   - sessions created by logins follow their node from any address, even while
+                  that node is over its bound: no 401 from a node that never saw the session;
+  3. faults     - client aborts, upstream timeouts and retries past a dead server;
+  4. reload     - `nginx -s reload` twice while traffic flows loses no request;
+  5. counters   - afterwards every in-flight counter in kylin_status is back to zero.
+
+Usage: scenario.py --nginx PATH --module PATH [--keep]
+Prints one line per check and "scenario: N passed, M failed"; exits 1 on any failure.
+Everything listens on 127.0.0.1; the run is bounded (about 30 s).
+"""
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FACTOR = 1.25
+NODE_DELAY = 0.2
+FLOOD = 36
+
+
+def free_ports(n):
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_port(port, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+CONF = """
+load_module {module};
+worker_processes 2;
+error_log logs/error.log warn;
+pid logs/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    kylin_upstream kylin_nodes {{
+        zone kylin_nodes 128k;
+        kylin_balance_factor {factor};
+        server 127.0.0.1:{n1};
+        server 127.0.0.1:{n2};
+        server 127.0.0.1:{n3};
+        keepalive 16;
+    }}
+    kylin_upstream sticky_only {{
+        zone sticky_only 128k;
+        kylin_balance_factor off;
+        server 127.0.0.1:{n1};
+        server 127.0.0.1:{n2};
+        server 127.0.0.1:{n3};
+    }}
+    kylin_upstream with_dead {{
+        zone with_dead 128k;
+        server 127.0.0.1:{dead} max_fails=0;
+        server 127.0.0.1:{n1};
+        server 127.0.0.1:{n2};
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        proxy_read_timeout 1s;
+        location /kylin/ {{ proxy_pass http://kylin_nodes; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+        location /off/ {{ proxy_pass http://sticky_only/kylin/; }}
+        location /dead/ {{ proxy_pass http://with_dead/kylin/; }}
+        location = /status {{ kylin_status; }}
+    }}
+}}
+"""
+
+
+async def http(port, method, path, headers=None, timeout=10.0, abort_after=None):
+    """One HTTP/1.1 request on its own connection: (status, headers dict, body bytes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: kylin", "Connection: close", "Content-Length: 0"]
+        lines += ["%s: %s" % kv for kv in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        if abort_after is not None:
+            await asyncio.sleep(abort_after)
+            return None, {}, b""
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    hl = head.decode("latin-1").split("\r\n")
+    status = int(hl[0].split()[1]) if hl and len(hl[0].split()) > 1 else 0
+    hdrs = {}
+    for line in hl[1:]:
+        k, _, v = line.partition(":")
+        hdrs.setdefault(k.strip().lower(), []).append(v.strip())
+    return status, hdrs, body
+
+
+class Scenario:
+    def __init__(self, nginx, module, keep):
+        self.nginx, self.module, self.keep = nginx, module, keep
+        self.results = []
+        self.prefix = tempfile.mkdtemp(prefix="kylin-scenario-")
+        self.n = free_ports(5)
+        self.node_ports, self.dead, self.port = self.n[:3], self.n[3], self.n[4]
+        self.procs = []
+
+    def check(self, name, ok, detail):
+        self.results.append(ok)
+        print("%s %s: %s" % ("ok  " if ok else "FAIL", name, detail), flush=True)
+
+    def start(self):
+        os.makedirs(os.path.join(self.prefix, "logs"))
+        os.makedirs(os.path.join(self.prefix, "conf"))
+        conf = CONF.format(module=self.module, factor=FACTOR, port=self.port, dead=self.dead,
+                           n1=self.node_ports[0], n2=self.node_ports[1], n3=self.node_ports[2])
+        if os.geteuid() == 0:
+            conf = "user root;\n" + conf
+        with open(os.path.join(self.prefix, "conf", "nginx.conf"), "w") as f:
+            f.write(conf)
+        args = [sys.executable, os.path.join(HERE, "kylin_node.py"), "--delay", str(NODE_DELAY)]
+        for p in self.node_ports:
+            args += ["--port", str(p)]
+        self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        for p in self.node_ports:
+            if not wait_port(p):
+                raise RuntimeError("kylin node on %d did not start" % p)
+        subprocess.run([self.nginx, "-p", self.prefix, "-c", "conf/nginx.conf"], check=True)
+        if not wait_port(self.port):
+            raise RuntimeError("nginx did not start")
+
+    def stop(self):
+        pidfile = os.path.join(self.prefix, "logs", "nginx.pid")
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGQUIT)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        for p in self.procs:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if not self.keep:
+            shutil.rmtree(self.prefix, ignore_errors=True)
+        else:
+            print("kept", self.prefix)
+
+    async def node_stats(self, reset=False):
+        out = []
+        for p in self.node_ports:
+            _, _, body = await http(p, "GET", "/__reset" if reset else "/__stats")
+            out.append(json.loads(body))
+        return out
+
+    async def status(self):
+        _, _, body = await http(self.port, "GET", "/status")
+        return json.loads(body)
+
+    async def flood(self, prefix, addr, seconds, concurrency=FLOOD):
+        """`concurrency` workers, each sending cookie-less slow requests back to back."""
+        end = time.time() + seconds
+        codes = {}
+
+        async def worker():
+            while time.time() < end:
+                st, _, _ = await http(self.port, "GET", prefix + "api/cube/list", {"X-Real-IP": addr})
+                codes[st] = codes.get(st, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return codes
+
+    async def bound(self):
+        limit = math.ceil(FACTOR * FLOOD / 3)
+        await self.node_stats(reset=True)
+        codes = await self.flood("/kylin/", "10.1.1.1", 3.0)
+        s = await self.node_stats()
+        peaks = [x["max_in_flight"] for x in s]
+        busy = sum(1 for x in s if x["requests"] > 0)
+        self.check("bound", max(peaks) <= limit and busy == 3 and set(codes) == {200},
+                   "flood of %d from one address, per-node peak %s <= %d, codes %s" % (FLOOD, peaks, limit, codes))
+        await self.node_stats(reset=True)
+        codes = await self.flood("/off/", "10.1.1.1", 1.5)
+        s = await self.node_stats()
+        peaks = [x["max_in_flight"] for x in s]
+        self.check("bound control", max(peaks) > limit,
+                   "same flood with kylin_balance_factor off: per-node peak %s (one node takes it all)" % peaks)
+
+    async def sessions(self):
+        users = 20
+        cookies = []
+        for u in range(users):
+            st, h, _ = await http(self.port, "POST", "/kylin/api/user/authentication", {"X-Real-IP": "10.2.%d.1" % u})
+            cookie = next((c.split(";")[0] for c in h.get("set-cookie", []) if c.startswith("JSESSIONID=")), None)
+            cookies.append(cookie)
+        await self.node_stats(reset=True)
+        codes = {}
+
+        async def user(cookie):
+            for _ in range(8):
+                addr = "10.3.%d.%d" % (random.randrange(256), random.randrange(1, 255))
+                st, _, _ = await http(self.port, "POST", "/kylin/api/query", {"X-Real-IP": addr, "Cookie": cookie})
+                codes[st] = codes.get(st, 0) + 1
+
+        flood = asyncio.ensure_future(self.flood("/kylin/", "10.1.1.1", 2.5))
+        await asyncio.gather(*(user(c) for c in cookies if c))
+        await flood
+        s = await self.node_stats()
+        unauthorized = sum(x["unauthorized"] for x in s)
+        doc = await self.status()
+        learned = doc["upstreams"]["kylin_nodes"]["decisions"]["learned"]
+        self.check("sessions", all(cookies) and codes == {200: users * 8} and unauthorized == 0 and learned >= users * 8,
+                   "%d users x 8 queries from random addresses during a flood: codes %s, 401s at nodes %d, learned decisions %d"
+                   % (users, codes, unauthorized, learned))
+
+    async def faults(self):
+        tasks = []
+        for i in range(20):  # client aborts mid-request
+            tasks.append(http(self.port, "GET", "/kylin/api/cube/x", {"X-Real-IP": "10.4.0.%d" % i}, abort_after=0.05))
+        cookie_st, h, _ = await http(self.port, "POST", "/kylin/api/user/authentication", {"X-Real-IP": "10.4.1.1"})
+        cookie = h.get("set-cookie", ["x"])[0].split(";")[0]
+        for i in range(10):  # upstream timeouts (node sleeps 3 s, proxy_read_timeout 1 s)
+            tasks.append(http(self.port, "POST", "/kylin/api/query?sleep=3", {"X-Real-IP": "10.4.1.1", "Cookie": cookie}))
+        for i in range(30):  # retries past a dead server
+            tasks.append(http(self.port, "GET", "/dead/x", {"X-Real-IP": "10.5.%d.1" % i}))
+        res = await asyncio.gather(*tasks, return_exceptions=True)
+        timeouts = sum(1 for r in res[20:30] if not isinstance(r, Exception) and r[0] == 504)
+        retried = sum(1 for r in res[30:] if not isinstance(r, Exception) and r[0] == 200)
+        self.check("faults", timeouts == 10 and retried == 30,
+                   "20 client aborts, %d/10 upstream timeouts answered 504, %d/30 requests retried past a dead server" % (timeouts, retried))
+
+    async def reload(self):
+        pidfile = os.path.join(self.prefix, "logs", "nginx.pid")
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+
+        async def reloader():
+            for _ in range(2):
+                await asyncio.sleep(0.7)
+                os.kill(pid, signal.SIGHUP)
+
+        codes, _ = await asyncio.gather(self.flood("/kylin/", "10.6.6.6", 2.5, concurrency=12), reloader())
+        self.check("reload", set(codes) == {200}, "two reloads during a flood: codes %s" % codes)
+
+    async def counters(self):
+        deadline = time.time() + 10
+        while True:
+            doc = await self.status()
+            flights = {name: [u["in_flight"]] + [s["in_flight"] for s in u["servers"]] for name, u in doc["upstreams"].items()}
+            if all(v == 0 for f in flights.values() for v in f) or time.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        self.check("counters", all(v == 0 for f in flights.values() for v in f),
+                   "in flight after the run (upstream total, then per server): %s" % flights)
+        with open(os.path.join(self.prefix, "logs", "error.log"), errors="replace") as f:
+            bad = [l.strip() for l in f if "[alert]" in l or "[crit]" in l or "[emerg]" in l or "exited on signal" in l]
+        self.check("error log", not bad, "no alert, crit, emerg or crashed worker" if not bad else "; ".join(bad[:3]))
+
+    async def run(self):
+        await self.bound()
+        await self.sessions()
+        await self.faults()
+        await self.reload()
+        await asyncio.sleep(3.5)  # the timed-out requests' node threads finish; old workers exit
+        await self.counters()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nginx", required=True)
+    ap.add_argument("--module", required=True)
+    ap.add_argument("--keep", action="store_true", help="keep the nginx prefix for inspection")
+    args = ap.parse_args()
+    random.seed(7)
+    sc = Scenario(os.path.abspath(args.nginx), os.path.abspath(args.module), args.keep)
+    try:
+        sc.start()
+        asyncio.run(sc.run())
+    except Exception as e:  # report, then clean up
+        sc.check("scenario", False, "aborted: %r" % (e,))
+    finally:
+        sc.stop()
+    passed = sum(sc.results)
+    failed = len(sc.results) - passed
+    print("scenario: %d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
