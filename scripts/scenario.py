@@ -270,13 +270,25 @@ class Scenario:
         with open(pidfile) as f:
             pid = int(f.read().strip())
 
+        conf_path = os.path.join(self.prefix, "conf", "nginx.conf")
+        n3 = "server 127.0.0.1:%d;" % self.node_ports[2]
+
         async def reloader():
-            for _ in range(2):
-                await asyncio.sleep(0.7)
-                os.kill(pid, signal.SIGHUP)
+            await asyncio.sleep(0.7)
+            os.kill(pid, signal.SIGHUP)  # same configuration
+            await asyncio.sleep(0.7)
+            with open(conf_path) as f:
+                conf = f.read()
+            with open(conf_path, "w") as f:  # new weight for node 3 in kylin_nodes
+                f.write(conf.replace(n3, n3[:-1] + " weight=2;", 1))
+            os.kill(pid, signal.SIGHUP)
 
         codes, _ = await asyncio.gather(self.flood("/kylin/", "10.6.6.6", 2.5, concurrency=12), reloader())
-        self.check("reload", set(codes) == {200}, "two reloads during a flood: codes %s" % codes)
+        await asyncio.sleep(0.5)
+        doc = await self.status()
+        weights = [x["weight"] for x in doc["upstreams"]["kylin_nodes"]["servers"]]
+        self.check("reload", set(codes) == {200} and weights == [1, 1, 2],
+                   "two reloads (the second changing a weight) during a flood: codes %s, weights now %s" % (codes, weights))
 
     async def counters(self):
         deadline = time.time() + 10

@@ -7,6 +7,7 @@ BEGIN {
     $ENV{TEST_NGINX_REALIP_PORT} ||= $base + 20;
     # A port nothing listens on: connections to it are refused.
     $ENV{TEST_NGINX_DEAD_PORT} ||= $base + 29;
+    $ENV{TEST_NGINX_PAD} = "." x 120;
 }
 
 
@@ -175,3 +176,34 @@ GET /
 --- error_code: 502
 --- error_log
 no live upstreams while connecting to upstream
+
+
+
+=== TEST 7: max_conns: a full sticky server passes its clients' overflow to their next servers
+Twelve concurrent slow requests from one address, bounding off, max_conns=4 on each server:
+each server holds at most four, and all twelve are answered.
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_balance_factor off;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT max_conns=4;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT max_conns=4;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT max_conns=4;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(CORE::join "", map { q{<!--# include virtual="/via/10.77.0.1" -->} } 1 .. 12) . main::via_location()
+--- request
+GET /t
+--- response_body_like eval
+qr/\A(?!(?:.*?n1){5})(?!(?:.*?n2){5})(?!(?:.*?n3){5})(?:\.+ n\d){12}\n\z/s
+--- no_error_log
+[error]
+--- timeout: 20
