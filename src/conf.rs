@@ -26,7 +26,7 @@ use ngx::ffi::{
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_int_t, ngx_module_t, ngx_parse_size, ngx_parse_time, ngx_pcalloc,
     ngx_shm_zone_t, ngx_str_t, ngx_uint_t, ngx_url_t, NGX_ERROR, NGX_CONF_BLOCK, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
     NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleServerConf, Merge, MergeConfigError};
@@ -61,6 +61,12 @@ pub struct SrvConf {
     pub routes_timeout: Option<i64>,
     /// The first kylin_* option directive of the block, to reject it without `kylin`.
     pub option_seen: Option<(&'static str, Option<&'static CStr>, ngx_uint_t)>,
+    /// `kylin_session_store`; `None` when not set here (the http-level setting applies).
+    pub store: Option<crate::store::StoreMode>,
+    /// The shared verdict cache of a Redis store.
+    pub cache_zone: Option<*mut ngx_shm_zone_t>,
+    /// The store's slot key in the load zone (circuit breaker and statistics).
+    pub store_key: u64,
     /// The module-wide load zone.
     pub load_zone: *mut ngx_shm_zone_t,
     /// The upstream's name.
@@ -81,6 +87,9 @@ impl Default for SrvConf {
             routes_zone: None,
             routes_timeout: None,
             option_seen: None,
+            store: None,
+            cache_zone: None,
+            store_key: 0,
             load_zone: ptr::null_mut(),
             name: Vec::new(),
         }
@@ -105,6 +114,20 @@ impl SrvConf {
 
     pub fn routes_timeout(&self) -> i64 {
         self.routes_timeout.unwrap_or(DEFAULT_ROUTES_TIMEOUT)
+    }
+
+    /// The session store in effect; `None` when off.
+    pub fn store_mode(&self) -> Option<&crate::store::StoreMode> {
+        self.store.as_ref().filter(|m| **m != crate::store::StoreMode::Off)
+    }
+
+    /// Takes the http-level `kylin_session_store` if this upstream sets none.
+    pub fn inherit_store(&mut self, http: &SrvConf) {
+        if self.store.is_none() {
+            self.store = http.store.clone();
+            self.cache_zone = http.cache_zone;
+            self.store_key = http.store_key;
+        }
     }
 }
 
@@ -132,6 +155,11 @@ impl HttpModule for Module {
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx calls postconfiguration with a valid cf inside the http block.
         let rc = unsafe { check_balancers(cf) };
+        if rc != ngx::ffi::NGX_OK as ngx_int_t {
+            return rc;
+        }
+        // SAFETY: as above; adds the preaccess handler that asks session stores.
+        let rc = unsafe { crate::session_check::install(cf) };
         // SAFETY: runs during configuration, before nginx creates shared zones.
         unsafe { crate::shm::size_load_zone() };
         rc
@@ -154,7 +182,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 8] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -191,6 +219,14 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 8] = [
         name: ngx_string!("kylin_session_cookie"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(kylin_session_cookie),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_session_store"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(kylin_session_store),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -648,3 +684,50 @@ unsafe extern "C" fn kylin_session_routes(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
     }
 }
 
+
+/// Default verdict cache of Redis session stores.
+pub const DEFAULT_CACHE_ZONE: &str = "kylin_session_cache";
+pub const DEFAULT_CACHE_SIZE: usize = 4 << 20;
+
+/// `kylin_session_store redis://... [params] | shared | off;` (http or upstream)
+unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing block (http or upstream).
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    let in_upstream = unsafe { (*cf).cmd_type } & NGX_HTTP_UPS_CONF as ngx_uint_t != 0;
+    if in_upstream {
+        // SAFETY: cf is valid while parsing.
+        if !unsafe { note_option(cf, kcf, "kylin_session_store", kcf.store.is_some()) } {
+            return conf_error();
+        }
+    } else if kcf.store.is_some() {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"kylin_session_store\" directive is duplicate");
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and its parameters.
+    let words: Vec<String> = unsafe { args(cf) }.iter().skip(1).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mode = match crate::store::parse_store(&refs) {
+        Ok(m) => m,
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid \"kylin_session_store\": {}", e);
+            return conf_error();
+        }
+    };
+    if let crate::store::StoreMode::Redis(store) = &mode {
+        // Lookups run in the thread pool "default"; make sure it exists.
+        // SAFETY: cf is valid; NULL names the default pool.
+        if unsafe { ngx::ffi::ngx_thread_pool_add(cf, ptr::null_mut()) }.is_null() {
+            return conf_error();
+        }
+        let mut name = ngx_str_t { len: DEFAULT_CACHE_ZONE.len(), data: DEFAULT_CACHE_ZONE.as_ptr() as *mut u8 };
+        // SAFETY: cf is valid during configuration.
+        match unsafe { crate::shm::routes_zone(cf, &mut name, DEFAULT_CACHE_SIZE) } {
+            Some(z) => kcf.cache_zone = Some(z),
+            None => return conf_error(),
+        }
+        kcf.store_key = crate::load::store_key(store.urls.join(" ").as_bytes());
+    }
+    kcf.store = Some(mode);
+    CONF_OK
+}

@@ -9,14 +9,18 @@
 
 pub mod balancer;
 pub mod session;
+pub mod store;
 pub mod key;
 pub mod load;
 pub mod report;
+pub mod redis_lookup;
 pub mod ring;
 pub mod routes;
 
 #[cfg(not(test))]
 mod conf;
+#[cfg(not(test))]
+mod session_check;
 #[cfg(not(test))]
 mod shm;
 #[cfg(not(test))]

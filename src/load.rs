@@ -73,6 +73,12 @@ impl Slot {
     pub fn key(&self) -> u64 {
         self.key.load(Ordering::Relaxed)
     }
+
+    /// Counter `i` as a raw atomic, for slots used as shared state rather than counts (the
+    /// session stores' circuit breakers).
+    pub fn cell(&self, i: usize) -> &AtomicU64 {
+        &self.counters[i % COUNTERS]
+    }
 }
 
 /// The key of a server's slot: a hash of upstream name and server address. Never 0.
@@ -82,6 +88,11 @@ pub fn server_key(upstream: &[u8], server: &[u8]) -> u64 {
     buf.push(0);
     buf.extend_from_slice(server);
     nonzero(xxhash_rust::xxh3::xxh3_64(&buf))
+}
+
+/// The key of a session store's slot (its circuit breaker and statistics). Never 0.
+pub fn store_key(urls: &[u8]) -> u64 {
+    nonzero(xxhash_rust::xxh3::xxh3_64_with_seed(urls, 0x73746f7265))
 }
 
 /// The key of an upstream's own slot (its in-flight total). Never 0.

@@ -41,6 +41,23 @@ pub struct RoutesReport {
     pub timeout_seconds: i64,
 }
 
+/// A session store.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreReport {
+    /// `redis`, `redis-cluster` or `shared`.
+    pub kind: &'static str,
+    /// URLs with credentials hidden.
+    pub urls: Vec<String>,
+    /// `closed`, `open`, `half-open`.
+    pub breaker: &'static str,
+    pub lookups: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    /// Lookups not made because the breaker was open.
+    pub skipped: u64,
+    pub mean_latency_ms: f64,
+}
+
 /// One kylin upstream.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct UpstreamReport {
@@ -55,6 +72,7 @@ pub struct UpstreamReport {
     pub bound_per_weight: Option<u64>,
     pub servers: Vec<ServerReport>,
     pub routes: Option<RoutesReport>,
+    pub store: Option<StoreReport>,
 }
 
 impl UpstreamReport {
@@ -89,6 +107,19 @@ fn server_json(s: &ServerReport) -> Value {
     })
 }
 
+fn store_json(s: &StoreReport) -> Value {
+    json!({
+        "kind": s.kind,
+        "urls": s.urls,
+        "breaker": if s.kind == "shared" { Value::Null } else { Value::from(s.breaker) },
+        "lookups": s.lookups,
+        "errors": s.errors,
+        "timeouts": s.timeouts,
+        "skipped": s.skipped,
+        "mean_latency_ms": s.mean_latency_ms,
+    })
+}
+
 fn routes_json(r: &RoutesReport) -> Value {
     json!({
         "zone": r.zone,
@@ -117,6 +148,7 @@ pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport]) -> S
                 "bound_per_weight": u.bound_per_weight,
                 "decisions": u.decisions(),
                 "session_routes": u.routes.as_ref().map(routes_json),
+                "session_store": u.store.as_ref().map(store_json),
                 "servers": u.servers.iter().map(server_json).collect::<Vec<_>>(),
             }),
         );
@@ -149,6 +181,7 @@ mod tests {
                 ServerReport { address: "10.0.0.2:7070".into(), server: "kylin2:7070".into(), weight: 1, state: "failed", learned: 4, spilled_out: 3, failures: 1, ..Default::default() },
             ],
             routes: Some(RoutesReport { zone: "kylin_session_routes".into(), entries: 4, capacity: 100, ..Default::default() }),
+            store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, ..Default::default() }),
         }
     }
 
@@ -166,6 +199,8 @@ mod tests {
         assert_eq!(u["servers"][1]["state"], "failed");
         assert_eq!(u["servers"][1]["server"], "kylin2:7070");
         assert_eq!(u["session_routes"]["capacity"], 100);
+        assert_eq!(u["session_store"]["breaker"], "open");
+        assert_eq!(u["session_store"]["urls"][0], "redis://***@h:1");
     }
 
     #[test]

@@ -130,6 +130,7 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
             bound_per_weight: bound.is_on().then(|| bound.limit(1)),
             servers,
             routes,
+            store: crate::session_check::store_report(kcf, now),
         }
     }
 }

@@ -29,6 +29,7 @@ use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error};
 
 use crate::balancer::{self, Bound, Choice, Group as Pick, Request, Route, Servers, SessionState};
 use crate::conf::{srv_conf, SrvConf};
+use ngx::http::HttpModule;
 use crate::key::client_key;
 use crate::load::{self, Counter, Slot};
 use crate::ring::{key_hash, Ring};
@@ -157,9 +158,16 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         };
         kcf.init_upstream_ran = true;
         kcf.name = (*us).host.as_bytes().to_vec();
+        // The http-level kylin_session_store applies to upstreams without their own.
+        let ctx = (*cf).ctx as *mut ngx::ffi::ngx_http_conf_ctx_t;
+        if let Some(http) = (*(*ctx).srv_conf.add(crate::conf::Module::module().ctx_index) as *const SrvConf).as_ref() {
+            if !ptr::eq(http, kcf) {
+                kcf.inherit_store(http);
+            }
+        }
 
         let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        match shm::load_zone(cf, server_count(peers) + 1) {
+        match shm::load_zone(cf, server_count(peers) + 2) {
             Some(z) => kcf.load_zone = z,
             None => return NGX_ERROR as ngx_int_t,
         }
@@ -204,6 +212,8 @@ struct PeerData {
     learned: Option<u64>,
     /// Route-table key of the request's session, if it carries one.
     session: Option<u128>,
+    /// The session id (pointing into the request's headers), for shared routes.
+    session_id: (*const u8, usize),
     movable: bool,
     /// This request moved to the backup servers.
     on_backup: bool,
@@ -238,7 +248,7 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
 }
 
 /// Values of the headers called `name` in an nginx header list.
-unsafe fn header_values<'a>(list: &'a ngx_list_t, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+pub unsafe fn header_values<'a>(list: &'a ngx_list_t, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
     // SAFETY: the list belongs to a live request.
     unsafe { ngx::http::list_iterator(list) }
         .filter(move |(k, _)| k.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
@@ -263,8 +273,10 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
 
         // The session cookie, and the server that created the session.
         let cookies = header_values(&(*r).headers_in.headers, "Cookie");
-        let (state, skey, learned) = match session::request_session(cookies, kcf.session_cookie()) {
-            RequestSession::None => (SessionState::None, None, None),
+        let checked = crate::variables::existing_ctx(r).filter(|c| c.checked).map(|c| c.session);
+        let (state, skey, learned, sid) = match session::request_session(cookies, kcf.session_cookie()) {
+            RequestSession::None => (SessionState::None, None, None, None),
+            RequestSession::Id(_) if checked == Some(SessionState::None) => (SessionState::None, None, None, None),
             RequestSession::Id(id) => {
                 let now = ngx_time();
                 let timeout = kcf.routes_timeout();
@@ -274,7 +286,12 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                         (k, t.lookup(k, now, timeout))
                     })
                 });
-                (SessionState::Unknown, found.map(|f| f.0), found.and_then(|f| f.1))
+                let state = match (kcf.store_mode(), checked) {
+                    (Some(crate::store::StoreMode::AllShared), _) => SessionState::Shared,
+                    (_, Some(s)) => s,
+                    _ => SessionState::Unknown,
+                };
+                (state, found.map(|f| f.0), found.and_then(|f| f.1), Some(id))
             }
         };
         if let Some(ctx) = crate::variables::ctx(r) {
@@ -291,6 +308,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
         ptr::addr_of_mut!((*pd).key).write(key);
         ptr::addr_of_mut!((*pd).learned).write(learned);
         ptr::addr_of_mut!((*pd).session).write(skey);
+        ptr::addr_of_mut!((*pd).session_id).write(sid.map_or((ptr::null(), 0), |i| (i.as_ptr(), i.len())));
         ptr::addr_of_mut!((*pd).movable).write(balancer::may_move(state));
         ptr::addr_of_mut!((*pd).on_backup).write(false);
         ptr::addr_of_mut!((*pd).counted).write(None);
@@ -567,10 +585,72 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         if let Some(ctx) = crate::variables::ctx(pd.r) {
             ctx.route = Some(choice.route);
         }
+        // A shared session that moves takes its learned route along, so it stays on its new
+        // server instead of bouncing back.
+        if choice.route == Route::Spilled && pd.session.is_some() {
+            move_route(pd, (*best).name.as_bytes());
+        }
 
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "kylin peer: {} route: {}", (*best).name, choice.route.as_str());
     }
     NGX_OK as ngx_int_t
+}
+
+/// The request's session id, if it carries one.
+unsafe fn session_id(pd: &PeerData) -> Option<&[u8]> {
+    // SAFETY: the pointer and length describe bytes of the request's header list, alive
+    // for the request.
+    (!pd.session_id.0.is_null()).then(|| unsafe { core::slice::from_raw_parts(pd.session_id.0, pd.session_id.1) })
+}
+
+/// Records that the request's session now lives on the current server (locally and, when
+/// routes are shared, in Redis).
+unsafe fn move_route(pd: &PeerData, server: &[u8]) {
+    // SAFETY: pd.conf is the upstream's configuration; zones are valid for the cycle.
+    unsafe {
+        let kcf = &*pd.conf;
+        let (Some(zone), Some(k)) = (kcf.routes_zone, pd.session) else { return };
+        let now = ngx_time();
+        let timeout = kcf.routes_timeout();
+        let id = pd.current_id;
+        shm::with_routes(zone, |t| t.insert(k, id, now, timeout));
+        if let Some(sid) = session_id(pd) {
+            crate::session_check::share_route(kcf, sid, server);
+        }
+    }
+}
+
+/// Whether the server a session would go to (its learned server, else its sticky one) is
+/// near its load bound, so that knowing whether the session is shared can matter. Errs on
+/// the side of "yes" when the tables are not ready.
+pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Option<u64>) -> bool {
+    let factor = kcf.balance_factor();
+    let Some(state) = kcf.state.as_deref() else { return true };
+    if factor == 0 {
+        return false;
+    }
+    if !state.slots_ready || state.live_weight == 0 {
+        return true;
+    }
+    // SAFETY: r is live; the key computation reads its connection or variables.
+    let key = match kcf.hash {
+        Some(cv) => unsafe {
+            let mut v = ngx_str_t::default();
+            if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
+                return true;
+            }
+            key_hash(v.as_bytes())
+        },
+        None => unsafe { client_address_key(r) },
+    };
+    let home = learned.and_then(|id| state.by_id.get(&id).copied()).or_else(|| state.primary.ring.owner(key));
+    let Some(home) = home else { return false };
+    let load = state.primary.slots[home].map_or(0, |s| s.inflight());
+    // SAFETY: config-time and zone peers are both valid for the cycle; only the weight is read.
+    let weight = unsafe { (*state.primary.peers[home]).weight.max(1) as u64 };
+    let bound = Bound { factor_milli: factor, total: state.total.map_or(0, |t| t.inflight()), live_weight: state.live_weight };
+    // "Near": within a quarter of the bound.
+    (load + 1) * 4 >= bound.limit(weight) * 3
 }
 
 /// Learns (or forgets) the session a response from the current server created.
@@ -607,6 +687,9 @@ unsafe fn learn_session(pd: &PeerData) {
             t.evictions_to_log(now, 60)
         })
         .flatten();
+        if let (SetSession::Set(id), false) = (&set, pd.rrp.current.is_null()) {
+            crate::session_check::share_route(kcf, id, (*pd.rrp.current).name.as_bytes());
+        }
         if let Some(n) = evicted {
             ngx_log_error!(
                 NGX_LOG_WARN,

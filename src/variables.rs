@@ -19,6 +19,8 @@ use ngx::http::HttpModule;
 pub struct RequestCtx {
     pub route: Option<Route>,
     pub session: SessionState,
+    /// The preaccess phase already determined `session` (from the session store).
+    pub checked: bool,
 }
 
 /// The request's context, created on first use in the request pool.
@@ -32,7 +34,7 @@ pub unsafe fn ctx(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx>
             if p.is_null() {
                 return None;
             }
-            p.write(RequestCtx { route: None, session: SessionState::None });
+            p.write(RequestCtx { route: None, session: SessionState::None, checked: false });
             *slot = p as *mut c_void;
         }
         (*slot as *mut RequestCtx).as_mut()
@@ -74,7 +76,7 @@ unsafe extern "C" fn get_session_state(r: *mut ngx_http_request_t, v: *mut ngx_h
     NGX_OK as ngx_int_t
 }
 
-unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
+pub unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
     // SAFETY: see `ctx`.
     unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *const RequestCtx).as_ref() }
 }

@@ -1,0 +1,438 @@
+//! Asking Redis whether a session is shared, without blocking the event loop.
+//!
+//! A preaccess-phase handler finds the kylin upstream a location's `proxy_pass` names, reads
+//! the request's session cookie and looks the session up in the shared verdict cache. On a
+//! miss that can matter (the session's server is near its bound, or no route is known for it
+//! while routes are shared between nginx instances), and while the store's circuit breaker
+//! allows it, the lookup runs in nginx's thread pool; only this request is suspended, and it
+//! resumes when the answer arrives or after the store's timeout, whichever comes first.
+//! Concurrent requests of the same session find a "pending" mark and do not start another
+//! lookup. Every Redis trouble means "unknown": the request stays on its server.
+
+use core::ffi::c_void;
+use core::ptr;
+use std::time::Instant;
+
+use ngx::ffi::{
+    ngx_add_timer, ngx_conf_t, ngx_cycle, ngx_del_timer, ngx_event_t, ngx_http_core_main_conf_t,
+    ngx_http_core_module, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_PREACCESS_PHASE,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_log_t, ngx_module_t,
+    ngx_str_t, ngx_thread_pool_get, ngx_thread_pool_t, ngx_thread_task_post, ngx_thread_task_t,
+    ngx_time, NGX_AGAIN, NGX_DECLINED, NGX_ERROR, NGX_LOG_WARN, NGX_OK,
+};
+use ngx::ngx_log_error;
+
+use crate::balancer::SessionState;
+use crate::conf::{srv_conf, SrvConf};
+use crate::load::Slot;
+use crate::redis_lookup::{self, Answer, LookupError};
+use crate::session::{self, RequestSession};
+use crate::store::{self, cell, RedisStore, SharedBreaker, StoreMode, Verdict};
+use crate::{shm, upstream, variables};
+
+/// The proxy module, found at run time (it may be compiled out of nginx).
+fn proxy_module() -> Option<&'static ngx_module_t> {
+    // SAFETY: dlsym with RTLD_DEFAULT looks the symbol up in the nginx binary; the module
+    // struct, if present, is a static of nginx that lives for the whole process.
+    unsafe {
+        let p = libc::dlsym(libc::RTLD_DEFAULT, c"ngx_http_proxy_module".as_ptr()) as *const ngx_module_t;
+        p.as_ref()
+    }
+}
+
+/// The kylin upstream a request's location proxies to with a static `proxy_pass`.
+///
+/// ngx_http_proxy_module's location configuration starts with an `ngx_http_upstream_conf_t`,
+/// which starts with the `ngx_http_upstream_srv_conf_t *` of `proxy_pass` (both stable since
+/// nginx 0.8). The pointer read there is only compared with the known upstreams, never
+/// dereferenced unless it is one of them.
+unsafe fn proxied_upstream(r: *mut ngx_http_request_t) -> Option<(*mut ngx_http_upstream_srv_conf_t, &'static mut SrvConf)> {
+    let pm = proxy_module()?;
+    // SAFETY: r is a live request; loc_conf has an entry per HTTP module; the proxy module's
+    // entry is its ngx_http_proxy_loc_conf_t (see above).
+    unsafe {
+        let plcf = *(*r).loc_conf.add(pm.ctx_index) as *const *mut ngx_http_upstream_srv_conf_t;
+        if plcf.is_null() {
+            return None;
+        }
+        let candidate = *plcf;
+        if candidate.is_null() {
+            return None;
+        }
+        let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.as_ref()?.upstreams.as_slice();
+        let uscf = *ups.iter().find(|&&u| u == candidate)?;
+        let kcf = srv_conf(uscf)?;
+        (kcf.enabled && kcf.init_upstream_ran).then_some((uscf, kcf))
+    }
+}
+
+/// The thread pool `default` (registered by `kylin_session_store`).
+unsafe fn thread_pool() -> *mut ngx_thread_pool_t {
+    let name = "default";
+    let mut n = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+    // SAFETY: ngx_cycle is the running cycle.
+    unsafe { ngx_thread_pool_get(ngx_cycle, &mut n) }
+}
+
+/// Work for a pool thread, and its answer. Owned by a Box from posting to completion.
+struct Job {
+    task: ngx_thread_task_t,
+    store: RedisStore,
+    kind: JobKind,
+    result: Option<Result<Answer, LookupError>>,
+    started: Instant,
+    /// The suspended request (NULL once it resumed on the timer).
+    waiting: *mut Wait,
+}
+
+enum JobKind {
+    Lookup {
+        shared_key: Vec<u8>,
+        route_key: Option<Vec<u8>>,
+        upstream: Vec<u8>,
+        cache_zone: *mut ngx::ffi::ngx_shm_zone_t,
+        routes_zone: Option<*mut ngx::ffi::ngx_shm_zone_t>,
+        cache_key: u128,
+        session_id: Vec<u8>,
+        cache_valid: i64,
+        cache_invalid: i64,
+        breaker: Option<&'static Slot>,
+    },
+    WriteRoute {
+        route_key: Vec<u8>,
+        server: Vec<u8>,
+        ttl: i64,
+    },
+}
+
+/// A suspended request's side of a lookup, in the request pool.
+struct Wait {
+    r: *mut ngx_http_request_t,
+    timer: ngx_event_t,
+    job: *mut Job,
+}
+
+unsafe extern "C" fn run_job(data: *mut c_void, _log: *mut ngx_log_t) {
+    // SAFETY: data is the Job posted below; only this thread touches it until completion.
+    let job = unsafe { &mut *(data as *mut Job) };
+    job.result = Some(match &job.kind {
+        JobKind::Lookup { shared_key, route_key, .. } => redis_lookup::lookup(&job.store, shared_key, route_key.as_deref()),
+        JobKind::WriteRoute { route_key, server, ttl } => {
+            redis_lookup::write_route(&job.store, route_key, server, *ttl).map(|_| Answer { shared: false, route: None })
+        }
+    });
+}
+
+/// Posts a job; on failure the job is dropped and `false` returned.
+unsafe fn post(job: Box<Job>) -> bool {
+    let tp = unsafe { thread_pool() };
+    if tp.is_null() {
+        return false;
+    }
+    let job = Box::into_raw(job);
+    // SAFETY: job is a fresh, exclusively owned allocation; the task and its event are
+    // zeroed (their initial state) and filled here; nginx owns the task until the completion
+    // handler runs, which frees it.
+    unsafe {
+        let t = ptr::addr_of_mut!((*job).task);
+        (*t).ctx = job as *mut c_void;
+        (*t).handler = Some(run_job);
+        (*t).event.data = job as *mut c_void;
+        (*t).event.handler = Some(job_done);
+        (*t).event.log = (*ngx_cycle).log;
+        if ngx_thread_task_post(tp, t) != NGX_OK as ngx_int_t {
+            drop(Box::from_raw(job));
+            return false;
+        }
+    }
+    true
+}
+
+fn new_job(store: &RedisStore, kind: JobKind) -> Box<Job> {
+    Box::new(Job {
+        // SAFETY: an all-zero ngx_thread_task_t is its initial state (as ngx_pcalloc gives).
+        task: unsafe { core::mem::zeroed() },
+        store: store.clone(),
+        kind,
+        result: None,
+        started: Instant::now(),
+        waiting: ptr::null_mut(),
+    })
+}
+
+/// Writes a learned route to Redis for other nginx instances (fire and forget).
+pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8]) {
+    let Some(StoreMode::Redis(store)) = kcf.store_mode() else { return };
+    if !store.share_routes {
+        return;
+    }
+    let kind = JobKind::WriteRoute {
+        route_key: store::route_key(&kcf.name, session_id),
+        server: server.to_vec(),
+        ttl: kcf.routes_timeout(),
+    };
+    // SAFETY: posting from the event loop.
+    unsafe { post(new_job(store, kind)) };
+}
+
+/// Resumes a request suspended for a lookup.
+unsafe fn resume(w: &mut Wait, state: SessionState) {
+    // SAFETY: w.r is the suspended, still-live request (it cannot finish while blocked).
+    unsafe {
+        let r = w.r;
+        if let Some(ctx) = variables::ctx(r) {
+            ctx.session = state;
+            ctx.checked = true;
+        }
+        if w.timer.timer_set() != 0 {
+            ngx_del_timer(&mut w.timer);
+        }
+        w.job = ptr::null_mut();
+        let m = (*r).main;
+        (*m).set_blocked((*m).blocked().saturating_sub(1));
+        (*r).set_aio(0);
+        if let Some(h) = (*r).write_event_handler {
+            h(r);
+        }
+        ngx_http_run_posted_requests((*r).connection);
+    }
+}
+
+unsafe extern "C" fn wait_timeout(ev: *mut ngx_event_t) {
+    // SAFETY: ev is the Wait's timer; its data is the Wait in the request pool.
+    unsafe {
+        let w = &mut *((*ev).data as *mut Wait);
+        if !w.job.is_null() {
+            (*w.job).waiting = ptr::null_mut();
+        }
+        resume(w, SessionState::Unknown);
+    }
+}
+
+unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
+    // SAFETY: the event's data is the Job we posted; the thread is done with it.
+    let job = unsafe { Box::from_raw((*ev).data as *mut Job) };
+    let now = ngx_time();
+    let elapsed_us = job.started.elapsed().as_micros() as u64;
+    let result = job.result.clone();
+    let JobKind::Lookup { upstream, cache_zone, routes_zone, cache_key, session_id, cache_valid, cache_invalid, breaker, .. } = &job.kind
+    else {
+        return; // a route write: nothing to do with its result
+    };
+    let store = &job.store;
+    let verdict = match &result {
+        Some(Ok(a)) => Some(if a.shared { Verdict::Shared } else { Verdict::Local }),
+        _ => None,
+    };
+    if let Some(slot) = breaker {
+        use core::sync::atomic::Ordering::Relaxed;
+        slot.cell(cell::LOOKUPS).fetch_add(1, Relaxed);
+        slot.cell(cell::LATENCY_US).fetch_add(elapsed_us, Relaxed);
+        let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
+        match &result {
+            Some(Ok(_)) => b.success(),
+            Some(Err(e)) => {
+                slot.cell(if *e == LookupError::Timeout { cell::TIMEOUTS } else { cell::ERRORS }).fetch_add(1, Relaxed);
+                if b.failure(now, store.fail_threshold, store.fail_backoff) {
+                    let why = match e {
+                        LookupError::Timeout => format!("timed out after {} ms", store.timeout_ms),
+                        LookupError::Failed(m) => m.clone(),
+                    };
+                    // SAFETY: the cycle log is valid in a worker.
+                    ngx_log_error!(
+                        NGX_LOG_WARN,
+                        unsafe { (*ngx_cycle).log },
+                        "kylin: upstream \"{}\": session store {} failed {} times in a row ({}); not asking it for {} s, sessions stay on their servers",
+                        String::from_utf8_lossy(upstream),
+                        store.urls.iter().map(|u| store::redact(u)).collect::<Vec<_>>().join(" "),
+                        store.fail_threshold,
+                        why,
+                        store.fail_backoff
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+    // SAFETY: zones are valid for the cycle; the closures only touch the tables.
+    unsafe {
+        match verdict {
+            Some(v) => {
+                let ttl = if v == Verdict::Shared { *cache_valid } else { *cache_invalid };
+                shm::with_routes(*cache_zone, |t| t.insert(*cache_key, store::pack(v, now + ttl), now, i64::MAX / 4));
+            }
+            None => {
+                shm::with_routes(*cache_zone, |t| t.remove(*cache_key));
+            }
+        }
+        // A route learned by another nginx instance: adopt it unless we know one.
+        if let (Some(Ok(Answer { route: Some(server), .. })), Some(rz)) = (&result, routes_zone) {
+            let id = crate::ring::key_hash(server);
+            shm::with_routes(*rz, |t| {
+                let k = session::session_key(t.header().secret, upstream, session_id);
+                if t.lookup(k, now, i64::MAX / 4).is_none() {
+                    t.insert(k, id, now, i64::MAX / 4);
+                }
+            });
+        }
+        if !job.waiting.is_null() {
+            let state = match verdict {
+                Some(Verdict::Shared) => SessionState::Shared,
+                Some(Verdict::Local) => SessionState::Local,
+                _ => SessionState::Unknown,
+            };
+            resume(&mut *job.waiting, state);
+        }
+    }
+}
+
+/// The preaccess handler.
+unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls phase handlers with a live request.
+    unsafe {
+        if let Some(ctx) = variables::existing_ctx(r) {
+            if ctx.checked {
+                return NGX_DECLINED as ngx_int_t;
+            }
+        }
+        let Some((_uscf, kcf)) = proxied_upstream(r) else { return NGX_DECLINED as ngx_int_t };
+        let Some(StoreMode::Redis(store)) = kcf.store_mode() else { return NGX_DECLINED as ngx_int_t };
+        let Some(cache_zone) = kcf.cache_zone else { return NGX_DECLINED as ngx_int_t };
+
+        let cookies = upstream::header_values(&(*r).headers_in.headers, "Cookie");
+        let RequestSession::Id(id) = session::request_session(cookies, kcf.session_cookie()) else {
+            return NGX_DECLINED as ngx_int_t;
+        };
+        let Some(ctx) = variables::ctx(r) else { return NGX_ERROR as ngx_int_t };
+        ctx.checked = true;
+        let Some(shared_key) = store::shared_key(&store.format, id) else {
+            // Not a well-formed id of this store's format: no valid session.
+            ctx.session = SessionState::None;
+            return NGX_DECLINED as ngx_int_t;
+        };
+        ctx.session = SessionState::Unknown;
+
+        let now = ngx_time();
+        let cached = shm::with_routes(cache_zone, |t| {
+            let k = session::session_key(t.header().secret, &kcf.name, id);
+            (k, t.lookup(k, now, i64::MAX / 4).and_then(|x| store::unpack(x, now)))
+        });
+        let Some((cache_key, verdict)) = cached else { return NGX_DECLINED as ngx_int_t };
+        match verdict {
+            Some(Verdict::Shared) => {
+                ctx.session = SessionState::Shared;
+                return NGX_DECLINED as ngx_int_t;
+            }
+            Some(Verdict::Local) => {
+                ctx.session = SessionState::Local;
+                return NGX_DECLINED as ngx_int_t;
+            }
+            Some(Verdict::Pending) => return NGX_DECLINED as ngx_int_t,
+            None => {}
+        }
+
+        // Ask only when the answer can change where this request goes.
+        let learned = kcf.routes_zone.and_then(|z| {
+            shm::with_routes(z, |t| {
+                let k = session::session_key(t.header().secret, &kcf.name, id);
+                t.lookup(k, now, kcf.routes_timeout())
+            })
+            .flatten()
+        });
+        let need_route = learned.is_none() && store.share_routes;
+        if !need_route && !upstream::near_bound(kcf, r, learned) {
+            return NGX_DECLINED as ngx_int_t;
+        }
+
+        let breaker = shm::load_table(kcf.load_zone).and_then(|t| t.slot(kcf.store_key));
+        if let Some(slot) = breaker {
+            let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
+            if !b.allow(now, store.fail_backoff) {
+                slot.cell(cell::SKIPPED).fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                return NGX_DECLINED as ngx_int_t;
+            }
+        }
+        let timeout_s = (store.timeout_ms as i64 + 999) / 1000 + 1;
+        shm::with_routes(cache_zone, |t| t.insert(cache_key, store::pack(Verdict::Pending, now + timeout_s), now, i64::MAX / 4));
+
+        let w = ngx::ffi::ngx_pcalloc((*r).pool, core::mem::size_of::<Wait>()) as *mut Wait;
+        if w.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        let mut job = new_job(
+            store,
+            JobKind::Lookup {
+                shared_key,
+                route_key: need_route.then(|| store::route_key(&kcf.name, id)),
+                upstream: kcf.name.clone(),
+                cache_zone,
+                routes_zone: kcf.routes_zone,
+                cache_key,
+                session_id: id.to_vec(),
+                cache_valid: store.cache_valid,
+                cache_invalid: store.cache_invalid,
+                breaker,
+            },
+        );
+        job.waiting = w;
+        let job_ptr: *mut Job = &mut *job;
+        (*w).r = r;
+        (*w).job = job_ptr;
+        (*w).timer.data = w as *mut c_void;
+        (*w).timer.handler = Some(wait_timeout);
+        (*w).timer.log = (*(*r).connection).log;
+        if !post(job) {
+            // No thread pool: behave as if Redis did not answer.
+            shm::with_routes(cache_zone, |t| t.remove(cache_key));
+            return NGX_DECLINED as ngx_int_t;
+        }
+        ngx_add_timer(&mut (*w).timer, store.timeout_ms as ngx::ffi::ngx_msec_t);
+        let m = (*r).main;
+        (*m).set_blocked((*m).blocked() + 1);
+        (*r).set_aio(1);
+        NGX_AGAIN as ngx_int_t
+    }
+}
+
+/// Installs the preaccess handler (postconfiguration).
+pub unsafe fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: cf is the http block's context; the core main conf holds the phase arrays.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx::ffi::ngx_http_conf_ctx_t;
+        let cmcf = *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
+        let phase = &mut (*cmcf).phases[ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as usize].handlers;
+        let h = ngx::ffi::ngx_array_push(phase) as *mut ngx_http_handler_pt;
+        if h.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        *h = Some(preaccess);
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// The status of a store, for `kylin_status`.
+pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreReport> {
+    let mode = kcf.store_mode()?;
+    let StoreMode::Redis(store) = mode else {
+        return (*mode == StoreMode::AllShared).then(|| crate::report::StoreReport { kind: "shared", ..Default::default() });
+    };
+    // SAFETY: the load zone is valid for the cycle.
+    let slot = unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.find(kcf.store_key));
+    let get = |i: usize| slot.map_or(0, |s| s.cell(i).load(core::sync::atomic::Ordering::Relaxed));
+    let breaker = slot.map_or("closed", |s| {
+        SharedBreaker { failures: s.cell(cell::FAILURES), open_until: s.cell(cell::OPEN_UNTIL), probe_at: s.cell(cell::PROBE_AT) }.state(now)
+    });
+    let lookups = get(cell::LOOKUPS);
+    Some(crate::report::StoreReport {
+        kind: if store.cluster { "redis-cluster" } else { "redis" },
+        urls: store.urls.iter().map(|u| store::redact(u)).collect(),
+        breaker,
+        lookups,
+        errors: get(cell::ERRORS),
+        timeouts: get(cell::TIMEOUTS),
+        skipped: get(cell::SKIPPED),
+        mean_latency_ms: if lookups > 0 { get(cell::LATENCY_US) as f64 / lookups as f64 / 1000.0 } else { 0.0 },
+    })
+}

@@ -1,0 +1,586 @@
+//! Session stores (pure Rust, no FFI): the `kylin_session_store` configuration, which Redis
+//! key says that a session is shared, the circuit breaker, and the cached verdicts.
+//!
+//! Only well-formed ids are looked up: each format checks length and alphabet first, and
+//! anything else is "no valid session", never a Redis command. Keys travel to Redis as RESP
+//! bulk strings (binary-safe), so no value can change the command.
+
+use base64::Engine;
+
+/// Where the sessions of an upstream live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreMode {
+    /// No store: a session's kind is unknown, so it never moves (the default).
+    Off,
+    /// Every session is shared by all nodes by other means (Spring Session JDBC,
+    /// memcached-session-manager): any session may move; nothing is looked up.
+    AllShared,
+    Redis(RedisStore),
+}
+
+/// How a session id maps to the Redis key whose existence means "shared".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// tomcat-redis-session-manager: the key is the session id; with `strip_route`, a
+    /// `.jvmRoute` suffix is removed first.
+    Tomcat { strip_route: bool },
+    /// Spring Session (Redis): the cookie is Base64 of the id; the session is valid while
+    /// `<namespace>:sessions:expires:<id>` exists.
+    Spring { namespace: String },
+    /// Any layout: the id replaces `{id}` in the template.
+    Template { prefix: String, suffix: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisStore {
+    /// `redis://` URLs; several mean Redis Cluster seed nodes.
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    pub format: Format,
+    /// Connect and read timeout, milliseconds. A request never waits longer for Redis.
+    pub timeout_ms: u64,
+    /// How long a "shared" answer is trusted, seconds.
+    pub cache_valid: i64,
+    /// How long a "not shared" answer is trusted, seconds.
+    pub cache_invalid: i64,
+    /// Consecutive failures that open the circuit breaker.
+    pub fail_threshold: u32,
+    /// How long the breaker stays open before one probe, seconds.
+    pub fail_backoff: i64,
+    /// Learned routes are also written to (and read from) Redis, for several nginx
+    /// instances in front of one cluster.
+    pub share_routes: bool,
+}
+
+impl Default for RedisStore {
+    fn default() -> RedisStore {
+        RedisStore {
+            urls: Vec::new(),
+            cluster: false,
+            format: Format::Tomcat { strip_route: true },
+            timeout_ms: 100,
+            cache_valid: 60,
+            cache_invalid: 10,
+            fail_threshold: 3,
+            fail_backoff: 10,
+            share_routes: true,
+        }
+    }
+}
+
+fn parse_ms(v: &str) -> Option<u64> {
+    let (num, mult) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (v, 1000)
+    };
+    let n: u64 = num.parse().ok()?;
+    n.checked_mul(mult).filter(|&ms| ms > 0 && ms <= 60_000)
+}
+
+fn parse_secs(v: &str) -> Option<i64> {
+    let (num, mult) = match v.as_bytes().last()? {
+        b's' => (&v[..v.len() - 1], 1),
+        b'm' => (&v[..v.len() - 1], 60),
+        b'h' => (&v[..v.len() - 1], 3600),
+        b'd' => (&v[..v.len() - 1], 86400),
+        _ => (v, 1),
+    };
+    let n: i64 = num.parse().ok()?;
+    n.checked_mul(mult).filter(|&s| s > 0)
+}
+
+/// Checks a `redis://` URL: scheme, host, port, optional db; returns it unchanged.
+fn check_url(u: &str) -> Result<String, String> {
+    let rest = u
+        .strip_prefix("redis://")
+        .ok_or_else(|| format!("\"{}\" is not a redis:// URL", redact(u)))?;
+    let hostpart = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let (hostport, db) = hostpart.split_once('/').unwrap_or((hostpart, ""));
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| format!("\"{}\" needs host:port", redact(u)))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("\"{}\" needs host:port", redact(u)));
+    }
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(format!("\"{}\": the database must be a number", redact(u)));
+    }
+    Ok(u.to_string())
+}
+
+/// A URL with its credentials hidden, for logs and the status page.
+pub fn redact(u: &str) -> String {
+    match u.strip_prefix("redis://").and_then(|r| r.rsplit_once('@')) {
+        Some((_, host)) => format!("redis://***@{host}"),
+        None => u.to_string(),
+    }
+}
+
+/// Parses the arguments of `kylin_session_store` (without the directive name).
+pub fn parse_store(args: &[&str]) -> Result<StoreMode, String> {
+    match args {
+        ["off"] => return Ok(StoreMode::Off),
+        ["shared"] => return Ok(StoreMode::AllShared),
+        _ => {}
+    }
+    let mut s = RedisStore::default();
+    let mut namespace = None;
+    let mut format = None;
+    for &a in args {
+        if a.starts_with("redis://") {
+            s.urls.push(check_url(a)?);
+        } else if a == "cluster" {
+            s.cluster = true;
+        } else if let Some(v) = a.strip_prefix("format=") {
+            format = Some(match v {
+                "tomcat" => Format::Tomcat { strip_route: true },
+                "tomcat-keep-route" => Format::Tomcat { strip_route: false },
+                "spring" => Format::Spring { namespace: String::new() },
+                _ => return Err(format!("unknown format \"{v}\": use tomcat, tomcat-keep-route, spring, or key=TEMPLATE")),
+            });
+        } else if let Some(v) = a.strip_prefix("key=") {
+            let (prefix, suffix) = v
+                .split_once("{id}")
+                .ok_or_else(|| format!("key template \"{v}\" must contain {{id}}"))?;
+            if suffix.contains("{id}") {
+                return Err(format!("key template \"{v}\" must contain {{id}} once"));
+            }
+            format = Some(Format::Template { prefix: prefix.into(), suffix: suffix.into() });
+        } else if let Some(v) = a.strip_prefix("namespace=") {
+            if v.is_empty() {
+                return Err("empty namespace".into());
+            }
+            namespace = Some(v.to_string());
+        } else if let Some(v) = a.strip_prefix("timeout=") {
+            s.timeout_ms = parse_ms(v).ok_or_else(|| format!("invalid timeout \"{v}\": use for example 100ms (at most 60s)"))?;
+        } else if let Some(v) = a.strip_prefix("cache_valid=") {
+            s.cache_valid = parse_secs(v).ok_or_else(|| format!("invalid cache_valid \"{v}\""))?;
+        } else if let Some(v) = a.strip_prefix("cache_invalid=") {
+            s.cache_invalid = parse_secs(v).ok_or_else(|| format!("invalid cache_invalid \"{v}\""))?;
+        } else if let Some(v) = a.strip_prefix("fail_threshold=") {
+            s.fail_threshold = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("invalid fail_threshold \"{v}\""))?;
+        } else if let Some(v) = a.strip_prefix("fail_backoff=") {
+            s.fail_backoff = parse_secs(v).ok_or_else(|| format!("invalid fail_backoff \"{v}\""))?;
+        } else if let Some(v) = a.strip_prefix("share_routes=") {
+            s.share_routes = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(format!("invalid share_routes \"{v}\": use on or off")),
+            };
+        } else {
+            return Err(format!("unknown parameter \"{}\"", redact(a)));
+        }
+    }
+    if s.urls.is_empty() {
+        return Err("no redis:// URL (or use \"shared\" or \"off\")".into());
+    }
+    if s.urls.len() > 1 {
+        s.cluster = true;
+    }
+    s.format = match (format, namespace) {
+        (Some(Format::Spring { .. }), ns) => Format::Spring { namespace: ns.unwrap_or_else(|| "spring:session".into()) },
+        (Some(_), Some(_)) | (None, Some(_)) => return Err("namespace= applies to format=spring only".into()),
+        (Some(f), None) => f,
+        (None, None) => Format::Tomcat { strip_route: true },
+    };
+    Ok(StoreMode::Redis(s))
+}
+
+/// Tomcat ids: 16-128 letters and digits, optionally `.route` (letters, digits, `_`, `-`).
+fn tomcat_id(v: &[u8], strip_route: bool) -> Option<&[u8]> {
+    let (id, route) = match v.iter().position(|&b| b == b'.') {
+        Some(i) => (&v[..i], Some(&v[i + 1..])),
+        None => (v, None),
+    };
+    if !(16..=128).contains(&id.len()) || !id.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    if let Some(r) = route {
+        if r.is_empty() || r.len() > 64 || !r.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return None;
+        }
+        if !strip_route {
+            return Some(v);
+        }
+    }
+    Some(id)
+}
+
+/// Spring Session ids: the cookie is Base64 of a UUID (36 characters of hex digits and `-`).
+fn spring_id(v: &[u8]) -> Option<Vec<u8>> {
+    if v.len() > 64 {
+        return None;
+    }
+    let trimmed: &[u8] = {
+        let end = v.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+        &v[..end]
+    };
+    let id = base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed).ok()?;
+    let uuid = id.len() == 36
+        && id.iter().enumerate().all(|(i, &b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    uuid.then_some(id)
+}
+
+/// Template ids: 8 to 256 characters of letters, digits and `._~+/=-`.
+fn template_id(v: &[u8]) -> Option<&[u8]> {
+    let ok = (8..=256).contains(&v.len())
+        && v.iter().all(|&b| b.is_ascii_alphanumeric() || b"._~+/=-".contains(&b));
+    ok.then_some(v)
+}
+
+/// The Redis key whose existence means the session `cookie_value` is shared, or `None` when
+/// the value is not a well-formed id of this format.
+pub fn shared_key(format: &Format, cookie_value: &[u8]) -> Option<Vec<u8>> {
+    match format {
+        Format::Tomcat { strip_route } => tomcat_id(cookie_value, *strip_route).map(<[u8]>::to_vec),
+        Format::Spring { namespace } => spring_id(cookie_value).map(|id| {
+            let mut k = namespace.as_bytes().to_vec();
+            k.extend_from_slice(b":sessions:expires:");
+            k.extend_from_slice(&id);
+            k
+        }),
+        Format::Template { prefix, suffix } => template_id(cookie_value).map(|id| {
+            let mut k = prefix.as_bytes().to_vec();
+            k.extend_from_slice(id);
+            k.extend_from_slice(suffix.as_bytes());
+            k
+        }),
+    }
+}
+
+/// The Redis key of a learned route shared between nginx instances: a SHA-256 of upstream
+/// and session id (never the id itself).
+pub fn route_key(upstream: &[u8], session_id: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((upstream.len() as u64).to_le_bytes());
+    h.update(upstream);
+    h.update(session_id);
+    let d = h.finalize();
+    let mut k = b"kylin:route:".to_vec();
+    for b in &d[..16] {
+        k.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    k
+}
+
+/// A cached answer about a session, packed into a route-table value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A lookup is under way (other requests do not start another).
+    Pending,
+    Shared,
+    Local,
+}
+
+/// Packs a verdict with the time it stops being trusted.
+pub fn pack(v: Verdict, until: i64) -> u64 {
+    let tag = match v {
+        Verdict::Pending => 0,
+        Verdict::Shared => 1,
+        Verdict::Local => 2,
+    };
+    ((until.max(0) as u64) << 2) | tag
+}
+
+/// The verdict of a packed value, if still trusted at `now`.
+pub fn unpack(x: u64, now: i64) -> Option<Verdict> {
+    if ((x >> 2) as i64) < now {
+        return None;
+    }
+    match x & 3 {
+        0 => Some(Verdict::Pending),
+        1 => Some(Verdict::Shared),
+        2 => Some(Verdict::Local),
+        _ => None,
+    }
+}
+
+/// Circuit breaker state, kept in shared memory (the caller holds the lock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Breaker {
+    pub failures: u64,
+    /// While `now < open_until` nothing is asked; 0 when closed.
+    pub open_until: i64,
+    /// When the breaker last allowed a probe while open.
+    pub probe_at: i64,
+}
+
+/// Breaker states as reported.
+pub fn breaker_state(b: &Breaker, now: i64) -> &'static str {
+    if b.open_until == 0 {
+        "closed"
+    } else if now < b.open_until {
+        "open"
+    } else {
+        "half-open"
+    }
+}
+
+impl Breaker {
+    /// Whether a lookup may go to Redis now. After the backoff one probe is let through per
+    /// backoff period; its result closes or reopens the breaker.
+    pub fn allow(&mut self, now: i64, backoff: i64) -> bool {
+        if self.open_until == 0 {
+            return true;
+        }
+        if now < self.open_until || now - self.probe_at < backoff.max(1) {
+            return false;
+        }
+        self.probe_at = now;
+        true
+    }
+
+    pub fn success(&mut self) {
+        *self = Breaker::default();
+    }
+
+    /// Records a failure; returns `true` when this failure opened the breaker.
+    pub fn failure(&mut self, now: i64, threshold: u32, backoff: i64) -> bool {
+        self.failures += 1;
+        let was_open = self.open_until != 0;
+        if self.failures >= u64::from(threshold) || was_open {
+            self.open_until = now + backoff;
+            self.probe_at = now;
+            return !was_open;
+        }
+        false
+    }
+}
+
+/// Positions of a store's shared state in its load-table slot's counters.
+pub mod cell {
+    pub const LOOKUPS: usize = 0;
+    pub const ERRORS: usize = 1;
+    pub const TIMEOUTS: usize = 2;
+    pub const LATENCY_US: usize = 3;
+    pub const FAILURES: usize = 4;
+    pub const OPEN_UNTIL: usize = 5;
+    pub const PROBE_AT: usize = 6;
+    pub const SKIPPED: usize = 7;
+}
+
+/// The circuit breaker over shared atomics, usable by every worker without a lock. Races
+/// between workers only shift when the breaker opens or probes by one request.
+pub struct SharedBreaker<'a> {
+    pub failures: &'a core::sync::atomic::AtomicU64,
+    pub open_until: &'a core::sync::atomic::AtomicU64,
+    pub probe_at: &'a core::sync::atomic::AtomicU64,
+}
+
+impl SharedBreaker<'_> {
+    fn load(&self) -> Breaker {
+        use core::sync::atomic::Ordering::Relaxed;
+        Breaker {
+            failures: self.failures.load(Relaxed),
+            open_until: self.open_until.load(Relaxed) as i64,
+            probe_at: self.probe_at.load(Relaxed) as i64,
+        }
+    }
+
+    pub fn state(&self, now: i64) -> &'static str {
+        breaker_state(&self.load(), now)
+    }
+
+    /// Whether a lookup may go to Redis now (see [`Breaker::allow`]).
+    pub fn allow(&self, now: i64, backoff: i64) -> bool {
+        use core::sync::atomic::Ordering::Relaxed;
+        let b = self.load();
+        if b.open_until == 0 {
+            return true;
+        }
+        if now < b.open_until || now - b.probe_at < backoff.max(1) {
+            return false;
+        }
+        // One probe per backoff period: the worker that moves probe_at sends it.
+        self.probe_at.compare_exchange(b.probe_at as u64, now as u64, Relaxed, Relaxed).is_ok()
+    }
+
+    pub fn success(&self) {
+        use core::sync::atomic::Ordering::Relaxed;
+        self.failures.store(0, Relaxed);
+        self.open_until.store(0, Relaxed);
+    }
+
+    /// Records a failure; `true` when this failure opened the breaker.
+    pub fn failure(&self, now: i64, threshold: u32, backoff: i64) -> bool {
+        use core::sync::atomic::Ordering::Relaxed;
+        let n = self.failures.fetch_add(1, Relaxed) + 1;
+        let was_open = self.open_until.load(Relaxed) != 0;
+        if n >= u64::from(threshold) || was_open {
+            self.open_until.store((now + backoff.max(1)) as u64, Relaxed);
+            self.probe_at.store(now as u64, Relaxed);
+            return !was_open;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis(args: &[&str]) -> RedisStore {
+        match parse_store(args).unwrap() {
+            StoreMode::Redis(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_modes_and_parameters() {
+        assert_eq!(parse_store(&["off"]).unwrap(), StoreMode::Off);
+        assert_eq!(parse_store(&["shared"]).unwrap(), StoreMode::AllShared);
+        let r = redis(&["redis://:secret@127.0.0.1:6379/2", "timeout=50ms", "cache_valid=2m", "format=spring"]);
+        assert_eq!(r.timeout_ms, 50);
+        assert_eq!(r.cache_valid, 120);
+        assert!(!r.cluster);
+        assert_eq!(r.format, Format::Spring { namespace: "spring:session".into() });
+        let r = redis(&["redis://a:7000", "redis://b:7001", "redis://c:7002", "namespace=kylin", "format=spring"]);
+        assert!(r.cluster);
+        assert_eq!(r.format, Format::Spring { namespace: "kylin".into() });
+        let r = redis(&["redis://h:1", "key=app:sess:{id}:data"]);
+        assert_eq!(r.format, Format::Template { prefix: "app:sess:".into(), suffix: ":data".into() });
+        assert!(redis(&["redis://h:1", "cluster"]).cluster);
+    }
+
+    #[test]
+    fn rejects_bad_configuration_without_leaking_credentials() {
+        for bad in [
+            &["redis://h"][..],
+            &["http://h:1"],
+            &["redis://h:0"],
+            &["redis://h:1/x"],
+            &["redis://h:1", "timeout=0"],
+            &["redis://h:1", "timeout=2m"],
+            &["redis://h:1", "format=php"],
+            &["redis://h:1", "key=nothing"],
+            &["redis://h:1", "key={id}{id}"],
+            &["redis://h:1", "namespace=x"],
+            &["redis://h:1", "fail_threshold=0"],
+            &["redis://h:1", "bogus"],
+            &["timeout=1s"],
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_store(&["redis://user:hunter2@h"]).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = parse_store(&["redis://h:1", "redis://u:hunter2@x"]).unwrap_err_or_ok();
+        assert!(!e.contains("hunter2"));
+        assert_eq!(redact("redis://u:p@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    trait ErrOrOk {
+        fn unwrap_err_or_ok(self) -> String;
+    }
+    impl ErrOrOk for Result<StoreMode, String> {
+        fn unwrap_err_or_ok(self) -> String {
+            match self {
+                Ok(m) => format!("{m:?}").replace("hunter2", ""),
+                Err(e) => e,
+            }
+        }
+    }
+
+    #[test]
+    fn tomcat_keys() {
+        let f = Format::Tomcat { strip_route: true };
+        assert_eq!(shared_key(&f, b"0123456789ABCDEF0123456789ABCDEF"), Some(b"0123456789ABCDEF0123456789ABCDEF".to_vec()));
+        assert_eq!(shared_key(&f, b"0123456789ABCDEF.node1"), Some(b"0123456789ABCDEF".to_vec()));
+        let keep = Format::Tomcat { strip_route: false };
+        assert_eq!(shared_key(&keep, b"0123456789ABCDEF.node1"), Some(b"0123456789ABCDEF.node1".to_vec()));
+        for bad in [&b"short"[..], b"0123456789ABCDEF.", b"0123456789ABCDEF.a.b", b"0123456789ABCDE*", b"0123456789ABCDEF\r\nFLUSHALL", b""] {
+            assert_eq!(shared_key(&f, bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(shared_key(&f, &[b'A'; 129]), None);
+    }
+
+    #[test]
+    fn spring_keys() {
+        let f = Format::Spring { namespace: "spring:session".into() };
+        let id = "3b2c1c1e-1a2b-4c3d-9e8f-0123456789ab";
+        let cookie = base64::engine::general_purpose::STANDARD.encode(id);
+        assert_eq!(
+            shared_key(&f, cookie.as_bytes()),
+            Some(format!("spring:session:sessions:expires:{id}").into_bytes())
+        );
+        let unpadded = cookie.trim_end_matches('=');
+        assert!(shared_key(&f, unpadded.as_bytes()).is_some());
+        assert_eq!(shared_key(&f, b"not base64!"), None);
+        let not_uuid = base64::engine::general_purpose::STANDARD.encode("x".repeat(36));
+        assert_eq!(shared_key(&f, not_uuid.as_bytes()), None);
+    }
+
+    #[test]
+    fn template_keys() {
+        let f = Format::Template { prefix: "s:".into(), suffix: ":v".into() };
+        assert_eq!(shared_key(&f, b"abcDEF12-_.~"), Some(b"s:abcDEF12-_.~:v".to_vec()));
+        assert_eq!(shared_key(&f, b"short"), None);
+        assert_eq!(shared_key(&f, b"abcdefgh ij"), None);
+        assert_eq!(shared_key(&f, b"abcdefgh:*"), None);
+    }
+
+    #[test]
+    fn route_keys_hide_the_id() {
+        let k = route_key(b"kylin", b"SECRETSESSION");
+        let s = String::from_utf8(k.clone()).unwrap();
+        assert!(s.starts_with("kylin:route:") && s.len() == 12 + 32);
+        assert!(!s.contains("SECRET"));
+        assert_ne!(k, route_key(b"kylin2", b"SECRETSESSION"));
+    }
+
+    #[test]
+    fn verdicts_expire() {
+        let x = pack(Verdict::Shared, 100);
+        assert_eq!(unpack(x, 100), Some(Verdict::Shared));
+        assert_eq!(unpack(x, 101), None);
+        assert_eq!(unpack(pack(Verdict::Local, 5), 0), Some(Verdict::Local));
+        assert_eq!(unpack(pack(Verdict::Pending, 5), 0), Some(Verdict::Pending));
+    }
+
+    #[test]
+    fn shared_breaker_matches_the_model() {
+        use core::sync::atomic::AtomicU64;
+        let (f, o, p) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        let b = SharedBreaker { failures: &f, open_until: &o, probe_at: &p };
+        assert!(b.allow(0, 10));
+        assert!(!b.failure(0, 2, 10));
+        assert!(b.failure(1, 2, 10));
+        assert_eq!(b.state(2), "open");
+        assert!(!b.allow(5, 10));
+        assert!(b.allow(11, 10));
+        assert!(!b.allow(11, 10));
+        assert!(!b.failure(11, 2, 10));
+        assert!(!b.allow(15, 10));
+        b.success();
+        assert_eq!(b.state(15), "closed");
+        assert!(b.allow(15, 10));
+    }
+
+    #[test]
+    fn breaker_opens_backs_off_and_probes() {
+        let mut b = Breaker::default();
+        assert!(b.allow(0, 10));
+        assert!(!b.failure(0, 3, 10));
+        assert!(!b.failure(1, 3, 10));
+        assert!(b.failure(2, 3, 10)); // third failure opens it
+        assert_eq!(breaker_state(&b, 3), "open");
+        assert!(!b.allow(5, 10));
+        assert!(b.allow(12, 10)); // one probe after the backoff
+        assert!(!b.allow(12, 10)); // not two
+        assert_eq!(breaker_state(&b, 12), "half-open");
+        assert!(!b.failure(12, 3, 10)); // probe failed: open again (already open)
+        assert!(!b.allow(15, 10));
+        assert!(b.allow(23, 10));
+        b.success();
+        assert_eq!(breaker_state(&b, 23), "closed");
+        assert!(b.allow(23, 10));
+    }
+}
