@@ -210,8 +210,9 @@ struct PeerData {
     key: u64,
     /// Identity of the server that created this request's session, if learned.
     learned: Option<u64>,
-    /// Route-table key of the request's session, if it carries one.
-    session: Option<u128>,
+    /// Route-table key of the request's session, if it carries one, as two halves: this
+    /// struct lives in the request pool, which aligns to 8 bytes, not u128's 16.
+    session: Option<[u64; 2]>,
     /// The session id (pointing into the request's headers), for shared routes.
     session_id: (*const u8, usize),
     movable: bool,
@@ -307,7 +308,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
         ptr::addr_of_mut!((*pd).conf).write(kcf);
         ptr::addr_of_mut!((*pd).key).write(key);
         ptr::addr_of_mut!((*pd).learned).write(learned);
-        ptr::addr_of_mut!((*pd).session).write(skey);
+        ptr::addr_of_mut!((*pd).session).write(skey.map(|k: u128| [k as u64, (k >> 64) as u64]));
         ptr::addr_of_mut!((*pd).session_id).write(sid.map_or((ptr::null(), 0), |i| (i.as_ptr(), i.len())));
         ptr::addr_of_mut!((*pd).movable).write(balancer::may_move(state));
         ptr::addr_of_mut!((*pd).on_backup).write(false);
@@ -609,7 +610,8 @@ unsafe fn move_route(pd: &PeerData, server: &[u8]) {
     // SAFETY: pd.conf is the upstream's configuration; zones are valid for the cycle.
     unsafe {
         let kcf = &*pd.conf;
-        let (Some(zone), Some(k)) = (kcf.routes_zone, pd.session) else { return };
+        let (Some(zone), Some([lo, hi])) = (kcf.routes_zone, pd.session) else { return };
+        let k = u128::from(lo) | (u128::from(hi) << 64);
         let now = ngx_time();
         let timeout = kcf.routes_timeout();
         let id = pd.current_id;
@@ -671,7 +673,7 @@ unsafe fn learn_session(pd: &PeerData) {
         let now = ngx_time();
         let timeout = kcf.routes_timeout();
         let peer = pd.current_id;
-        let request_session = pd.session;
+        let request_session = pd.session.map(|[lo, hi]| u128::from(lo) | (u128::from(hi) << 64));
         let evicted = shm::with_routes(zone, |t| {
             match set {
                 SetSession::Set(id) => {
