@@ -100,6 +100,16 @@ fn with_conn<T>(store: &RedisStore, f: impl FnOnce(&mut dyn ConnectionLike) -> R
 /// Asks whether `shared_key` exists and, if `route_key` is given, which server it names.
 pub fn lookup(store: &RedisStore, shared_key: &[u8], route_key: Option<&[u8]>) -> Result<Answer, LookupError> {
     with_conn(store, |c| {
+        if store.cluster {
+            // Cluster connections route each command to its key's master; they do not take
+            // pipelines of keys in different slots.
+            let exists: i64 = redis::cmd("EXISTS").arg(shared_key).query(c)?;
+            let route = match route_key {
+                Some(rk) => redis::cmd("GET").arg(rk).query(c)?,
+                None => None,
+            };
+            return Ok(Answer { shared: exists > 0, route });
+        }
         let mut p = redis::pipe();
         p.cmd("EXISTS").arg(shared_key);
         if let Some(rk) = route_key {

@@ -5,16 +5,17 @@
 # server on $TEST_NGINX_REALIP_PORT with X-Real-IP: ADDR; that server trusts X-Real-IP
 # (realip), so the kylin balancer behind it sees ADDR as the client address.
 #
-# nginx limits one configuration token to 4 KB, so the page is split into parts of 20 lines,
-# each its own SSI location, included in order by /t.
+# nginx limits one configuration token to 4 KB, so the page is split into parts of at most
+# 3000 bytes (whole lines), each its own SSI location, included in order by /t.
 use strict;
 use warnings;
 
 sub ssi_page {
     my @lines = @_;    # each: a string of SSI includes, one output line
-    my @parts;
-    while (my @chunk = splice @lines, 0, 20) {
-        push @parts, CORE::join("", map { "$_\n" } @chunk);
+    my @parts = ("");
+    for my $line (@lines) {
+        push @parts, "" if length($parts[-1]) + length($line) + 1 > 3000 && length $parts[-1];
+        $parts[-1] .= "$line\n";
     }
     my $cfg = "    location = /t {\n        default_type text/html;\n        ssi on;\n        return 200 '"
         . CORE::join("", map { qq{<!--# include virtual="/part/$_" wait="yes" -->} } 1 .. @parts) . "';\n    }\n";
