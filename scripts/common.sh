@@ -13,8 +13,8 @@ DEB_PACKAGES=(
     # Test::Nginx-compatible runner and prove
     perl libtest-base-perl libtext-diff-perl libtest-longstring-perl libwww-perl
     libipc-run-perl liburi-perl liblist-moreutils-perl
-    # demo backends, build helper, scenario tests
-    python3 curl
+    # demo backends, build helper, scenario tests; Redis for the session-store tests
+    python3 curl redis-server redis-tools
 )
 
 # Waits up to 10 s until something accepts TCP connections on 127.0.0.1:PORT.
