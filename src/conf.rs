@@ -148,6 +148,7 @@ impl HttpModule for Module {
 
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         crate::shm::reset_for_new_configuration();
+        crate::session_check::reset_for_new_configuration();
         // SAFETY: nginx calls preconfiguration with a valid cf at the start of the http block.
         unsafe { crate::variables::add_variables(cf) }
     }
@@ -727,6 +728,7 @@ unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_com
             None => return conf_error(),
         }
         kcf.store_key = crate::load::store_key(store.urls.join(" ").as_bytes());
+        crate::session_check::note_redis_store();
     }
     kcf.store = Some(mode);
     CONF_OK

@@ -11,6 +11,7 @@
 
 use core::ffi::c_void;
 use core::ptr;
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::time::Instant;
 
 use ngx::ffi::{
@@ -31,14 +32,25 @@ use crate::session::{self, RequestSession};
 use crate::store::{self, cell, RedisStore, SharedBreaker, StoreMode, Verdict};
 use crate::{shm, upstream, variables};
 
-/// The proxy module, found at run time (it may be compiled out of nginx).
+/// The proxy module, found once per configuration (it may be compiled out of nginx).
+static PROXY_MODULE: AtomicPtr<ngx_module_t> = AtomicPtr::new(ptr::null_mut());
+
+/// Whether the configuration being parsed has a Redis session store.
+static REDIS_CONFIGURED: AtomicBool = AtomicBool::new(false);
+
+/// Called at the start of each configuration's http block.
+pub fn reset_for_new_configuration() {
+    REDIS_CONFIGURED.store(false, Ordering::Relaxed);
+}
+
+/// `kylin_session_store redis://...` was read.
+pub fn note_redis_store() {
+    REDIS_CONFIGURED.store(true, Ordering::Relaxed);
+}
+
 fn proxy_module() -> Option<&'static ngx_module_t> {
-    // SAFETY: dlsym with RTLD_DEFAULT looks the symbol up in the nginx binary; the module
-    // struct, if present, is a static of nginx that lives for the whole process.
-    unsafe {
-        let p = libc::dlsym(libc::RTLD_DEFAULT, c"ngx_http_proxy_module".as_ptr()) as *const ngx_module_t;
-        p.as_ref()
-    }
+    // SAFETY: set once at configuration time to nginx's static module struct (or NULL).
+    unsafe { PROXY_MODULE.load(Ordering::Relaxed).as_ref() }
 }
 
 /// The kylin upstream a request's location proxies to with a static `proxy_pass`.
@@ -396,8 +408,24 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
 }
 
-/// Installs the preaccess handler (postconfiguration).
+/// Installs the preaccess handler (postconfiguration), if some upstream has a Redis store:
+/// other configurations pay nothing per request.
 pub unsafe fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
+    if !REDIS_CONFIGURED.load(Ordering::Relaxed) {
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: dlsym with RTLD_DEFAULT looks the symbol up in the nginx binary; the module
+    // struct, if present, is a static of nginx that lives for the whole process.
+    let pm = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"ngx_http_proxy_module".as_ptr()) };
+    PROXY_MODULE.store(pm as *mut ngx_module_t, Ordering::Relaxed);
+    if pm.is_null() {
+        ngx::ngx_conf_log_error!(
+            ngx::ffi::NGX_LOG_WARN,
+            cf,
+            "kylin: nginx has no proxy module: kylin_session_store cannot check sessions"
+        );
+        return NGX_OK as ngx_int_t;
+    }
     // SAFETY: cf is the http block's context; the core main conf holds the phase arrays.
     unsafe {
         let ctx = (*cf).ctx as *mut ngx::ffi::ngx_http_conf_ctx_t;
