@@ -44,6 +44,18 @@ ensure_deps() {
     command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup)"
 }
 
+# Python modules the scenario tests use (jsonschema validates the status page), from Debian's
+# packages for Debian's python3, from PyPI for another python3 (pyenv, venv).
+ensure_python_modules() {
+    python3 -c 'import jsonschema' 2>/dev/null && return 0
+    if [ "$(command -v python3)" = /usr/bin/python3 ]; then
+        ensure_deps python3-jsonschema
+    else
+        log "installing jsonschema (PyPI) for $(command -v python3)"
+        python3 -m pip install -q jsonschema
+    fi
+}
+
 # Builds nginx and the module in one cargo run, then sets and exports:
 #   NGINX_BIN      the nginx binary the module was built against (vendored, or
 #                  NGINX_BUILD_DIR/nginx when building against an external tree)

@@ -31,6 +31,23 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA = os.path.join(HERE, "..", "schema", "kylin_status.schema.json")
+
+
+def status_problems(doc, prom_text):
+    """Schema errors of a real status document, and malformed Prometheus lines."""
+    import jsonschema
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    problems = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(doc)]
+    import re
+    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="(?:[^"\\]|\\.)*"(?:,[a-z_]+="(?:[^"\\]|\\.)*")*\})? -?[0-9.e+-]+$')
+    for line in prom_text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        if not sample.match(line):
+            problems.append("bad Prometheus line: " + line)
+    return problems
 FACTOR = 1.25
 NODE_DELAY = 0.2
 FLOOD = 36
@@ -300,6 +317,11 @@ class Scenario:
             await asyncio.sleep(0.2)
         self.check("counters", all(v == 0 for f in flights.values() for v in f),
                    "in flight after the run (upstream total, then per server): %s" % flights)
+        _, _, prom = await http(self.port, "GET", "/status?format=prometheus")
+        problems = status_problems(doc, prom.decode())
+        self.check("status schema", not problems,
+                   "the status page validates against schema/kylin_status.schema.json and its Prometheus text parses"
+                   if not problems else "; ".join(problems[:3]))
         with open(os.path.join(self.prefix, "logs", "error.log"), errors="replace") as f:
             bad = [l.strip() for l in f if "[alert]" in l or "[crit]" in l or "[emerg]" in l or "exited on signal" in l]
         self.check("error log", not bad, "no alert, crit, emerg or crashed worker" if not bad else "; ".join(bad[:3]))

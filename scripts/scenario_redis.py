@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, http, wait_port  # noqa: E402
+from scenario import free_ports, http, status_problems, wait_port  # noqa: E402
 
 CONF = """
 load_module {module};
@@ -245,6 +245,11 @@ class Scenario:
             await asyncio.sleep(0.3)
         doc = json.loads((await http(self.a.port, "GET", "/status"))[2])
         breaker_up = doc["upstreams"]["kc"]["session_store"]["breaker"]
+        prom = (await http(self.a.port, "GET", "/status?format=prometheus"))[2].decode()
+        problems = status_problems(doc, prom)
+        self.check("status schema", not problems and "kylin_session_store_lookups_total" in prom,
+                   "the status page with session stores validates against the schema; Prometheus text parses"
+                   if not problems else "; ".join(problems[:3]))
         self.check("restart", set(codes) == {200} and breaker_down == "open" and state == "shared" and breaker_up == "closed",
                    "Redis stopped: codes %s, states %s, breaker %s; Redis started again without a reload: "
                    "shared session recognised (%s), breaker %s" % (sorted(set(codes)), sorted(set(states)), breaker_down, state, breaker_up))

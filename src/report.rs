@@ -55,7 +55,8 @@ pub struct StoreReport {
     pub timeouts: u64,
     /// Lookups not made because the breaker was open.
     pub skipped: u64,
-    pub mean_latency_ms: f64,
+    /// Total time of all lookups, seconds.
+    pub latency_seconds: f64,
 }
 
 /// One kylin upstream.
@@ -116,7 +117,7 @@ fn store_json(s: &StoreReport) -> Value {
         "errors": s.errors,
         "timeouts": s.timeouts,
         "skipped": s.skipped,
-        "mean_latency_ms": s.mean_latency_ms,
+        "mean_latency_ms": if s.lookups > 0 { s.latency_seconds * 1000.0 / s.lookups as f64 } else { 0.0 },
     })
 }
 
@@ -164,6 +165,114 @@ pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport]) -> S
     s
 }
 
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Accumulates metric families so that each has one HELP/TYPE header followed by its samples.
+struct Families {
+    order: Vec<&'static str>,
+    help: std::collections::HashMap<&'static str, (&'static str, &'static str, Vec<String>)>,
+}
+
+impl Families {
+    fn new() -> Families {
+        Families { order: Vec::new(), help: std::collections::HashMap::new() }
+    }
+
+    fn add(&mut self, name: &'static str, kind: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
+        let entry = self.help.entry(name).or_insert_with(|| (kind, help, Vec::new()));
+        if entry.2.is_empty() && !self.order.contains(&name) {
+            self.order.push(name);
+        }
+        let ls: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", label(v))).collect();
+        let v = if value.fract() == 0.0 && value.abs() < 1e15 { format!("{}", value as i64) } else { format!("{value}") };
+        entry.2.push(if ls.is_empty() { format!("{name} {v}") } else { format!("{name}{{{}}} {v}", ls.join(",")) });
+    }
+
+    fn render(self) -> String {
+        let mut out = String::new();
+        for name in self.order {
+            let (kind, help, samples) = &self.help[name];
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for s in samples {
+                out.push_str(s);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// The same data in the Prometheus text exposition format (version 0.0.4).
+pub fn to_prometheus(upstreams: &[UpstreamReport]) -> String {
+    let mut f = Families::new();
+    for u in upstreams {
+        let up = u.name.as_str();
+        f.add("kylin_upstream_in_flight_requests", "gauge", "Requests in flight on the upstream, all workers.", &[("upstream", up)], u.in_flight as f64);
+        f.add("kylin_upstream_live_weight", "gauge", "Sum of the weights of primary servers neither down nor failed.", &[("upstream", up)], u.live_weight as f64);
+        if let Some(m) = u.balance_factor_milli {
+            f.add("kylin_upstream_balance_factor", "gauge", "The load bound factor c (absent when bounding is off).", &[("upstream", up)], f64::from(m) / 1000.0);
+        }
+        if let Some(b) = u.bound_per_weight {
+            f.add("kylin_upstream_bound_requests", "gauge", "Most requests a server of weight 1 may have in flight before movable requests spill.", &[("upstream", up)], b as f64);
+        }
+        for s in &u.servers {
+            let srv = s.address.as_str();
+            let base = [("upstream", up), ("server", srv)];
+            for state in ["up", "down", "failed"] {
+                let l = [("upstream", up), ("server", srv), ("state", state)];
+                f.add("kylin_server_state", "gauge", "1 for the server's current state (up, down, failed).", &l, f64::from(u8::from(s.state == state)));
+            }
+            f.add("kylin_server_backup", "gauge", "1 for backup servers.", &base, f64::from(u8::from(s.backup)));
+            f.add("kylin_server_weight", "gauge", "The server's weight.", &base, s.weight as f64);
+            f.add("kylin_server_in_flight_requests", "gauge", "Requests in flight on the server, all workers.", &base, s.in_flight as f64);
+            f.add("kylin_server_requests_total", "counter", "Requests sent to the server (every try).", &base, s.requests as f64);
+            for (route, n) in [("sticky", s.sticky), ("learned", s.learned), ("spilled", s.spilled_in), ("failover", s.failover), ("backup", s.backup_requests)] {
+                let l = [("upstream", up), ("server", srv), ("route", route)];
+                f.add("kylin_server_decisions_total", "counter", "Requests sent to the server, by how the balancer chose it.", &l, n as f64);
+            }
+            f.add("kylin_server_spilled_out_total", "counter", "Movable requests that left this server because it was over its bound.", &base, s.spilled_out as f64);
+            f.add("kylin_server_failures_total", "counter", "Tries that failed (nginx's proxy_next_upstream failures).", &base, s.failures as f64);
+        }
+        if let Some(r) = &u.routes {
+            let l = [("upstream", up), ("zone", r.zone.as_str())];
+            f.add("kylin_session_routes_entries", "gauge", "Learned session routes stored (zone-wide).", &l, r.entries as f64);
+            f.add("kylin_session_routes_capacity", "gauge", "Learned session routes the zone can hold.", &l, r.capacity as f64);
+            f.add("kylin_session_routes_hits_total", "counter", "Session route lookups that found a route (zone-wide).", &l, r.hits as f64);
+            f.add("kylin_session_routes_misses_total", "counter", "Session route lookups that found none (zone-wide).", &l, r.misses as f64);
+            f.add("kylin_session_routes_inserts_total", "counter", "Session routes learned (zone-wide).", &l, r.inserts as f64);
+            f.add("kylin_session_routes_evictions_total", "counter", "Routes evicted because the zone was full (zone-wide).", &l, r.evictions as f64);
+            f.add("kylin_session_routes_expired_total", "counter", "Routes dropped after their idle timeout (zone-wide).", &l, r.expired as f64);
+        }
+        if let Some(st) = &u.store {
+            if st.kind != "shared" {
+                let l = [("upstream", up)];
+                f.add("kylin_session_store_lookups_total", "counter", "Session lookups sent to the store.", &l, st.lookups as f64);
+                f.add("kylin_session_store_errors_total", "counter", "Lookups that failed (connection, protocol, cluster).", &l, st.errors as f64);
+                f.add("kylin_session_store_timeouts_total", "counter", "Lookups that timed out.", &l, st.timeouts as f64);
+                f.add("kylin_session_store_skipped_total", "counter", "Lookups not made because the circuit breaker was open.", &l, st.skipped as f64);
+                f.add("kylin_session_store_lookup_seconds_total", "counter", "Time spent in lookups.", &l, st.latency_seconds);
+                for state in ["closed", "open", "half-open"] {
+                    let l = [("upstream", up), ("state", state)];
+                    f.add("kylin_session_store_breaker_state", "gauge", "1 for the circuit breaker's current state.", &l, f64::from(u8::from(st.breaker == state)));
+                }
+            }
+        }
+    }
+    f.render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +290,7 @@ mod tests {
                 ServerReport { address: "10.0.0.2:7070".into(), server: "kylin2:7070".into(), weight: 1, state: "failed", learned: 4, spilled_out: 3, failures: 1, ..Default::default() },
             ],
             routes: Some(RoutesReport { zone: "kylin_session_routes".into(), entries: 4, capacity: 100, ..Default::default() }),
-            store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, ..Default::default() }),
+            store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, latency_seconds: 0.5, ..Default::default() }),
         }
     }
 
@@ -201,6 +310,30 @@ mod tests {
         assert_eq!(u["session_routes"]["capacity"], 100);
         assert_eq!(u["session_store"]["breaker"], "open");
         assert_eq!(u["session_store"]["urls"][0], "redis://***@h:1");
+    }
+
+    #[test]
+    fn prometheus_text() {
+        let mut u = sample();
+        u.name = "kylin\"q\\".into();
+        let text = to_prometheus(&[u]);
+        // One HELP/TYPE per family, before its samples.
+        assert_eq!(text.matches("# TYPE kylin_server_requests_total counter").count(), 1);
+        assert!(text.contains("kylin_server_requests_total{upstream=\"kylin\\\"q\\\\\",server=\"10.0.0.1:7070\"} 10\n"), "{text}");
+        assert!(text.contains("route=\"spilled\"} 3\n"));
+        assert!(text.contains("kylin_upstream_balance_factor{upstream=\"kylin\\\"q\\\\\"} 1.25\n"));
+        assert!(text.contains("state=\"failed\"} 1\n"));
+        assert!(text.contains("kylin_session_store_lookup_seconds_total{upstream=\"kylin\\\"q\\\\\"} 0.5\n"));
+        assert!(text.contains("kylin_session_store_breaker_state{upstream=\"kylin\\\"q\\\\\",state=\"open\"} 1\n"));
+        // Every sample line: name{labels} value; counters end in _total.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, _) = line.split_once(['{', ' ']).unwrap();
+            assert!(name.starts_with("kylin_"), "{line}");
+            assert!(line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(), "{line}");
+        }
+        for t in text.lines().filter(|l| l.starts_with("# TYPE") && l.ends_with("counter")) {
+            assert!(t.split(' ').nth(2).unwrap().ends_with("_total"), "{t}");
+        }
     }
 
     #[test]

@@ -461,6 +461,6 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
         errors: get(cell::ERRORS),
         timeouts: get(cell::TIMEOUTS),
         skipped: get(cell::SKIPPED),
-        mean_latency_ms: if lookups > 0 { get(cell::LATENCY_US) as f64 / lookups as f64 / 1000.0 } else { 0.0 },
+        latency_seconds: get(cell::LATENCY_US) as f64 / 1e6,
     })
 }

@@ -1,5 +1,6 @@
-//! `kylin_status;`: a read-only JSON document about every kylin upstream (glue; the document
-//! itself is built in [`crate::report`]).
+//! `kylin_status;`: a read-only JSON document about every kylin upstream, or with
+//! `?format=prometheus` the same data as Prometheus metrics (glue; the documents themselves
+//! are built in [`crate::report`]).
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -160,11 +161,15 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             }
         }
         let version = NGINX_VERSION.to_str().unwrap_or("");
-        let body = report::to_json(version, now, &reports);
+        let prometheus = (*r).args.as_bytes().split(|&b| b == b'&').any(|a| a == b"format=prometheus");
+        let (body, ct) = if prometheus {
+            (report::to_prometheus(&reports), "text/plain; version=0.0.4; charset=utf-8")
+        } else {
+            (report::to_json(version, now, &reports), "application/json")
+        };
 
         (*r).headers_out.status = 200;
         (*r).headers_out.content_length_n = body.len() as i64;
-        let ct = "application/json";
         (*r).headers_out.content_type_len = ct.len();
         (*r).headers_out.content_type.len = ct.len();
         (*r).headers_out.content_type.data = ct.as_ptr() as *mut u8;
