@@ -26,9 +26,12 @@ fn main() {
         println!("cargo::rustc-cfg=ngx_os=\"{os}\"");
     }
 
-    // Version gates. Peer reference counting (`refs`, `zombie`) and the peers' `config`
-    // counter arrived with `resolve` in upstream zones (1.27.3).
-    const VERSION_CHECKS: &[(u64, &str)] = &[(1_027_003, "nginx1_27_3")];
+    // Version gates:
+    // - 1.23.0 keeps request `Cookie` and upstream `Set-Cookie` headers in linked lists
+    //   (`headers_in.cookie`, `u->headers_in.set_cookie`); before, in arrays;
+    // - 1.27.3 added peer reference counting (`refs`, `zombie`) and the zone peers' `config`
+    //   generation, with `resolve` in upstream zones.
+    const VERSION_CHECKS: &[(u64, &str)] = &[(1_023_000, "nginx1_23_0"), (1_027_003, "nginx1_27_3")];
     for check in VERSION_CHECKS {
         println!("cargo::rustc-check-cfg=cfg({})", check.1);
     }

@@ -118,7 +118,14 @@ impl Bound {
         if !self.is_on() {
             return u64::MAX;
         }
-        let num = u128::from(self.factor_milli) * (u128::from(self.total) + 1) * u128::from(weight.max(1));
+        let w = weight.max(1);
+        // 64-bit arithmetic for every realistic value; 128 bits only if it would overflow.
+        let num = u64::from(self.factor_milli).checked_mul(self.total.saturating_add(1)).and_then(|x| x.checked_mul(w));
+        let den = self.live_weight.checked_mul(1000);
+        if let (Some(n), Some(d)) = (num, den) {
+            return n.div_ceil(d);
+        }
+        let num = u128::from(self.factor_milli) * (u128::from(self.total) + 1) * u128::from(w);
         let den = 1000 * u128::from(self.live_weight);
         u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
     }
@@ -206,9 +213,12 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
             return Some((l, Route::Learned, None));
         }
     }
+    // One walk of the key's order: the first usable server is home; if a movable request must
+    // leave it, the walk goes on from there (the servers before home are unusable anyway).
+    let mut order = g.ring.order(req.key);
     let mut first = true;
     let mut found = None;
-    for i in g.ring.order(req.key) {
+    for i in order.by_ref() {
         if g.servers.usable(i) {
             found = Some((i, if first { Route::Sticky } else { Route::Failover }));
             break;
@@ -217,7 +227,9 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
     }
     let (home, route) = found?;
     if req.movable && over(g, home) {
-        if let Some(t) = spill(g, req.key, home) {
+        let bound = g.bound;
+        let servers = &mut *g.servers;
+        if let Some(t) = order.find(|&i| servers.usable(i) && bound.admits(servers.load(i), servers.weight(i))) {
             return Some((t, Route::Spilled, Some(home)));
         }
     }

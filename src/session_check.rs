@@ -313,7 +313,7 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
         let Some(StoreMode::Redis(store)) = kcf.store_mode() else { return NGX_DECLINED as ngx_int_t };
         let Some(cache_zone) = kcf.cache_zone else { return NGX_DECLINED as ngx_int_t };
 
-        let cookies = upstream::header_values(&(*r).headers_in.headers, "Cookie");
+        let cookies = upstream::request_cookies(r);
         let RequestSession::Id(id) = session::request_session(cookies, kcf.session_cookie()) else {
             return NGX_DECLINED as ngx_int_t;
         };

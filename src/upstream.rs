@@ -11,14 +11,15 @@
 
 use core::ffi::c_void;
 use core::ptr;
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+#[cfg(not(nginx1_23_0))]
+use ngx::ffi::ngx_list_t;
 use ngx::ffi::{
     ngx_conf_t, ngx_http_complex_value, ngx_http_request_t, ngx_http_upstream_free_round_robin_peer,
     ngx_http_upstream_init_round_robin, ngx_http_upstream_init_round_robin_peer,
     ngx_http_upstream_rr_peer_data_t, ngx_http_upstream_rr_peer_t, ngx_http_upstream_rr_peers_t,
-    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_list_t, ngx_palloc, ngx_peer_connection_t,
+    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_palloc, ngx_peer_connection_t,
     ngx_rwlock_unlock, ngx_rwlock_wlock, ngx_str_t, ngx_time, ngx_uint_t, sockaddr_in, sockaddr_in6,
     NGX_BUSY, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_WARN, NGX_OK, NGX_PEER_FAILED,
 };
@@ -61,14 +62,21 @@ pub struct UpstreamState {
     config: ngx_uint_t,
     primary: Group,
     backup: Option<Group>,
-    /// Server identity -> primary ring index, for learned routes.
-    by_id: HashMap<u64, usize>,
+    /// (server identity, primary ring index), sorted, for learned routes.
+    by_id: Vec<(u64, usize)>,
     /// The upstream's in-flight total.
     total: Option<&'static Slot>,
     slots_ready: bool,
     /// Sum of the weights of live primary servers, refreshed once a second.
     live_weight: u64,
     live_at: i64,
+}
+
+impl UpstreamState {
+    /// The primary ring index of the server with this identity.
+    fn index_of(&self, id: u64) -> Option<usize> {
+        self.by_id.binary_search_by_key(&id, |&(k, _)| k).ok().map(|j| self.by_id[j].1)
+    }
 }
 
 /// The zone's peer-list generation (bumped when `resolve` changes the servers); 0 without.
@@ -122,7 +130,8 @@ unsafe fn build_state(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Upstre
         let primary = build_group(peers)?;
         let next = (*peers).next;
         let backup = if next.is_null() { None } else { Some(build_group(next)?) };
-        let by_id = primary.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let mut by_id: Vec<(u64, usize)> = primary.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        by_id.sort_unstable();
         Ok(UpstreamState {
             source: peers,
             config: peers_config(peers),
@@ -248,7 +257,34 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
     }
 }
 
-/// Values of the headers called `name` in an nginx header list.
+/// Values of a chain of headers of one name (nginx 1.23+ links same-name headers).
+#[cfg(nginx1_23_0)]
+unsafe fn chain<'a>(first: *mut ngx::ffi::ngx_table_elt_t) -> impl Iterator<Item = &'a [u8]> + 'a {
+    // SAFETY: the chain belongs to a live request; each element's `next` is NULL or the next
+    // header of the same name.
+    core::iter::successors(unsafe { first.as_ref() }, |h| unsafe { h.next.as_ref() }).map(|h| h.value.as_bytes())
+}
+
+/// Values of the request's `Cookie` headers.
+pub unsafe fn request_cookies<'a>(r: *mut ngx_http_request_t) -> impl Iterator<Item = &'a [u8]> + 'a {
+    // SAFETY: r is a live request.
+    #[cfg(nginx1_23_0)]
+    return unsafe { chain((*r).headers_in.cookie) };
+    #[cfg(not(nginx1_23_0))]
+    return unsafe { header_values(&(*r).headers_in.headers, "Cookie") };
+}
+
+/// Values of the upstream response's `Set-Cookie` headers.
+unsafe fn response_set_cookies<'a>(u: *mut ngx::ffi::ngx_http_upstream_t) -> impl Iterator<Item = &'a [u8]> + 'a {
+    // SAFETY: u is the live request's upstream.
+    #[cfg(nginx1_23_0)]
+    return unsafe { chain((*u).headers_in.set_cookie) };
+    #[cfg(not(nginx1_23_0))]
+    return unsafe { header_values(&(*u).headers_in.headers, "Set-Cookie") };
+}
+
+/// Values of the headers called `name` in an nginx header list (nginx before 1.23).
+#[cfg(not(nginx1_23_0))]
 pub unsafe fn header_values<'a>(list: &'a ngx_list_t, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
     // SAFETY: the list belongs to a live request.
     unsafe { ngx::http::list_iterator(list) }
@@ -273,7 +309,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
         };
 
         // The session cookie, and the server that created the session.
-        let cookies = header_values(&(*r).headers_in.headers, "Cookie");
+        let cookies = request_cookies(r);
         let checked = crate::variables::existing_ctx(r).filter(|c| c.checked).map(|c| c.session);
         let (state, skey, learned, sid) = match session::request_session(cookies, kcf.session_cookie()) {
             RequestSession::None => (SessionState::None, None, None, None),
@@ -496,7 +532,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
         let req = Request {
             key: pd.key,
-            learned: pd.learned.and_then(|id| state.by_id.get(&id).copied()),
+            learned: pd.learned.and_then(|id| state.index_of(id)),
             movable: pd.movable,
         };
         let choice = match (&state.backup, pd.on_backup) {
@@ -645,7 +681,7 @@ pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Opt
         },
         None => unsafe { client_address_key(r) },
     };
-    let home = learned.and_then(|id| state.by_id.get(&id).copied()).or_else(|| state.primary.ring.owner(key));
+    let home = learned.and_then(|id| state.index_of(id)).or_else(|| state.primary.ring.owner(key));
     let Some(home) = home else { return false };
     let load = state.primary.slots[home].map_or(0, |s| s.inflight());
     // SAFETY: config-time and zone peers are both valid for the cycle; only the weight is read.
@@ -666,7 +702,7 @@ unsafe fn learn_session(pd: &PeerData) {
             return;
         }
         let name = kcf.session_cookie();
-        let Some(set) = header_values(&(*u).headers_in.headers, "Set-Cookie").find_map(|v| session::response_session(v, name))
+        let Some(set) = response_set_cookies(u).find_map(|v| session::response_session(v, name))
         else {
             return;
         };
