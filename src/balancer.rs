@@ -197,7 +197,7 @@ fn spill<S: Servers>(g: &mut Group<'_, S>, key: u64, home: usize) -> Option<usiz
 /// Whether `i` is over its bound (so a movable request should look further).
 #[inline]
 fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
-    !g.bound.admits(g.servers.load(i), g.servers.weight(i))
+    g.bound.is_on() && !g.bound.admits(g.servers.load(i), g.servers.weight(i))
 }
 
 /// Sticky/failover/spill within one group: (server, route, spilled from); `None` when no
@@ -213,9 +213,13 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
             return Some((l, Route::Learned, None));
         }
     }
+    // The common case: the key's own server is usable and need not be left.
+    let (owner, mut order) = g.ring.owner_and_order(req.key)?;
+    if g.servers.usable(owner) && !(req.movable && over(g, owner)) {
+        return Some((owner, Route::Sticky, None));
+    }
     // One walk of the key's order: the first usable server is home; if a movable request must
     // leave it, the walk goes on from there (the servers before home are unusable anyway).
-    let mut order = g.ring.order(req.key);
     let mut first = true;
     let mut found = None;
     for i in order.by_ref() {

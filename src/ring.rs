@@ -104,6 +104,14 @@ impl Ring {
         self.points.get(self.start(key)).map(|p| p.peer as usize)
     }
 
+    /// The key's owner together with its preference list, sharing one binary search.
+    #[inline]
+    pub fn owner_and_order(&self, key: u64) -> Option<(usize, Order<'_>)> {
+        let start = self.start(key);
+        let owner = self.points.get(start)?.peer as usize;
+        Some((owner, Order { ring: self, pos: start, walked: 0, left: self.peers, seen: Bits::new(self.peers) }))
+    }
+
     /// Index of the first point at or after `key`, wrapping to 0. O(log points).
     #[inline]
     fn start(&self, key: u64) -> usize {
@@ -128,9 +136,10 @@ impl Ring {
     }
 }
 
-/// A fixed-size bit set; inline up to 256 servers, on the heap beyond.
+/// A fixed-size bit set: one word up to 64 servers, four up to 256, on the heap beyond.
 #[derive(Debug)]
 enum Bits {
+    Word(u64),
     Inline([u64; 4]),
     Heap(Vec<u64>),
 }
@@ -138,7 +147,9 @@ enum Bits {
 impl Bits {
     #[inline]
     fn new(n: usize) -> Bits {
-        if n <= 256 {
+        if n <= 64 {
+            Bits::Word(0)
+        } else if n <= 256 {
             Bits::Inline([0; 4])
         } else {
             Bits::Heap(vec![0; n.div_ceil(64)])
@@ -148,13 +159,14 @@ impl Bits {
     /// Sets bit `i`; returns whether it was already set.
     #[inline]
     fn test_and_set(&mut self, i: usize) -> bool {
-        let words: &mut [u64] = match self {
-            Bits::Inline(w) => w,
-            Bits::Heap(w) => w,
-        };
         let (w, m) = (i / 64, 1u64 << (i % 64));
-        let was = words[w] & m != 0;
-        words[w] |= m;
+        let word = match self {
+            Bits::Word(x) => x,
+            Bits::Inline(a) => &mut a[w],
+            Bits::Heap(v) => &mut v[w],
+        };
+        let was = *word & m != 0;
+        *word |= m;
         was
     }
 }

@@ -44,25 +44,55 @@ pub fn valid_name(name: &[u8]) -> bool {
         && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Splits a `Cookie` header value into trimmed `name=value` pairs (RFC 6265 section 5.4:
-/// pairs separated by `;`, optional whitespace). Written out rather than taken from the
-/// `cookie` crate: that crate's parser cost about 1,500 instructions per request under
-/// callgrind (it builds a `Cookie` with attributes for every pair), against a budget of a few
-/// hundred for the whole balancer.
-fn pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    header.split(|&b| b == b';').filter_map(|p| {
-        let p = p.trim_ascii();
-        let eq = p.iter().position(|&b| b == b'=')?;
-        Some((p[..eq].trim_ascii(), unquote(p[eq + 1..].trim_ascii())))
-    })
+/// RFC 6265 optional whitespace.
+#[inline]
+fn is_ws(b: u8) -> bool {
+    b == b' ' || b == b'\t'
 }
 
-/// A cookie value without its optional surrounding double quotes.
-fn unquote(v: &[u8]) -> &[u8] {
+/// `v` without surrounding whitespace and optional double quotes.
+#[inline]
+fn clean_value(v: &[u8]) -> &[u8] {
+    let v = v.trim_ascii();
     match v {
         [b'"', inner @ .., b'"'] => inner,
         _ => v,
     }
+}
+
+/// The value of the first pair named `name` in a `Cookie` header value (RFC 6265 section
+/// 5.4: `name=value` pairs separated by `;` and optional whitespace) that is a valid id.
+///
+/// Written out byte by byte rather than taken from the `cookie` crate: that crate's parser
+/// cost about 1,500 instructions per request under callgrind (it builds a `Cookie` with
+/// attributes for every pair), against a budget of a few hundred for the whole balancer.
+fn find_pair<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut i = 0;
+    let n = header.len();
+    while i < n {
+        while i < n && is_ws(header[i]) {
+            i += 1;
+        }
+        let start = i;
+        while i < n && header[i] != b';' {
+            i += 1;
+        }
+        let pair = &header[start..i];
+        i += 1; // past ';'
+        if pair.len() > name.len() && pair.starts_with(name) {
+            let rest = &pair[name.len()..];
+            let eq = rest.iter().position(|&b| !is_ws(b));
+            if let Some(e) = eq {
+                if rest[e] == b'=' {
+                    let v = clean_value(&rest[e + 1..]);
+                    if valid_id(v) {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Finds the session cookie `name` in the values of a request's `Cookie` headers: the first
@@ -72,21 +102,11 @@ where
     I: IntoIterator<Item = &'a [u8]>,
 {
     for header in cookie_headers {
-        // Cheap pre-check: most requests carry cookies, few of them ours.
-        if !contains(header, name) {
-            continue;
-        }
-        for (n, v) in pairs(header) {
-            if n == name && valid_id(v) {
-                return RequestSession::Id(v);
-            }
+        if let Some(v) = find_pair(header, name) {
+            return RequestSession::Id(v);
         }
     }
     RequestSession::None
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A response's `Set-Cookie` for the session cookie.
@@ -101,24 +121,42 @@ pub enum SetSession<'a> {
 /// Reads one `Set-Cookie` header value (RFC 6265 section 5.2: `name=value` then
 /// `; attribute` parts); `None` when it is about another cookie or malformed.
 pub fn response_session<'a>(set_cookie: &'a [u8], name: &[u8]) -> Option<SetSession<'a>> {
-    let mut parts = set_cookie.split(|&b| b == b';');
-    let first = parts.next()?.trim_ascii();
-    let eq = first.iter().position(|&b| b == b'=')?;
-    if first[..eq].trim_ascii() != name {
+    let b = set_cookie;
+    let mut i = 0;
+    while i < b.len() && is_ws(b[i]) {
+        i += 1;
+    }
+    if !b[i..].starts_with(name) {
         return None;
     }
-    let v = unquote(first[eq + 1..].trim_ascii());
-    let expired = parts.any(|attr| {
-        let attr = attr.trim_ascii();
-        match attr.iter().position(|&b| b == b'=') {
-            Some(i) if attr[..i].trim_ascii().eq_ignore_ascii_case(b"max-age") => {
-                let age = attr[i + 1..].trim_ascii();
-                // RFC 6265: a leading '-' or "0" means expire now; non-digits are ignored.
-                matches!(age.first(), Some(b'-')) || (!age.is_empty() && age.iter().all(|&b| b == b'0'))
+    i += name.len();
+    while i < b.len() && is_ws(b[i]) {
+        i += 1;
+    }
+    if b.get(i) != Some(&b'=') {
+        return None;
+    }
+    let vstart = i + 1;
+    let vend = b[vstart..].iter().position(|&c| c == b';').map_or(b.len(), |p| vstart + p);
+    let v = clean_value(&b[vstart..vend]);
+    let mut expired = false;
+    if vend < b.len() {
+        for attr in b[vend + 1..].split(|&c| c == b';') {
+            let attr = attr.trim_ascii_start();
+            // Only Max-Age matters: a leading '-' or all zeros means "expire now" (RFC 6265);
+            // a value that is not a number is ignored.
+            if attr.len() > 7 && attr[..7].eq_ignore_ascii_case(b"max-age") {
+                if let Some(eq) = attr.iter().position(|&c| c == b'=') {
+                    let age = attr[eq + 1..].trim_ascii();
+                    if attr[7..eq].trim_ascii().is_empty()
+                        && (age.first() == Some(&b'-') || (!age.is_empty() && age.iter().all(|&c| c == b'0')))
+                    {
+                        expired = true;
+                    }
+                }
             }
-            _ => false,
         }
-    });
+    }
     if v.is_empty() || expired {
         return Some(SetSession::Delete);
     }

@@ -67,7 +67,10 @@ unsafe fn servers_of(
                 backup,
                 state,
                 in_flight: slot.map_or(0, |s| s.inflight()),
-                requests: c(Counter::Requests),
+                requests: [Counter::Sticky, Counter::Learned, Counter::SpilledIn, Counter::Failover, Counter::Backup]
+                    .into_iter()
+                    .map(c)
+                    .sum(),
                 sticky: c(Counter::Sticky),
                 learned: c(Counter::Learned),
                 spilled_in: c(Counter::SpilledIn),

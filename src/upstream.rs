@@ -211,28 +211,78 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
 }
 
 /// Per-request balancer data. `rrp` comes first: round robin's callbacks receive `&rrp`.
+///
+/// Kept as small as ip_hash's (72 bytes): it comes from the request pool, whose first block
+/// the whole request shares, and measurements showed a larger struct pushing requests into a
+/// second pool block (one more malloc per request). So the configuration and the key are
+/// found again from the request when needed, and session data lives in a separate allocation
+/// made only for requests that carry a session.
 #[repr(C)]
 struct PeerData {
     rrp: ngx_http_upstream_rr_peer_data_t,
     r: *mut ngx_http_request_t,
-    conf: *mut SrvConf,
-    key: u64,
-    /// Identity of the server that created this request's session, if learned.
-    learned: Option<u64>,
-    /// Route-table key of the request's session, if it carries one, as two halves: this
-    /// struct lives in the request pool, which aligns to 8 bytes, not u128's 16.
-    session: Option<[u64; 2]>,
-    /// The session id (pointing into the request's headers), for shared routes.
-    session_id: (*const u8, usize),
+    /// The request's session, or NULL.
+    sess: *mut SessionData,
+    /// Counters of the server this try went to, while it is counted in flight.
+    counted: Option<&'static Slot>,
     movable: bool,
     /// This request moved to the backup servers.
     on_backup: bool,
-    /// Counters of the server this try went to, while it is counted in flight.
-    counted: Option<&'static Slot>,
-    counted_total: Option<&'static Slot>,
-    /// Identity of the server this try went to.
-    current_id: u64,
+    /// The try is also counted in the upstream's in-flight total.
+    counted_total: bool,
+    /// What the balancer decided, for `$kylin_route` and `$kylin_session_state`: the
+    /// request's module context points here (no separate allocation).
+    ctx: crate::variables::RequestCtx,
 }
+
+// The size argued for above; a compile error if a new field breaks it.
+const _: () = assert!(core::mem::size_of::<PeerData>() <= 72);
+
+/// What a request that carries a session needs beyond [`PeerData`].
+#[repr(C)]
+struct SessionData {
+    /// Route-table key as two halves (the pool aligns to 8 bytes, not u128's 16).
+    key: [u64; 2],
+    /// Identity of the server that created the session; 0 if none is learned.
+    learned: u64,
+}
+
+impl PeerData {
+    /// The upstream's configuration (found from the request: not stored, see above).
+    unsafe fn conf(&self) -> Option<&'static mut SrvConf> {
+        // SAFETY: r is live and has an upstream using this balancer.
+        unsafe { srv_conf((*(*self.r).upstream).upstream) }
+    }
+
+    fn session(&self) -> Option<&SessionData> {
+        // SAFETY: sess is NULL or a SessionData in the request pool.
+        unsafe { self.sess.as_ref() }
+    }
+}
+
+/// The route-table key of a session.
+fn session_key_of(s: &SessionData) -> u128 {
+    u128::from(s.key[0]) | (u128::from(s.key[1]) << 64)
+}
+
+/// The request's stickiness key: the value of `kylin_hash`, else the client address.
+unsafe fn request_key(r: *mut ngx_http_request_t, kcf: &SrvConf) -> Option<u64> {
+    // SAFETY: r is a live request.
+    unsafe {
+        match kcf.hash {
+            Some(cv) => {
+                let mut v = ngx_str_t::default();
+                if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
+                    return None;
+                }
+                Some(key_hash(v.as_bytes()))
+            }
+            None => Some(client_address_key(r)),
+        }
+    }
+}
+
+
 
 /// The stickiness key of a request: its client address (after realip).
 unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
@@ -297,23 +347,17 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
     // SAFETY: nginx passes a valid request with an upstream, and the upstream it uses.
     unsafe {
         let Some(kcf) = srv_conf(us) else { return NGX_ERROR as ngx_int_t };
-        let key = match kcf.hash {
-            Some(cv) => {
-                let mut v = ngx_str_t::default();
-                if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
-                    return NGX_ERROR as ngx_int_t;
-                }
-                key_hash(v.as_bytes())
-            }
-            None => client_address_key(r),
-        };
+        // The key is computed in `get`; evaluate kylin_hash now so that a failure fails here.
+        if request_key(r, kcf).is_none() {
+            return NGX_ERROR as ngx_int_t;
+        }
 
         // The session cookie, and the server that created the session.
         let cookies = request_cookies(r);
         let checked = crate::variables::existing_ctx(r).filter(|c| c.checked).map(|c| c.session);
-        let (state, skey, learned, sid) = match session::request_session(cookies, kcf.session_cookie()) {
-            RequestSession::None => (SessionState::None, None, None, None),
-            RequestSession::Id(_) if checked == Some(SessionState::None) => (SessionState::None, None, None, None),
+        let (state, skey, learned) = match session::request_session(cookies, kcf.session_cookie()) {
+            RequestSession::None => (SessionState::None, None, None),
+            RequestSession::Id(_) if checked == Some(SessionState::None) => (SessionState::None, None, None),
             RequestSession::Id(id) => {
                 let now = ngx_time();
                 let timeout = kcf.routes_timeout();
@@ -328,29 +372,33 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                     (_, Some(s)) => s,
                     _ => SessionState::Unknown,
                 };
-                (state, found.map(|f| f.0), found.and_then(|f| f.1), Some(id))
+                (state, found.map(|f| f.0), found.and_then(|f| f.1))
             }
         };
-        if let Some(ctx) = crate::variables::ctx(r) {
-            ctx.session = state;
-            ctx.route = None;
-        }
 
         let pd = ngx_palloc((*r).pool, core::mem::size_of::<PeerData>()) as *mut PeerData;
         if pd.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
+        let sess = match skey {
+            Some(k) => {
+                let sd = ngx_palloc((*r).pool, core::mem::size_of::<SessionData>()) as *mut SessionData;
+                if sd.is_null() {
+                    return NGX_ERROR as ngx_int_t;
+                }
+                sd.write(SessionData { key: [k as u64, (k >> 64) as u64], learned: learned.unwrap_or(0) });
+                sd
+            }
+            None => ptr::null_mut(),
+        };
         ptr::addr_of_mut!((*pd).r).write(r);
-        ptr::addr_of_mut!((*pd).conf).write(kcf);
-        ptr::addr_of_mut!((*pd).key).write(key);
-        ptr::addr_of_mut!((*pd).learned).write(learned);
-        ptr::addr_of_mut!((*pd).session).write(skey.map(|k: u128| [k as u64, (k >> 64) as u64]));
-        ptr::addr_of_mut!((*pd).session_id).write(sid.map_or((ptr::null(), 0), |i| (i.as_ptr(), i.len())));
+        ptr::addr_of_mut!((*pd).sess).write(sess);
         ptr::addr_of_mut!((*pd).movable).write(balancer::may_move(state));
         ptr::addr_of_mut!((*pd).on_backup).write(false);
         ptr::addr_of_mut!((*pd).counted).write(None);
-        ptr::addr_of_mut!((*pd).counted_total).write(None);
-        ptr::addr_of_mut!((*pd).current_id).write(0);
+        ptr::addr_of_mut!((*pd).counted_total).write(false);
+        ptr::addr_of_mut!((*pd).ctx).write(crate::variables::RequestCtx { session: state, checked: checked.is_some(), route: None });
+        crate::variables::set_ctx(r, ptr::addr_of_mut!((*pd).ctx));
 
         // Round robin fills in `rrp` (peers, tried bitmap, tries) when peer.data points at it.
         let u = (*r).upstream;
@@ -508,7 +556,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return NGX_BUSY as ngx_int_t;
         }
 
-        let kcf = &mut *pd.conf;
+        let Some(kcf) = pd.conf() else { return NGX_ERROR as ngx_int_t };
+        let Some(key) = request_key(pd.r, kcf) else { return NGX_ERROR as ngx_int_t };
         let factor = kcf.balance_factor();
         let now = ngx_time();
         let state = if pd.on_backup {
@@ -531,8 +580,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let tried = pd.rrp.tried;
 
         let req = Request {
-            key: pd.key,
-            learned: pd.learned.and_then(|id| state.index_of(id)),
+            key,
+            learned: pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned)),
             movable: pd.movable,
         };
         let choice = match (&state.backup, pd.on_backup) {
@@ -599,12 +648,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         *tried.add(choice.server / bits) |= 1 << (choice.server % bits);
 
         // Count the try in flight until `free`.
-        pd.current_id = group.ids[choice.server];
         pd.counted = group.slots[choice.server];
-        pd.counted_total = if choice.backup { None } else { state.total };
+        let total = if choice.backup { None } else { state.total };
+        pd.counted_total = total.is_some();
         if let Some(s) = pd.counted {
             s.start();
-            s.count(Counter::Requests);
             s.count(match choice.route {
                 Route::Sticky => Counter::Sticky,
                 Route::Learned => Counter::Learned,
@@ -613,19 +661,17 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
                 Route::Backup => Counter::Backup,
             });
         }
-        if let Some(t) = pd.counted_total {
+        if let Some(t) = total {
             t.start();
         }
         if let Some(home) = choice.from.and_then(|i| group.slots.get(i).copied().flatten()) {
             home.count(Counter::SpilledOut);
         }
-        if let Some(ctx) = crate::variables::ctx(pd.r) {
-            ctx.route = Some(choice.route);
-        }
+        pd.ctx.route = Some(choice.route);
         // A shared session that moves takes its learned route along, so it stays on its new
         // server instead of bouncing back.
-        if choice.route == Route::Spilled && pd.session.is_some() {
-            move_route(pd, (*best).name.as_bytes());
+        if choice.route == Route::Spilled && !pd.sess.is_null() {
+            move_route(pd, group.ids[choice.server], (*best).name.as_bytes());
         }
 
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "kylin peer: {} route: {}", (*best).name, choice.route.as_str());
@@ -633,24 +679,29 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     NGX_OK as ngx_int_t
 }
 
-/// The request's session id, if it carries one.
-unsafe fn session_id(pd: &PeerData) -> Option<&[u8]> {
-    // SAFETY: the pointer and length describe bytes of the request's header list, alive
-    // for the request.
-    (!pd.session_id.0.is_null()).then(|| unsafe { core::slice::from_raw_parts(pd.session_id.0, pd.session_id.1) })
+/// The request's session id, if it carries one (found again in its `Cookie` headers: rarely
+/// needed, so not kept per request).
+unsafe fn session_id<'a>(pd: &PeerData) -> Option<&'a [u8]> {
+    // SAFETY: pd.r is the live request.
+    unsafe {
+        let kcf = pd.conf()?;
+        match session::request_session(request_cookies(pd.r), kcf.session_cookie()) {
+            RequestSession::Id(id) => Some(id),
+            RequestSession::None => None,
+        }
+    }
 }
 
 /// Records that the request's session now lives on the current server (locally and, when
 /// routes are shared, in Redis).
-unsafe fn move_route(pd: &PeerData, server: &[u8]) {
-    // SAFETY: pd.conf is the upstream's configuration; zones are valid for the cycle.
+unsafe fn move_route(pd: &PeerData, id: u64, server: &[u8]) {
+    // SAFETY: zones are valid for the cycle.
     unsafe {
-        let kcf = &*pd.conf;
-        let (Some(zone), Some([lo, hi])) = (kcf.routes_zone, pd.session) else { return };
-        let k = u128::from(lo) | (u128::from(hi) << 64);
+        let Some(kcf) = pd.conf() else { return };
+        let (Some(zone), Some(sd)) = (kcf.routes_zone, pd.session()) else { return };
+        let k = session_key_of(sd);
         let now = ngx_time();
         let timeout = kcf.routes_timeout();
-        let id = pd.current_id;
         shm::with_routes(zone, |t| t.insert(k, id, now, timeout));
         if let Some(sid) = session_id(pd) {
             crate::session_check::share_route(kcf, sid, server);
@@ -695,7 +746,7 @@ pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Opt
 unsafe fn learn_session(pd: &PeerData) {
     // SAFETY: pd.r is the live request; its upstream headers were parsed from this server.
     unsafe {
-        let kcf = &*pd.conf;
+        let Some(kcf) = pd.conf() else { return };
         let Some(zone) = kcf.routes_zone else { return };
         let u = (*pd.r).upstream;
         if u.is_null() || (*u).headers_in.status_n == 0 {
@@ -708,8 +759,8 @@ unsafe fn learn_session(pd: &PeerData) {
         };
         let now = ngx_time();
         let timeout = kcf.routes_timeout();
-        let peer = pd.current_id;
-        let request_session = pd.session.map(|[lo, hi]| u128::from(lo) | (u128::from(hi) << 64));
+        let peer = key_hash((*pd.rrp.current).name.as_bytes());
+        let request_session = pd.session().map(session_key_of);
         let evicted = shm::with_routes(zone, |t| {
             match set {
                 SetSession::Set(id) => {
@@ -752,8 +803,10 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
                 s.count(Counter::Failures);
             }
         }
-        if let Some(t) = pd.counted_total.take() {
-            t.finish();
+        if core::mem::take(&mut pd.counted_total) {
+            if let Some(t) = pd.conf().and_then(|c| c.state.as_ref()).and_then(|s| s.total) {
+                t.finish();
+            }
         }
         if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
             learn_session(pd);

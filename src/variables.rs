@@ -1,6 +1,7 @@
 //! Variables: `$kylin_route` (how the balancer chose the server: sticky, learned, spilled,
-//! failover, backup) and `$kylin_session_state` (none, local, shared, unknown). Both are empty
-//! for requests that no kylin upstream balanced.
+//! failover, backup) and `$kylin_session_state` (none, local, shared, unknown), read from the
+//! balancer's per-request data; both are empty for requests that no kylin upstream balanced.
+//! Also the small per-request context in which the preaccess phase leaves a session verdict.
 
 use core::ffi::c_void;
 use core::ptr;
@@ -59,8 +60,7 @@ fn set_not_found(v: *mut ngx_http_variable_value_t) {
 
 unsafe extern "C" fn get_route(r: *mut ngx_http_request_t, v: *mut ngx_http_variable_value_t, _data: usize) -> ngx_int_t {
     // SAFETY: r is live; our ctx slot is NULL or ours.
-    let route = unsafe { existing_ctx(r) }.and_then(|c| c.route);
-    match route {
+    match unsafe { existing_ctx(r) }.and_then(|c| c.route) {
         Some(route) => set_value(v, route.as_str()),
         None => set_not_found(v),
     }
@@ -74,6 +74,13 @@ unsafe extern "C" fn get_session_state(r: *mut ngx_http_request_t, v: *mut ngx_h
         _ => set_not_found(v),
     }
     NGX_OK as ngx_int_t
+}
+
+/// Points the request's context at `ctx` (the balancer's per-request data, which lives in the
+/// request pool as long as the request).
+pub unsafe fn set_ctx(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
+    // SAFETY: r is live; ctx has an entry per HTTP module.
+    unsafe { *(*r).ctx.add(Module::module().ctx_index) = ctx as *mut c_void };
 }
 
 pub unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
