@@ -114,3 +114,31 @@ POST /st
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*invalid number of arguments in "kylin_status" directive/
+
+
+
+=== TEST 5: store credentials never show: status page and error log
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_session_store redis://kylin:hunter2@127.0.0.1:$TEST_NGINX_DEAD_PORT format=tomcat timeout=200ms fail_threshold=1;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1\n"; }
+--- config eval
+main::ssi_page(
+    q{<!--# include virtual="/q" wait="yes" -->},
+    q{<!--# include virtual="/st" wait="yes" -->},
+) . <<'_EOC_';
+    location = /q { proxy_pass http://kylin_nodes; }
+    location = /st { kylin_status; }
+_EOC_
+--- request
+GET /t
+--- more_headers
+Cookie: JSESSIONID=5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01
+--- response_body_like eval
+qr/\An1\n\n\{(?=.*"urls":\["redis:\/\/\*\*\*\@127\.0\.0\.1:\d+"\])(?!.*hunter2)(?=.*"breaker":"open")/s
+--- error_log
+failed 1 times in a row
+--- no_error_log
+hunter2
