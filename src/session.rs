@@ -67,29 +67,29 @@ fn clean_value(v: &[u8]) -> &[u8] {
 /// cost about 1,500 instructions per request under callgrind (it builds a `Cookie` with
 /// attributes for every pair), against a budget of a few hundred for the whole balancer.
 fn find_pair<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    let mut i = 0;
+    let (&first, _) = name.split_first()?;
     let n = header.len();
-    while i < n {
+    let mut from = 0;
+    // Jump from one occurrence of the name's first byte to the next; accept it where a pair
+    // starts (start of header, or after ';' and whitespace) with the whole name then '='.
+    while let Some(p) = header[from..].iter().position(|&b| b == first) {
+        let at = from + p;
+        from = at + 1;
+        let starts_pair = header[..at].iter().rev().find(|&&b| !is_ws(b)).map_or(true, |&b| b == b';');
+        if !starts_pair || !header[at..].starts_with(name) {
+            continue;
+        }
+        let mut i = at + name.len();
         while i < n && is_ws(header[i]) {
             i += 1;
         }
-        let start = i;
-        while i < n && header[i] != b';' {
-            i += 1;
+        if i >= n || header[i] != b'=' {
+            continue;
         }
-        let pair = &header[start..i];
-        i += 1; // past ';'
-        if pair.len() > name.len() && pair.starts_with(name) {
-            let rest = &pair[name.len()..];
-            let eq = rest.iter().position(|&b| !is_ws(b));
-            if let Some(e) = eq {
-                if rest[e] == b'=' {
-                    let v = clean_value(&rest[e + 1..]);
-                    if valid_id(v) {
-                        return Some(v);
-                    }
-                }
-            }
+        let end = header[i..].iter().position(|&b| b == b';').map_or(n, |e| i + e);
+        let v = clean_value(&header[i + 1..end]);
+        if valid_id(v) {
+            return Some(v);
         }
     }
     None

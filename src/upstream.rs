@@ -348,7 +348,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
     unsafe {
         let Some(kcf) = srv_conf(us) else { return NGX_ERROR as ngx_int_t };
         // The key is computed in `get`; evaluate kylin_hash now so that a failure fails here.
-        if request_key(r, kcf).is_none() {
+        if kcf.hash.is_some() && request_key(r, kcf).is_none() {
             return NGX_ERROR as ngx_int_t;
         }
 
