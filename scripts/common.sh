@@ -123,3 +123,50 @@ check_example_configs() {
     rm -rf "$dir"
     return $rc
 }
+
+# Builds the module for the nginx that Debian installs (/usr/sbin/nginx, with nginx-dev's
+# sources in /usr/share/nginx/src): configures a copy of those sources with Debian's own
+# flags, then builds against it in target/debian. Sets and exports DEBIAN_NGINX_BIN and
+# DEBIAN_KYLIN_MODULE.
+build_module_debian() {
+    ensure_deps nginx-core nginx-dev
+    local src=/usr/share/nginx/src tree="$ROOT/target/debian/nginx-src" stamp
+    stamp="$(/usr/sbin/nginx -v 2>&1) $(md5sum "$src/conf_flags" | cut -d' ' -f1)"
+    if [ ! -f "$tree/objs/Makefile" ] || [ "$(cat "$tree/.kylin-stamp" 2>/dev/null)" != "$stamp" ]; then
+        log "configuring a copy of Debian's nginx sources ($(/usr/sbin/nginx -v 2>&1))"
+        rm -rf "$tree"
+        mkdir -p "$tree"
+        cp -a "$src/." "$tree/"
+        (
+            cd "$tree"
+            # shellcheck disable=SC1091
+            . ./conf_flags
+            ./configure "${NGX_CONF_FLAGS[@]}" >configure.log 2>&1
+        ) || die "configure failed: see $tree/configure.log"
+        echo "$stamp" >"$tree/.kylin-stamp"
+    fi
+    local msgs cdylib
+    msgs="$(mktemp)"
+    ( cd "$ROOT" && NGINX_SOURCE_DIR="$tree" NGINX_BUILD_DIR="$tree/objs" \
+        cargo build --release --lib --no-default-features --features export-modules \
+        --target-dir "$ROOT/target/debian" --message-format=json-render-diagnostics ) >"$msgs" \
+        || { rm -f "$msgs"; die "cargo build for Debian's nginx failed"; }
+    cdylib="$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "ngx_http_kylin_upstream_module":
+        for f in m.get("filenames", []):
+            if f.endswith(".so"):
+                print(f)
+' "$msgs")"
+    rm -f "$msgs"
+    [ -n "$cdylib" ] || die "could not find the module built for Debian's nginx"
+    DEBIAN_NGINX_BIN=/usr/sbin/nginx
+    DEBIAN_KYLIN_MODULE="$(dirname "$cdylib")/ngx_http_kylin_upstream_module.so"
+    cp -f "$cdylib" "$DEBIAN_KYLIN_MODULE.tmp" && mv -f "$DEBIAN_KYLIN_MODULE.tmp" "$DEBIAN_KYLIN_MODULE"
+    export DEBIAN_NGINX_BIN DEBIAN_KYLIN_MODULE
+}

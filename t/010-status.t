@@ -140,5 +140,5 @@ Cookie: JSESSIONID=5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01
 qr/\An1\n\n\{(?=.*"urls":\["redis:\/\/\*\*\*\@127\.0\.0\.1:\d+"\])(?!.*hunter2)(?=.*"breaker":"open")/s
 --- error_log
 failed 1 times in a row
---- no_error_log
-hunter2
+--- no_error_log eval
+qr/hunter2/

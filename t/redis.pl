@@ -72,6 +72,6 @@ sub stop_redis {
     @RedisPids = ();
 }
 
-END { stop_redis() if $$ == $RedisOwner }
+END { local $?; stop_redis() if $$ == $RedisOwner }   # keep the test's exit status
 
 1;

@@ -670,8 +670,12 @@ sub error_log_data () {
     if ($CheckAccumErrLog) {
         $lines = _read_log_from($ErrLogFile, undef);
     }
-    # Like the real Test::Nginx, must_die checks read error.log only (nginx writes its
-    # configuration errors there as well as to stderr), never stderr.
+    if ($MustDieStderr && (!$lines || !@$lines)) {
+        # Deviation from the real Test::Nginx, which reads error.log only: an nginx built with
+        # --error-log-path=stderr (Debian's packages) reports configuration errors on stderr
+        # only, so must_die blocks fall back to nginx's stderr when error.log is empty.
+        $lines = [ map { "$_\n" } split /\n/, read_stderr_file() ];
+    }
     return $lines // [];
 }
 
