@@ -65,7 +65,9 @@ fn connect(store: &RedisStore) -> Result<Conn, LookupError> {
         let c = ClusterClientBuilder::new(store.urls.clone())
             .connection_timeout(t)
             .response_timeout(t)
-            .retries(0)
+            // One retry covers a moved slot or a node restart; the request itself never
+            // waits longer than the store's timeout (nginx's timer), whatever the thread does.
+            .retries(1)
             .build()?
             .get_connection()?;
         Ok(Conn::Cluster(c))

@@ -56,9 +56,13 @@ sub start_redis_cluster {
     my $nodes = join " ", map { "127.0.0.1:$_" } @ports;
     system("redis-cli --cluster create $nodes --cluster-replicas 0 --cluster-yes >$RedisDir/cluster-create.log 2>&1") == 0
         or die "redis-cli --cluster create failed\n";
+    # Every node must see the whole cluster (not just the first one).
     for (1 .. 100) {
-        my $info = `redis-cli -p $ports[0] CLUSTER INFO 2>/dev/null`;
-        return @ports if $info =~ /cluster_state:ok/;
+        my $ready = grep {
+            my $info = `redis-cli -p $_ CLUSTER INFO 2>/dev/null`;
+            $info =~ /cluster_state:ok/ && $info =~ /cluster_known_nodes:3\b/ && $info =~ /cluster_slots_ok:16384/
+        } @ports;
+        return @ports if $ready == @ports;
         select undef, undef, undef, 0.1;
     }
     die "the Redis cluster did not become ready\n";
