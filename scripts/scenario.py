@@ -289,6 +289,7 @@ class Scenario:
 
         conf_path = os.path.join(self.prefix, "conf", "nginx.conf")
         n3 = "server 127.0.0.1:%d;" % self.node_ports[2]
+        before = sum(x["requests"] for x in (await self.status())["upstreams"]["kylin_nodes"]["servers"])
 
         async def reloader():
             await asyncio.sleep(0.7)
@@ -304,8 +305,10 @@ class Scenario:
         await asyncio.sleep(0.5)
         doc = await self.status()
         weights = [x["weight"] for x in doc["upstreams"]["kylin_nodes"]["servers"]]
-        self.check("reload", set(codes) == {200} and weights == [1, 1, 2],
-                   "two reloads (the second changing a weight) during a flood: codes %s, weights now %s" % (codes, weights))
+        after = sum(x["requests"] for x in doc["upstreams"]["kylin_nodes"]["servers"])
+        self.check("reload", set(codes) == {200} and weights == [1, 1, 2] and after >= before + sum(codes.values()),
+                   "two reloads (the second changing a weight) during a flood: codes %s, weights now %s, "
+                   "requests counted %d before and %d after (counters survive reloads)" % (codes, weights, before, after))
 
     async def counters(self):
         deadline = time.time() + 10

@@ -57,6 +57,19 @@ pub struct StoreReport {
     pub skipped: u64,
     /// Total time of all lookups, seconds.
     pub latency_seconds: f64,
+    /// The shared cache of answers (zone-wide): entries, capacity, hits, misses, evictions.
+    pub cache: Option<CacheReport>,
+}
+
+/// The shared cache of session-store answers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheReport {
+    pub zone: String,
+    pub entries: u64,
+    pub capacity: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
 }
 
 /// One kylin upstream.
@@ -118,6 +131,14 @@ fn store_json(s: &StoreReport) -> Value {
         "timeouts": s.timeouts,
         "skipped": s.skipped,
         "mean_latency_ms": if s.lookups > 0 { s.latency_seconds * 1000.0 / s.lookups as f64 } else { 0.0 },
+        "cache": s.cache.as_ref().map(|c| json!({
+            "zone": c.zone,
+            "entries": c.entries,
+            "capacity": c.capacity,
+            "hits": c.hits,
+            "misses": c.misses,
+            "evictions": c.evictions,
+        })),
     })
 }
 
@@ -263,6 +284,13 @@ pub fn to_prometheus(upstreams: &[UpstreamReport]) -> String {
                 f.add("kylin_session_store_timeouts_total", "counter", "Lookups that timed out.", &l, st.timeouts as f64);
                 f.add("kylin_session_store_skipped_total", "counter", "Lookups not made because the circuit breaker was open.", &l, st.skipped as f64);
                 f.add("kylin_session_store_lookup_seconds_total", "counter", "Time spent in lookups.", &l, st.latency_seconds);
+                if let Some(c) = &st.cache {
+                    let l = [("upstream", up), ("zone", c.zone.as_str())];
+                    f.add("kylin_session_cache_entries", "gauge", "Answers in the session-store cache (zone-wide).", &l, c.entries as f64);
+                    f.add("kylin_session_cache_hits_total", "counter", "Cache lookups that found an answer (zone-wide).", &l, c.hits as f64);
+                    f.add("kylin_session_cache_misses_total", "counter", "Cache lookups that found none (zone-wide).", &l, c.misses as f64);
+                    f.add("kylin_session_cache_evictions_total", "counter", "Answers evicted because the cache was full (zone-wide).", &l, c.evictions as f64);
+                }
                 for state in ["closed", "open", "half-open"] {
                     let l = [("upstream", up), ("state", state)];
                     f.add("kylin_session_store_breaker_state", "gauge", "1 for the circuit breaker's current state.", &l, f64::from(u8::from(st.breaker == state)));

@@ -462,5 +462,19 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
         timeouts: get(cell::TIMEOUTS),
         skipped: get(cell::SKIPPED),
         latency_seconds: get(cell::LATENCY_US) as f64 / 1e6,
+        // SAFETY: the cache zone is valid for the cycle.
+        cache: kcf.cache_zone.and_then(|z| unsafe {
+            shm::with_routes(z, |t| {
+                let h = t.header();
+                crate::report::CacheReport {
+                    zone: String::from_utf8_lossy((*z).shm.name.as_bytes()).into_owned(),
+                    entries: t.len() as u64,
+                    capacity: t.capacity() as u64,
+                    hits: h.hits,
+                    misses: h.misses,
+                    evictions: h.evictions,
+                }
+            })
+        }),
     })
 }

@@ -145,3 +145,64 @@ qr/\A\.+ (n\d)(?:\.+ \1){11}\n\z/s
 
 
 
+=== TEST 5: JDBC-style requests (Authorization: Basic, no session cookie) are session-less: they spill
+Kylin's JDBC/ODBC drivers authenticate every request instead of keeping a session.
+--- http_config
+    kylin_upstream kylin_nodes {
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(CORE::join "", map { q{<!--# include virtual="/via/10.77.0.1" -->} } 1 .. 12) . main::via_location()
+--- request
+GET /t
+--- more_headers
+Authorization: Basic a3lsaW46a3lsaW4=
+--- response_body_like eval
+qr/\A(?!(?:.*?n1){6})(?!(?:.*?n2){6})(?!(?:.*?n3){6})(?:\.+ n\d){12}\n\z/s
+--- no_error_log
+[error]
+[alert]
+--- timeout: 20
+
+
+
+=== TEST 6: ... but with a session cookie as well, the session decides: no spill
+The session is unknown to the balancer (not learned), so it may be node-local.
+--- http_config
+    kylin_upstream kylin_nodes {
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(CORE::join "", map { q{<!--# include virtual="/via/10.77.0.1/s/F00D1E" -->} } 1 .. 12) . main::via_location()
+--- request
+GET /t
+--- more_headers
+Authorization: Basic a3lsaW46a3lsaW4=
+--- response_body_like eval
+qr/\A\.+ (n\d)(?:\.+ \1){11}\n\z/s
+--- no_error_log
+[error]
+[alert]
+--- timeout: 20
