@@ -480,6 +480,7 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
             let file = file.map(|f| f.to_string_lossy()).unwrap_or_default();
             ngx_log_error!(
                 NGX_LOG_EMERG,
+                // SAFETY: cf->log is valid during configuration.
                 unsafe { (*cf).log },
                 "\"{}\" needs the kylin balancer: add \"kylin;\" to upstream \"{}\" or declare it with \"kylin_upstream\" in {}:{}",
                 directive,
@@ -637,6 +638,7 @@ unsafe extern "C" fn kylin_session_routes(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
                 ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid zone \"{}\" in \"kylin_session_routes\": expected zone=name:size", v);
                 return conf_error();
             };
+            // SAFETY: `size` starts with the ':' found above, so skipping one byte stays inside.
             let mut size = ngx_str_t { len: size.len - 1, data: unsafe { size.data.add(1) } };
             // SAFETY: size is a valid ngx_str_t into the configuration buffer.
             let n = unsafe { ngx_parse_size(&mut size) };

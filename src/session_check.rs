@@ -139,6 +139,7 @@ unsafe extern "C" fn run_job(data: *mut c_void, _log: *mut ngx_log_t) {
 
 /// Posts a job; on failure the job is dropped and `false` returned.
 unsafe fn post(job: Box<Job>) -> bool {
+    // SAFETY: called from the event loop of a worker, where the cycle is set up.
     let tp = unsafe { thread_pool() };
     if tp.is_null() {
         return false;

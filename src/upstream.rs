@@ -722,16 +722,7 @@ pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Opt
         return true;
     }
     // SAFETY: r is live; the key computation reads its connection or variables.
-    let key = match kcf.hash {
-        Some(cv) => unsafe {
-            let mut v = ngx_str_t::default();
-            if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
-                return true;
-            }
-            key_hash(v.as_bytes())
-        },
-        None => unsafe { client_address_key(r) },
-    };
+    let Some(key) = (unsafe { request_key(r, kcf) }) else { return true };
     let home = learned.and_then(|id| state.index_of(id)).or_else(|| state.primary.ring.owner(key));
     let Some(home) = home else { return false };
     let load = state.primary.slots[home].map_or(0, |s| s.inflight());
