@@ -10,6 +10,21 @@ Each node behaves like a Kylin node where it matters to a balancer:
 Every response is JSON and names the node, so you can see where nginx sent you.
 
     kylin_node.py --port 7071 --port 7072 --port 7073 [--delay 0.05]
+
+Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
+  --slots K          each node runs at most K queries (and other slow requests) at once and
+                     queues the rest, so overload shows as latency (0: unlimited)
+  --cache            each node keeps its own result cache (an LRU of --cache-size entries): a
+                     query, named by its `q` parameter or else its body, takes --hit-ms on a
+                     node that answered it before and --miss-ms otherwise (?sleep= still wins)
+  --redis-port P     sessions are also shared through Redis on 127.0.0.1:P, the way
+                     tomcat-redis-session-manager keeps them: login does SET <id> EX
+                     --session-ttl; a query is accepted when its session is local or its key
+                     exists in Redis (a Redis error counts in redis_errors and the session
+                     is unknown: 401)
+  --name NAME        the nodes' names, in --port order (default node1, node2, ...)
+/__stats also reports running/queued queries (and the queue's peak), cache hits and misses,
+Redis lookups and errors.
 """
 import argparse
 import json
@@ -18,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,10 +41,81 @@ MAX_SESSIONS = 100000
 MAX_SLEEP = 30.0
 
 
+class Store:
+    """Sessions shared through Redis (tomcat-redis-session-manager: key = session id).
+
+    Uses redis-py when it is installed, else a minimal RESP client over a socket (stdlib)."""
+
+    def __init__(self, port, ttl):
+        self.port, self.ttl = port, ttl
+        self.local = threading.local()
+        try:
+            import redis  # noqa: F401
+            self.pool = redis.ConnectionPool(host="127.0.0.1", port=port, socket_timeout=0.5,
+                                             socket_connect_timeout=0.2, max_connections=256)
+            self.redis = redis
+        except ImportError:
+            self.redis = None
+
+    def _resp(self, *args):
+        import socket
+        sock = getattr(self.local, "sock", None)
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            self.local.sock, self.local.buf = sock, b""
+        try:
+            out = b"*%d\r\n" % len(args)
+            for a in args:
+                a = a if isinstance(a, bytes) else str(a).encode()
+                out += b"$%d\r\n%s\r\n" % (len(a), a)
+            sock.sendall(out)
+            while b"\r\n" not in self.local.buf:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("redis closed the connection")
+                self.local.buf += chunk
+            line, _, self.local.buf = self.local.buf.partition(b"\r\n")
+            if line[:1] == b"-":
+                raise ConnectionError(line.decode(errors="replace"))
+            return line
+        except Exception:
+            self.local.sock = None
+            sock.close()
+            raise
+
+    def put(self, sid, node):
+        if self.redis:
+            self.redis.Redis(connection_pool=self.pool).set(sid, node, ex=self.ttl)
+        else:
+            self._resp("SET", sid, node, "EX", self.ttl)
+
+    def exists(self, sid):
+        if self.redis:
+            return bool(self.redis.Redis(connection_pool=self.pool).exists(sid))
+        return self._resp("EXISTS", sid) == b":1"
+
+
+class Cache:
+    """One node's query-result cache: an LRU of query names."""
+
+    def __init__(self, size):
+        self.size = size
+        self.entries = OrderedDict()
+
+    def lookup_and_fill(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return True
+        self.entries[key] = True
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return False
+
+
 class Node:
     """One node's state: its sessions and counters."""
 
-    def __init__(self, name, delay):
+    def __init__(self, name, delay, slots=0, cache=None, hit=0.005, miss=0.06, store=None):
         self.name = name
         self.delay = delay
         self.lock = threading.Lock()
@@ -37,6 +124,36 @@ class Node:
         self.max_in_flight = 0
         self.requests = 0
         self.unauthorized = 0
+        # Benchmark extensions (all off by default).
+        self.slots = threading.BoundedSemaphore(slots) if slots > 0 else None
+        self.cache, self.hit, self.miss, self.store = cache, hit, miss, store
+        self.running = self.queued = self.queue_peak = 0
+        self.queries = self.cache_hits = self.cache_misses = 0
+        self.logins = self.redis_lookups = self.redis_errors = self.shared_accepted = 0
+        self.started = time.time()
+
+    def work(self, seconds):
+        """Sleeps `seconds` inside one of the node's slots (queueing for one when all are busy)."""
+        if self.slots is None:
+            time.sleep(seconds)
+            return
+        acquired = self.slots.acquire(blocking=False)
+        if not acquired:  # all slots busy: wait in the queue
+            with self.lock:
+                self.queued += 1
+                self.queue_peak = max(self.queue_peak, self.queued)
+            acquired = self.slots.acquire(timeout=MAX_SLEEP * 4)
+            with self.lock:
+                self.queued -= 1
+        with self.lock:
+            self.running += 1
+        try:
+            time.sleep(seconds)
+        finally:
+            with self.lock:
+                self.running -= 1
+            if acquired:
+                self.slots.release()
 
     def enter(self):
         with self.lock:
@@ -57,6 +174,17 @@ class Node:
                 "requests": self.requests,
                 "unauthorized": self.unauthorized,
                 "sessions": len(self.sessions),
+                "running": self.running,
+                "queued": self.queued,
+                "queue_peak": self.queue_peak,
+                "queries": self.queries,
+                "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses,
+                "logins": self.logins,
+                "redis_lookups": self.redis_lookups,
+                "redis_errors": self.redis_errors,
+                "shared_accepted": self.shared_accepted,
+                "uptime": round(time.time() - self.started, 3),
             }
 
 
@@ -87,8 +215,9 @@ def make_handler(node):
 
         def handle_any(self):
             length = int(self.headers.get("Content-Length") or 0)
+            self.body = b""
             if length:
-                self.rfile.read(min(length, 1 << 20))
+                self.body = self.rfile.read(min(length, 1 << 20))
             url = urlsplit(self.path)
             if url.path == "/__stats":
                 return self.reply(200, node.stats())
@@ -113,27 +242,62 @@ def make_handler(node):
                     if len(node.sessions) >= MAX_SESSIONS:
                         node.sessions.pop(next(iter(node.sessions)))
                     node.sessions[sid] = client
+                    node.logins += 1
+                if node.store is not None:
+                    try:
+                        node.store.put(sid, node.name)
+                    except Exception:
+                        with node.lock:
+                            node.redis_errors += 1
                 return self.reply(200, {"node": node.name, "login": "ok"}, cookie=sid)
             if url.path.startswith("/kylin/api/query"):
                 sid = self.session()
                 with node.lock:
                     known = sid in node.sessions
+                    if not known and node.store is None:
+                        node.unauthorized += 1
+                if not known and node.store is not None and sid:
+                    try:
+                        known = node.store.exists(sid)
+                        with node.lock:
+                            node.redis_lookups += 1
+                            node.shared_accepted += known
+                    except Exception:
+                        with node.lock:
+                            node.redis_errors += 1
                     if not known:
+                        with node.lock:
+                            node.unauthorized += 1
+                elif not known and node.store is not None:
+                    with node.lock:
                         node.unauthorized += 1
                 if not known:
                     return self.reply(401, {"node": node.name, "error": "unauthorized: log in first"})
                 delay = node.delay
-                sleep = parse_qs(url.query).get("sleep")
+                query = parse_qs(url.query)
+                body = {"node": node.name, "results": [[1]], "session": "valid"}
+                if node.cache is not None:
+                    key = (query.get("q") or [self.body.decode("utf-8", "replace")])[0]
+                    with node.lock:
+                        hit = node.cache.lookup_and_fill(key)
+                        node.queries += 1
+                        if hit:
+                            node.cache_hits += 1
+                        else:
+                            node.cache_misses += 1
+                    delay = node.hit if hit else node.miss
+                    body["cache"] = "hit" if hit else "miss"
+                sleep = query.get("sleep")
                 if sleep:
                     try:
                         delay = min(max(float(sleep[0]), 0.0), MAX_SLEEP)
                     except ValueError:
                         pass
-                time.sleep(delay)
-                return self.reply(200, {"node": node.name, "results": [[1]], "session": "valid"})
+                node.work(delay)
+                return self.reply(200, body)
             if url.path.startswith("/kylin/api/cube") or url.path.startswith("/slow"):
                 # Session-less work (e.g. a BI tool's metadata polling): slow, movable.
-                time.sleep(node.delay)
+                node.work(node.delay)
             return self.reply(200, {"node": node.name, "path": url.path})
 
         do_GET = do_POST = do_PUT = do_DELETE = handle_any
@@ -146,11 +310,24 @@ def main():
     ap.add_argument("--port", type=int, action="append", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--delay", type=float, default=0.0, help="seconds per query")
+    ap.add_argument("--name", action="append", default=[], help="node names, in --port order")
+    ap.add_argument("--slots", type=int, default=0, help="queries run at once per node (0: no limit)")
+    ap.add_argument("--cache", action="store_true", help="per-node query-result cache")
+    ap.add_argument("--cache-size", type=int, default=1000, help="entries per node cache")
+    ap.add_argument("--hit-ms", type=float, default=5.0, help="query time on a cache hit")
+    ap.add_argument("--miss-ms", type=float, default=60.0, help="query time on a cache miss")
+    ap.add_argument("--redis-port", type=int, default=0, help="share sessions through Redis")
+    ap.add_argument("--session-ttl", type=int, default=1800, help="seconds, for Redis sessions")
     args = ap.parse_args()
     ThreadingHTTPServer.request_queue_size = 256
+    store = Store(args.redis_port, args.session_ttl) if args.redis_port else None
     servers = []
     for i, port in enumerate(args.port, 1):
-        srv = ThreadingHTTPServer((args.host, port), make_handler(Node("node%d" % i, args.delay)))
+        name = args.name[i - 1] if i <= len(args.name) else "node%d" % i
+        node = Node(name, args.delay, slots=args.slots,
+                    cache=Cache(args.cache_size) if args.cache else None,
+                    hit=args.hit_ms / 1000.0, miss=args.miss_ms / 1000.0, store=store)
+        srv = ThreadingHTTPServer((args.host, port), make_handler(node))
         srv.daemon_threads = True
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
