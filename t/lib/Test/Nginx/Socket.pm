@@ -1068,7 +1068,10 @@ C<[emerg]> lines are warned about; "Assertion ... failed" lines fail.
 
 nginx must fail to start: one test (exit code equals the value if it is
 a number, else non-zero), then C<error_log>/C<no_error_log> are checked
-against F<logs/error.log> (or nginx's stderr if that stayed empty).
+against F<logs/error.log>, or, if that stayed empty, nginx's stderr. The
+fallback is a deviation from the real Test::Nginx (which reads
+F<error.log> only): nginx built with C<--error-log-path=stderr>, as
+Debian's packages are, reports configuration errors on stderr alone.
 
 =item C<ONLY>, C<SKIP>, C<LAST> (Test::Base), C<skip_eval>,
 C<skip_nginx>, C<todo>
