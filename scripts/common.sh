@@ -9,7 +9,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # Debian packages the build, the tests and the demo need.
 DEB_PACKAGES=(
     # build: nginx (vendored by nginx-src) and bindgen
-    gcc make libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config
+    gcc g++ make libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config
     # Test::Nginx-compatible runner and prove
     perl libtest-base-perl libtext-diff-perl libtest-longstring-perl libwww-perl
     libipc-run-perl liburi-perl liblist-moreutils-perl

@@ -23,6 +23,7 @@ Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
                      exists in Redis (a Redis error counts in redis_errors and the session
                      is unknown: 401)
   --name NAME        the nodes' names, in --port order (default node1, node2, ...)
+  --tcp-nodelay      TCP_NODELAY on accepted connections (no 40 ms delayed-ACK stalls)
 /__stats also reports running/queued queries (and the queue's peak), cache hits and misses,
 Redis lookups and errors.
 """
@@ -30,6 +31,7 @@ import argparse
 import json
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -131,6 +133,7 @@ class Node:
         self.queries = self.cache_hits = self.cache_misses = 0
         self.logins = self.redis_lookups = self.redis_errors = self.shared_accepted = 0
         self.started = time.time()
+        self.nodelay = False
 
     def work(self, seconds):
         """Sleeps `seconds` inside one of the node's slots (queueing for one when all are busy)."""
@@ -195,6 +198,11 @@ def make_handler(node):
 
         def log_message(self, fmt, *args):  # keep terminals quiet
             pass
+
+        def setup(self):
+            super().setup()
+            if node.nodelay:  # headers and body go out in two writes: no Nagle wait between
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def session(self):
             for part in self.headers.get("Cookie", "").split(";"):
@@ -318,6 +326,8 @@ def main():
     ap.add_argument("--miss-ms", type=float, default=60.0, help="query time on a cache miss")
     ap.add_argument("--redis-port", type=int, default=0, help="share sessions through Redis")
     ap.add_argument("--session-ttl", type=int, default=1800, help="seconds, for Redis sessions")
+    ap.add_argument("--tcp-nodelay", action="store_true",
+                    help="disable Nagle on accepted connections (no 40 ms delayed-ACK stalls)")
     args = ap.parse_args()
     ThreadingHTTPServer.request_queue_size = 256
     store = Store(args.redis_port, args.session_ttl) if args.redis_port else None
@@ -327,6 +337,7 @@ def main():
         node = Node(name, args.delay, slots=args.slots,
                     cache=Cache(args.cache_size) if args.cache else None,
                     hit=args.hit_ms / 1000.0, miss=args.miss_ms / 1000.0, store=store)
+        node.nodelay = args.tcp_nodelay
         srv = ThreadingHTTPServer((args.host, port), make_handler(node))
         srv.daemon_threads = True
         threading.Thread(target=srv.serve_forever, daemon=True).start()

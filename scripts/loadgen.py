@@ -48,8 +48,11 @@ def loopback(host):
 # A minimal HTTP/1.1 keep-alive client bound to a chosen source address.
 
 class Client:
-    def __init__(self, host, port, src=None):
+    """keepalive=False: one connection per request (Connection: close)."""
+
+    def __init__(self, host, port, src=None, keepalive=True):
         self.host, self.port, self.src = loopback(host), port, src
+        self.keepalive = keepalive
         self.reader = self.writer = None
 
     def close(self):
@@ -73,7 +76,8 @@ class Client:
             if not reused:
                 await self._connect()
             head = "%s %s HTTP/1.1\r\nHost: kylin\r\nContent-Length: %d\r\n" % (method, path, len(body))
-            head += "".join("%s: %s\r\n" % kv for kv in headers.items()) + "\r\n"
+            head += "".join("%s: %s\r\n" % kv for kv in headers.items())
+            head += ("" if self.keepalive else "Connection: close\r\n") + "\r\n"
             try:
                 self.writer.write(head.encode() + body)
                 await self.writer.drain()
@@ -110,7 +114,7 @@ class Client:
         else:
             body = await self.reader.read()
             self.close()
-        if hd.get("connection", "").lower() == "close":
+        if hd.get("connection", "").lower() == "close" or not self.keepalive:
             self.close()
         return status, headers, body
 
@@ -176,9 +180,9 @@ def session_cookie(headers):
     return None
 
 
-async def user(rec, host, port, addr, queries, think, per_session, end, rnd):
+async def user(rec, host, port, addr, queries, think, per_session, end, rnd, keepalive=True):
     """One user: logs in, queries, logs in again after per_session queries or a 401."""
-    c = Client(host, port, addr)
+    c = Client(host, port, addr, keepalive)
     cookie, left = None, 0
     try:
         while time.monotonic() < end:
@@ -222,7 +226,8 @@ async def user(rec, host, port, addr, queries, think, per_session, end, rnd):
             left -= 1
             if left <= 0:
                 cookie = None       # the session ends; the next user of this BI server logs in
-            await asyncio.sleep(min(rnd.expovariate(1.0 / think), think * 10))
+            await asyncio.sleep(max(0.0, min(rnd.expovariate(1.0 / think), think * 10,
+                                             end - time.monotonic())))
     finally:
         c.close()
 
@@ -262,7 +267,7 @@ def client_addresses(w):
     return bi, light
 
 
-async def run_load(w, host, port, nodes, duration, status_port=None, events=()):
+async def run_load(w, host, port, nodes, duration, status_port=None, events=(), keepalive=True):
     """Runs the workload for `duration` seconds; `events` are (t, coroutine function) faults."""
     t0 = time.monotonic()
     end = t0 + duration
@@ -282,12 +287,12 @@ async def run_load(w, host, port, nodes, duration, status_port=None, events=()):
                 else rnd.choice(hot)
         for s in range(w.bi_sessions):
             rnd = random.Random(master.random())
-            tasks.append(user(rec, host, port, addr, pick, w.bi_think, w.bi_queries, end, rnd))
+            tasks.append(user(rec, host, port, addr, pick, w.bi_think, w.bi_queries, end, rnd, keepalive))
     for n, addr in enumerate(light):
         own = ["c%d-q%d" % (n, i) for i in range(w.light_set)]
         rnd = random.Random(master.random())
         tasks.append(user(rec, host, port, addr, lambda r, own=own: r.choice(own),
-                          w.light_think, None, end, rnd))
+                          w.light_think, None, end, rnd, keepalive))
     # Start the users spread over the first 0.5 s, not all in the same millisecond.
     async def later(delay, coro):
         await asyncio.sleep(delay)
@@ -600,7 +605,7 @@ class Suite:
     def node_args(self, i, shared):
         a = [sys.executable, os.path.join(HERE, "kylin_node.py"), "--port", str(self.node_ports[i]),
              "--name", "node%d" % (i + 1), "--slots", "4", "--cache", "--cache-size", "256",
-             "--hit-ms", "5", "--miss-ms", "60"]
+             "--hit-ms", "5", "--miss-ms", "60", "--tcp-nodelay"]
         if shared:
             a += ["--redis-port", str(self.redis_port)]
         return a
@@ -658,8 +663,10 @@ class Suite:
         print("  %-34s" % name, end="", flush=True)
         t = time.monotonic()
         nodes = [("127.0.0.1", p) for p in self.node_ports]
+        keepalive = not shared or self.args.shared_keepalive
         rec, samples, status = await run_load(self.workload, "127.0.0.1", self.nginx_port, nodes, dur,
-                                              self.nginx_port if balancer == "kylin" else None, events)
+                                              self.nginx_port if balancer == "kylin" else None, events,
+                                              keepalive)
         final = await get_json("127.0.0.1", self.nginx_port, "/kylin-status", 2.0)
         self.procs.stop("nginx", signal.SIGQUIT)
         for i in range(4):
@@ -669,6 +676,7 @@ class Suite:
         summ = summarize(rec, samples, dur, self.warmup, nodes)
         series = per_second(rec, samples, dur, nodes)
         res = {"name": name, "balancer": balancer, "sessions": mode, "fault": fault,
+               "client_keepalive": keepalive,
                "duration_s": dur, "warmup_s": self.warmup, "summary": summ,
                "bi_server_placement": placement(rec, self.workload),
                "latency_quantiles": latency_quantiles(rec, self.warmup),
@@ -702,6 +710,10 @@ class Suite:
         else:
             plan += [(b, False, "node-kill") for b, _ in BALANCERS]
             plan += [(b, True, f) for f in ("redis-stop", "redis-slow") for b in ("kylin", "ip_hash", "round_robin")]
+        if self.args.only:
+            only = self.args.only.split(",")
+            plan = [p for p in plan if "%s-%s%s" % (p[0], "shared" if p[1] else "local",
+                                                     "-" + p[2] if p[2] else "") in only]
         for b, s, f in plan:
             await self.one(b, s, f)
         await self.proxy.close()
@@ -972,6 +984,9 @@ def main():
     s.add_argument("--module", required=True)
     s.add_argument("--quick", action="store_true")
     s.add_argument("--out", default=os.path.join(ROOT, "bench"))
+    s.add_argument("--shared-keepalive", action="store_true",
+                   help="keep client connections alive in the shared-session runs too (see results.md)")
+    s.add_argument("--only", help="comma-separated run names (e.g. kylin-shared,ip_hash-local-node-kill)")
     args = ap.parse_args()
 
     if args.cmd == "run":
