@@ -251,11 +251,17 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t::empty(),
 ];
 
+unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx calls init_process in each new worker with its cycle.
+    unsafe { crate::session_check::start_health_checks(cycle) }
+}
+
 #[used]
 #[allow(non_upper_case_globals)]
 #[cfg_attr(not(feature = "export-modules"), no_mangle)]
 pub static mut ngx_http_kylin_upstream_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX) as _,
+    init_process: Some(init_process),
     // SAFETY: taking the address of a static; nginx reads the table while parsing.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_KYLIN_UPSTREAM_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,

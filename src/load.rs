@@ -74,6 +74,12 @@ impl Slot {
         self.key.load(Ordering::Relaxed)
     }
 
+    /// The in-flight field as a raw atomic, for slots that are not servers (a session store's
+    /// slot keeps there the time it last recovered from failing).
+    pub fn aux(&self) -> &AtomicI64 {
+        &self.inflight
+    }
+
     /// Counter `i` as a raw atomic, for slots used as shared state rather than counts (the
     /// session stores' circuit breakers).
     pub fn cell(&self, i: usize) -> &AtomicU64 {

@@ -19,6 +19,8 @@ pub struct Answer {
     pub shared: bool,
     /// The server another nginx instance learned for this session, if shared routes are on.
     pub route: Option<Vec<u8>>,
+    /// For health checks: which Redis process answered (see [`health`]).
+    pub identity: u64,
 }
 
 /// Why a lookup failed.
@@ -110,7 +112,7 @@ pub fn lookup(store: &RedisStore, shared_key: &[u8], route_key: Option<&[u8]>) -
                 Some(rk) => redis::cmd("GET").arg(rk).query(c)?,
                 None => None,
             };
-            return Ok(Answer { shared: exists > 0, route });
+            return Ok(Answer { shared: exists > 0, route, identity: 0 });
         }
         let mut p = redis::pipe();
         p.cmd("EXISTS").arg(shared_key);
@@ -123,7 +125,22 @@ pub fn lookup(store: &RedisStore, shared_key: &[u8], route_key: Option<&[u8]>) -
             let (e,): (i64,) = p.query(c)?;
             (e, None)
         };
-        Ok(Answer { shared: exists > 0, route })
+        Ok(Answer { shared: exists > 0, route, identity: 0 })
+    })
+}
+
+/// Checks that the store answers, and returns an identity of the Redis process that answered
+/// (a hash of `INFO server`'s `run_id`; 0 for a cluster, whose nodes each have their own).
+/// A changed identity means Redis restarted, and may have lost what was written to it.
+pub fn health(store: &RedisStore) -> Result<u64, LookupError> {
+    with_conn(store, |c| {
+        if store.cluster {
+            let _: String = redis::cmd("PING").query(c)?;
+            return Ok(0);
+        }
+        let info: String = redis::cmd("INFO").arg("server").query(c)?;
+        let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim();
+        Ok(if run_id.is_empty() { 0 } else { xxhash_rust::xxh3::xxh3_64(run_id.as_bytes()) | 1 })
     })
 }
 

@@ -46,7 +46,9 @@ struct Entry {
     prev: u32,
     next: u32,
     chain: u32,
-    _pad: u32,
+    /// When the route was last written to the session store (seconds, truncated to 32
+    /// bits); 0 when it must be written again (never written, or the write failed).
+    shared_at: u32,
 }
 
 const HEADER: usize = core::mem::size_of::<Header>();
@@ -281,6 +283,7 @@ impl<'a> RouteTable<'a> {
         if let Some(i) = self.find(key) {
             self.entries[i].peer = peer;
             self.entries[i].last_used = now;
+            self.entries[i].shared_at = now as u32;
             self.lru_unlink(i);
             self.lru_push_front(i);
             return Inserted::Updated;
@@ -308,13 +311,37 @@ impl<'a> RouteTable<'a> {
             prev: NIL,
             next: NIL,
             chain: self.buckets[b],
-            _pad: 0,
+            shared_at: now as u32,
         };
         self.buckets[b] = i as u32;
         self.lru_push_front(i);
         self.hdr.len += 1;
         self.hdr.inserts += 1;
         result
+    }
+
+    /// Like [`RouteTable::lookup`], and also says whether the route should be written to the
+    /// session store again: never written successfully, or last written `every` seconds ago
+    /// or more (which also refreshes the store's copy before it expires). When it says so it
+    /// notes `now` as the time of writing.
+    /// Routes written before `since` (when the store came back after failing, and may have
+    /// lost them) are due too.
+    pub fn lookup_share(&mut self, key: u128, now: i64, timeout: i64, every: i64, since: i64) -> Option<(u64, bool)> {
+        let peer = self.lookup(key, now, timeout)?;
+        let i = self.find(key)?;
+        let at = self.entries[i].shared_at;
+        let due = at == 0 || i64::from(at) < (since as u32) as i64 || (now as u32).wrapping_sub(at) as i64 >= every;
+        if due {
+            self.entries[i].shared_at = now as u32;
+        }
+        Some((peer, due))
+    }
+
+    /// Notes that writing `key`'s route to the session store failed: the next use retries.
+    pub fn mark_unshared(&mut self, key: u128) {
+        if let Some(i) = self.find(key) {
+            self.entries[i].shared_at = 0;
+        }
     }
 
     /// Forgets `key`'s route (the session was deleted).
@@ -397,6 +424,23 @@ mod tests {
         assert_eq!(t.lookup(1 << 100 | 3, 1, H), Some(5));
         let mut junk = region(4096);
         assert_eq!(RouteTable::attach(bytes(&mut junk)).err(), Some(RouteError::NotATable));
+    }
+
+    #[test]
+    fn routes_are_shared_again_when_due_or_after_a_failure() {
+        let mut r = region(4096);
+        let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+        t.insert(3, 30, 1000, H);
+        assert_eq!(t.lookup_share(3, 1010, H, 60, 0), Some((30, false)));
+        assert_eq!(t.lookup_share(3, 1060, H, 60, 0), Some((30, true)));
+        assert_eq!(t.lookup_share(3, 1061, H, 60, 0), Some((30, false)));
+        t.mark_unshared(3);
+        assert_eq!(t.lookup_share(3, 1062, H, 60, 0), Some((30, true)));
+        assert_eq!(t.lookup_share(3, 1063, H, 60, 0), Some((30, false)));
+        assert_eq!(t.lookup_share(4, 1063, H, 60, 0), None);
+        // The store recovered at 1070 after an outage: the route written at 1062 is due again.
+        assert_eq!(t.lookup_share(3, 1075, H, 60, 1070), Some((30, true)));
+        assert_eq!(t.lookup_share(3, 1076, H, 60, 1070), Some((30, false)));
     }
 
     #[test]

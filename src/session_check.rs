@@ -100,6 +100,12 @@ struct Job {
 }
 
 enum JobKind {
+    /// The periodic health check of a store (see `health_tick`).
+    Health {
+        upstream: Vec<u8>,
+        breaker: Option<&'static Slot>,
+        identity: Option<&'static Slot>,
+    },
     Lookup {
         shared_key: Vec<u8>,
         route_key: Option<Vec<u8>>,
@@ -116,6 +122,11 @@ enum JobKind {
         route_key: Vec<u8>,
         server: Vec<u8>,
         ttl: i64,
+        /// The local route to mark "not shared" if the write fails, so the next use retries.
+        routes_zone: Option<*mut ngx::ffi::ngx_shm_zone_t>,
+        local_key: Option<u128>,
+        upstream: Vec<u8>,
+        breaker: Option<&'static Slot>,
     },
 }
 
@@ -130,9 +141,10 @@ unsafe extern "C" fn run_job(data: *mut c_void, _log: *mut ngx_log_t) {
     // SAFETY: data is the Job posted below; only this thread touches it until completion.
     let job = unsafe { &mut *(data as *mut Job) };
     job.result = Some(match &job.kind {
+        JobKind::Health { .. } => redis_lookup::health(&job.store).map(|id| Answer { shared: false, route: None, identity: id }),
         JobKind::Lookup { shared_key, route_key, .. } => redis_lookup::lookup(&job.store, shared_key, route_key.as_deref()),
-        JobKind::WriteRoute { route_key, server, ttl } => {
-            redis_lookup::write_route(&job.store, route_key, server, *ttl).map(|_| Answer { shared: false, route: None })
+        JobKind::WriteRoute { route_key, server, ttl, .. } => {
+            redis_lookup::write_route(&job.store, route_key, server, *ttl).map(|_| Answer { shared: false, route: None, identity: 0 })
         }
     });
 }
@@ -175,8 +187,14 @@ fn new_job(store: &RedisStore, kind: JobKind) -> Box<Job> {
     })
 }
 
-/// Writes a learned route to Redis for other nginx instances (fire and forget).
-pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8]) {
+/// Whether learned routes of this upstream are shared through its session store.
+pub fn shares_routes(kcf: &SrvConf) -> bool {
+    matches!(kcf.store_mode(), Some(StoreMode::Redis(s)) if s.share_routes)
+}
+
+/// Writes a learned route to Redis for other nginx instances (fire and forget; a failure
+/// marks the local route `key` so that its next use writes it again).
+pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8], key: Option<u128>) {
     let Some(StoreMode::Redis(store)) = kcf.store_mode() else { return };
     if !store.share_routes {
         return;
@@ -185,6 +203,11 @@ pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8]) {
         route_key: store::route_key(&kcf.name, session_id),
         server: server.to_vec(),
         ttl: kcf.routes_timeout(),
+        routes_zone: kcf.routes_zone,
+        local_key: key,
+        upstream: kcf.name.clone(),
+        // SAFETY: the load zone is valid for the cycle.
+        breaker: unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.slot(kcf.store_key)),
     };
     // SAFETY: posting from the event loop.
     unsafe { post(new_job(store, kind)) };
@@ -224,50 +247,101 @@ unsafe extern "C" fn wait_timeout(ev: *mut ngx_event_t) {
     }
 }
 
+/// Feeds a store call's result to the store's circuit breaker and statistics; logs once when
+/// the breaker opens, and notes when the store recovers (it may have lost routes written
+/// before: they are written again on their next use).
+fn account(slot: &Slot, store: &RedisStore, upstream: &[u8], result: &Option<Result<Answer, LookupError>>, now: i64, elapsed_us: u64, lookup: bool) {
+    use core::sync::atomic::Ordering::Relaxed;
+    if lookup {
+        slot.cell(cell::LOOKUPS).fetch_add(1, Relaxed);
+        slot.cell(cell::LATENCY_US).fetch_add(elapsed_us, Relaxed);
+    }
+    let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
+    match result {
+        Some(Ok(_)) => {
+            if b.open_until.load(Relaxed) != 0 || b.failures.load(Relaxed) != 0 {
+                slot.aux().store(now, Relaxed);
+            }
+            b.success();
+        }
+        Some(Err(e)) => {
+            if lookup {
+                slot.cell(if *e == LookupError::Timeout { cell::TIMEOUTS } else { cell::ERRORS }).fetch_add(1, Relaxed);
+            }
+            if b.failure(now, store.fail_threshold, store.fail_backoff) {
+                let why = match e {
+                    LookupError::Timeout => format!("timed out after {} ms", store.timeout_ms),
+                    LookupError::Failed(m) => m.clone(),
+                };
+                // SAFETY: the cycle log is valid in a worker.
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    unsafe { (*ngx_cycle).log },
+                    "kylin: upstream \"{}\": session store {} failed {} times in a row ({}); not asking it for {} s, sessions stay on their servers",
+                    String::from_utf8_lossy(upstream),
+                    store.urls.iter().map(|u| store::redact(u)).collect::<Vec<_>>().join(" "),
+                    store.fail_threshold,
+                    why,
+                    store.fail_backoff
+                );
+            }
+        }
+        None => {}
+    }
+}
+
+/// When the store last came back after failing (0 if never): routes written before then may
+/// be lost and are written again.
+pub fn store_recovered_at(kcf: &SrvConf) -> i64 {
+    // SAFETY: the load zone is valid for the cycle.
+    unsafe { shm::load_table(kcf.load_zone) }
+        .and_then(|t| t.find(kcf.store_key))
+        .map_or(0, |s| s.aux().load(core::sync::atomic::Ordering::Relaxed))
+}
+
 unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
     // SAFETY: the event's data is the Job we posted; the thread is done with it.
     let job = unsafe { Box::from_raw((*ev).data as *mut Job) };
     let now = ngx_time();
     let elapsed_us = job.started.elapsed().as_micros() as u64;
     let result = job.result.clone();
+    let store = &job.store;
+    if let JobKind::Health { upstream, breaker, identity } = &job.kind {
+        if let Some(slot) = breaker {
+            account(slot, store, upstream, &result, now, elapsed_us, false);
+            // A Redis that restarted (new run_id) may have lost the routes written to it:
+            // they are written again on their next use.
+            if let (Some(id_slot), Some(Ok(a))) = (identity, &result) {
+                use core::sync::atomic::Ordering::Relaxed;
+                let prev = id_slot.cell(0).swap(a.identity, Relaxed);
+                if prev != 0 && a.identity != 0 && prev != a.identity {
+                    slot.aux().store(now, Relaxed);
+                }
+            }
+        }
+        return;
+    }
+    if let JobKind::WriteRoute { routes_zone, local_key, upstream, breaker, .. } = &job.kind {
+        if let Some(slot) = breaker {
+            account(slot, store, upstream, &result, now, elapsed_us, false);
+        }
+        // A failed write: the route is written again on its next use.
+        if let (Some(z), Some(k), Some(Err(_))) = (routes_zone, local_key, &result) {
+            // SAFETY: the zone is valid for the cycle.
+            unsafe { shm::with_routes(*z, |t| t.mark_unshared(*k)) };
+        }
+        return;
+    }
     let JobKind::Lookup { upstream, cache_zone, routes_zone, cache_key, session_id, cache_valid, cache_invalid, breaker, .. } = &job.kind
     else {
-        return; // a route write: nothing to do with its result
+        return;
     };
-    let store = &job.store;
     let verdict = match &result {
         Some(Ok(a)) => Some(if a.shared { Verdict::Shared } else { Verdict::Local }),
         _ => None,
     };
     if let Some(slot) = breaker {
-        use core::sync::atomic::Ordering::Relaxed;
-        slot.cell(cell::LOOKUPS).fetch_add(1, Relaxed);
-        slot.cell(cell::LATENCY_US).fetch_add(elapsed_us, Relaxed);
-        let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
-        match &result {
-            Some(Ok(_)) => b.success(),
-            Some(Err(e)) => {
-                slot.cell(if *e == LookupError::Timeout { cell::TIMEOUTS } else { cell::ERRORS }).fetch_add(1, Relaxed);
-                if b.failure(now, store.fail_threshold, store.fail_backoff) {
-                    let why = match e {
-                        LookupError::Timeout => format!("timed out after {} ms", store.timeout_ms),
-                        LookupError::Failed(m) => m.clone(),
-                    };
-                    // SAFETY: the cycle log is valid in a worker.
-                    ngx_log_error!(
-                        NGX_LOG_WARN,
-                        unsafe { (*ngx_cycle).log },
-                        "kylin: upstream \"{}\": session store {} failed {} times in a row ({}); not asking it for {} s, sessions stay on their servers",
-                        String::from_utf8_lossy(upstream),
-                        store.urls.iter().map(|u| store::redact(u)).collect::<Vec<_>>().join(" "),
-                        store.fail_threshold,
-                        why,
-                        store.fail_backoff
-                    );
-                }
-            }
-            None => {}
-        }
+        account(slot, store, upstream, &result, now, elapsed_us, true);
     }
     // SAFETY: zones are valid for the cycle; the closures only touch the tables.
     unsafe {
@@ -478,4 +552,70 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
             })
         }),
     })
+}
+
+// -------------------------------------------------------------------------------------------
+// Health checks: every worker asks each of its Redis stores every few seconds whether it
+// answers and which Redis process it is. That keeps the circuit breaker current without
+// traffic, and notices a Redis restart (which loses routes written before it) so that routes
+// are written again.
+
+/// Seconds between health checks.
+const HEALTH_EVERY_MS: u64 = 3000;
+
+struct Health {
+    ev: ngx_event_t,
+    kcf: *const SrvConf,
+}
+
+unsafe extern "C" fn health_tick(ev: *mut ngx_event_t) {
+    // SAFETY: ev is the Health's event; its kcf lives as long as the cycle (the worker).
+    unsafe {
+        let h = &mut *((*ev).data as *mut Health);
+        if ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 {
+            return;
+        }
+        let kcf = &*h.kcf;
+        if let Some(StoreMode::Redis(store)) = kcf.store_mode() {
+            let table = shm::load_table(kcf.load_zone);
+            let kind = JobKind::Health {
+                upstream: kcf.name.clone(),
+                breaker: table.as_ref().and_then(|t| t.slot(kcf.store_key)),
+                identity: table.as_ref().and_then(|t| t.slot(kcf.store_key ^ 0x5ed1)),
+            };
+            post(new_job(store, kind));
+        }
+        ngx_add_timer(ev, HEALTH_EVERY_MS as ngx::ffi::ngx_msec_t);
+    }
+}
+
+/// Starts the health checks of a worker (init_process).
+pub unsafe fn start_health_checks(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: cycle is the worker's cycle; the http main conf holds the upstream list.
+    unsafe {
+        let http = *(*cycle).conf_ctx.add(ngx::ffi::ngx_http_module.index) as *mut ngx::ffi::ngx_http_conf_ctx_t;
+        let Some(http) = http.as_ref() else { return NGX_OK as ngx_int_t };
+        let umcf = *http.main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
+        let Some(umcf) = umcf.as_ref() else { return NGX_OK as ngx_int_t };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+        for &uscf in ups {
+            let Some(kcf) = srv_conf(uscf) else { continue };
+            if !kcf.enabled || !matches!(kcf.store_mode(), Some(StoreMode::Redis(_))) {
+                continue;
+            }
+            let h = ngx::ffi::ngx_pcalloc((*cycle).pool, core::mem::size_of::<Health>()) as *mut Health;
+            if h.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*h).kcf = kcf;
+            (*h).ev.data = h as *mut c_void;
+            (*h).ev.handler = Some(health_tick);
+            (*h).ev.log = (*cycle).log;
+            // Graceful shutdown does not wait for this timer.
+            (*h).ev.set_cancelable(1);
+            // The first check soon, spread a little between workers.
+            ngx_add_timer(&mut (*h).ev, 200 + (ngx::ffi::ngx_worker % 8) * 50);
+        }
+    }
+    NGX_OK as ngx_int_t
 }

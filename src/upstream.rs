@@ -307,6 +307,19 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
     }
 }
 
+/// How often (seconds of use) a learned route is written to the session store again.
+const SHARE_EVERY: i64 = 300;
+
+/// Writes a learned route to the session store again (see `SHARE_EVERY`).
+unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64, key: u128) {
+    let Some(state) = kcf.state.as_deref() else { return };
+    let Some(i) = state.index_of(peer_id) else { return };
+    // SAFETY: config-time and zone peers both stay valid for the cycle; only the name is read.
+    let name = unsafe { (*state.primary.peers[i]).name.as_bytes() };
+    // SAFETY: called from the event loop.
+    unsafe { crate::session_check::share_route(kcf, session_id, name, Some(key)) };
+}
+
 /// Values of a chain of headers of one name (nginx 1.23+ links same-name headers).
 #[cfg(nginx1_23_0)]
 unsafe fn chain<'a>(first: *mut ngx::ffi::ngx_table_elt_t) -> impl Iterator<Item = &'a [u8]> + 'a {
@@ -361,12 +374,26 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             RequestSession::Id(id) => {
                 let now = ngx_time();
                 let timeout = kcf.routes_timeout();
+                // With routes shared through Redis, a learned route is written there again
+                // when it is due (see RouteTable::lookup_share): after a failed write, and
+                // every SHARE_EVERY seconds of use, which also renews its expiry there.
+                let sharing = crate::session_check::shares_routes(kcf);
+                let since = if sharing { crate::session_check::store_recovered_at(kcf) } else { 0 };
                 let found = kcf.routes_zone.and_then(|z| {
                     shm::with_routes(z, |t| {
                         let k = session::session_key(t.header().secret, &kcf.name, id);
-                        (k, t.lookup(k, now, timeout))
+                        if sharing {
+                            let hit = t.lookup_share(k, now, timeout, SHARE_EVERY.min(timeout / 2).max(1), since);
+                            (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
+                        } else {
+                            (k, t.lookup(k, now, timeout), false)
+                        }
                     })
                 });
+                if let Some((k, Some(peer_id), true)) = found {
+                    share_again(kcf, id, peer_id, k);
+                }
+                let found = found.map(|(k, l, _)| (k, l));
                 let state = match (kcf.store_mode(), checked) {
                     (Some(crate::store::StoreMode::AllShared), _) => SessionState::Shared,
                     (_, Some(s)) => s,
@@ -704,7 +731,7 @@ unsafe fn move_route(pd: &PeerData, id: u64, server: &[u8]) {
         let timeout = kcf.routes_timeout();
         shm::with_routes(zone, |t| t.insert(k, id, now, timeout));
         if let Some(sid) = session_id(pd) {
-            crate::session_check::share_route(kcf, sid, server);
+            crate::session_check::share_route(kcf, sid, server, Some(k));
         }
     }
 }
@@ -752,11 +779,13 @@ unsafe fn learn_session(pd: &PeerData) {
         let timeout = kcf.routes_timeout();
         let peer = key_hash((*pd.rrp.current).name.as_bytes());
         let request_session = pd.session().map(session_key_of);
+        let mut learned_key = None;
         let evicted = shm::with_routes(zone, |t| {
             match set {
                 SetSession::Set(id) => {
                     let k = session::session_key(t.header().secret, &kcf.name, id);
                     t.insert(k, peer, now, timeout);
+                    learned_key = Some(k);
                 }
                 SetSession::Delete => {
                     if let Some(k) = request_session {
@@ -768,7 +797,7 @@ unsafe fn learn_session(pd: &PeerData) {
         })
         .flatten();
         if let (SetSession::Set(id), false) = (&set, pd.rrp.current.is_null()) {
-            crate::session_check::share_route(kcf, id, (*pd.rrp.current).name.as_bytes());
+            crate::session_check::share_route(kcf, id, (*pd.rrp.current).name.as_bytes(), learned_key);
         }
         if let Some(n) = evicted {
             ngx_log_error!(
