@@ -229,9 +229,9 @@ unsafe fn resume(w: &mut Wait, state: SessionState) {
         let m = (*r).main;
         (*m).set_blocked((*m).blocked().saturating_sub(1));
         (*r).set_aio(0);
-        if let Some(h) = (*r).write_event_handler {
-            h(r);
-        }
+        // Go on with the phases where the request stopped (preaccess, which now declines).
+        (*r).write_event_handler = Some(ngx::ffi::ngx_http_core_run_phases);
+        ngx::ffi::ngx_http_core_run_phases(r);
         ngx_http_run_posted_requests((*r).connection);
     }
 }
@@ -265,9 +265,8 @@ fn account(slot: &Slot, store: &RedisStore, upstream: &[u8], result: &Option<Res
             b.success();
         }
         Some(Err(e)) => {
-            if lookup {
-                slot.cell(if *e == LookupError::Timeout { cell::TIMEOUTS } else { cell::ERRORS }).fetch_add(1, Relaxed);
-            }
+            // Every failed call counts (lookups, route writes, health checks).
+            slot.cell(if *e == LookupError::Timeout { cell::TIMEOUTS } else { cell::ERRORS }).fetch_add(1, Relaxed);
             if b.failure(now, store.fail_threshold, store.fail_backoff) {
                 let why = match e {
                     LookupError::Timeout => format!("timed out after {} ms", store.timeout_ms),
@@ -479,6 +478,9 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
         let m = (*r).main;
         (*m).set_blocked((*m).blocked() + 1);
         (*r).set_aio(1);
+        // While waiting, connection events must not run the phases again (a kept-alive
+        // connection's write event fires at once): `resume` restores the handler.
+        (*r).write_event_handler = Some(ngx::ffi::ngx_http_request_empty_handler);
         NGX_AGAIN as ngx_int_t
     }
 }

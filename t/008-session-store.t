@@ -293,7 +293,7 @@ GET /t
 Cookie: JSESSIONID=5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01
 --- response_body_like eval
 # The worker's periodic health check may be one of the two failures that open the breaker.
-qr/\A(?:n\d\n\n){6}\{(?=.*"breaker":"open")(?=.*"lookups":([0-2]),)(?=.*"errors":\1,)(?=.*"skipped":[4-6],)(?=.*"sticky":6\}).*\n\n\z/s
+qr/\A(?:n\d\n\n){6}\{(?=.*"breaker":"open")(?=.*"errors":[2-9],)(?=.*"lookups":[0-2],)(?=.*"skipped":[4-6],)(?=.*"sticky":6\}).*\n\n\z/s
 --- no_error_log eval
 # nginx's own debug lines print request headers; the module's lines must not name sessions.
 qr/\[(?:info|notice|warn|error|crit|alert|emerg)\].*5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01/
@@ -340,3 +340,46 @@ qr/\[emerg\] .*invalid "kylin_session_store": unknown format "php"/
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*"kylin_session_store" directive is duplicate/
+
+
+
+=== TEST 14: lookups on a kept-alive client connection (the second request and later)
+The front proxies to the realip server over keepalive connections, so the lookups of the
+second to fourth session run on a reused client connection; each must still be answered.
+--- http_config
+    upstream realip_keepalive {
+        server 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        keepalive 4;
+    }
+    kylin_upstream kylin_nodes {
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1"; }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(map { sprintf q{<!--# include virtual="/ka/%032X" wait="yes" -->}, $_ } 1 .. 4) . <<'_EOC_';
+    location ~ ^/ka/(?<sid>\w+)$ {
+        rewrite ^ / break;
+        proxy_pass http://realip_keepalive;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header X-Real-IP 10.44.0.1;
+        proxy_set_header Cookie "JSESSIONID=$sid";
+    }
+_EOC_
+--- request
+GET /t
+--- response_body
+n1
+n1
+n1
+n1
+--- timeout: 5
+--- no_error_log
+[error]
