@@ -669,7 +669,7 @@ class Suite:
         print("  %-34s" % name, end="", flush=True)
         t = time.monotonic()
         nodes = [("127.0.0.1", p) for p in self.node_ports]
-        keepalive = not shared or self.args.shared_keepalive
+        keepalive = not self.args.close_connections
         rec, samples, status = await run_load(self.workload, "127.0.0.1", self.nginx_port, nodes, dur,
                                               self.nginx_port if balancer == "kylin" else None, events,
                                               keepalive)
@@ -820,7 +820,10 @@ def charts(results, out):
         ax.grid(alpha=0.3, which="both")
         ax.axhline(99, color="0.5", lw=0.8, ls="--")
     axes[0].set_ylabel("% of queries at or below")
-    axes[0].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+            break
     fig.suptitle("Query latency distribution (CDF; dashed: p99)", fontsize=11)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "latency.png"), dpi=90)
@@ -914,12 +917,8 @@ def write_markdown(suite, path):
     ]
     if any(not r["client_keepalive"] for r in suite.results):
         lines.append(
-            "- Shared-session runs open one client connection per request (`Connection: close`), "
-            "for every balancer alike: with keep-alive client connections, a request that is not "
-            "the first on its connection and needs a Redis lookup never got an answer from the "
-            "kylin upstream in this build (the module suspends it for the lookup and it is not "
-            "resumed; reproduced with two `curl --next` requests). `--shared-keepalive` runs them "
-            "with keep-alive instead.")
+            "- Every run opened one client connection per request (`Connection: close`): "
+            "`--close-connections` was given.")
     lines.append("")
     for mode, title in (("local", "Node-local sessions (Kylin 4 / Tomcat default)"),
                         ("shared", "Redis-shared sessions (tomcat-redis-session-manager)")):
@@ -1000,8 +999,8 @@ def main():
     s.add_argument("--module", required=True)
     s.add_argument("--quick", action="store_true")
     s.add_argument("--out", default=os.path.join(ROOT, "bench"))
-    s.add_argument("--shared-keepalive", action="store_true",
-                   help="keep client connections alive in the shared-session runs too (see results.md)")
+    s.add_argument("--close-connections", action="store_true",
+                   help="one client connection per request in every run (default: keep-alive)")
     s.add_argument("--only", help="comma-separated run names (e.g. kylin-shared,ip_hash-local-node-kill)")
     args = ap.parse_args()
 
@@ -1023,7 +1022,8 @@ def main():
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt("signal %d" % signum)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         asyncio.run(suite.main())
     except KeyboardInterrupt:
