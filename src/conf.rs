@@ -500,9 +500,9 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
             // SAFETY: uscf is valid.
             let host = unsafe { (*uscf).host };
             let file = kcf.file.map(|f| f.to_string_lossy()).unwrap_or_default();
-            // SAFETY: cf->log is valid.
             ngx_log_error!(
                 NGX_LOG_EMERG,
+                // SAFETY: cf is the http block's configuration; its log lives as long as cf.
                 unsafe { (*cf).log },
                 "another load balancing method replaces \"kylin\" in upstream \"{}\": use only one of \"kylin\", \"ip_hash\", \"hash\", \"least_conn\", \"random\" in {}:{}",
                 host,

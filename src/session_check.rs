@@ -272,9 +272,9 @@ fn account(slot: &Slot, store: &RedisStore, upstream: &[u8], result: &Option<Res
                     LookupError::Timeout => format!("timed out after {} ms", store.timeout_ms),
                     LookupError::Failed(m) => m.clone(),
                 };
-                // SAFETY: the cycle log is valid in a worker.
                 ngx_log_error!(
                     NGX_LOG_WARN,
+                    // SAFETY: in a worker ngx_cycle is the running cycle and its log is valid.
                     unsafe { (*ngx_cycle).log },
                     "kylin: upstream \"{}\": session store {} failed {} times in a row ({}); not asking it for {} s, sessions stay on their servers",
                     String::from_utf8_lossy(upstream),

@@ -323,26 +323,33 @@ unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64, key: u128)
 /// Values of a chain of headers of one name (nginx 1.23+ links same-name headers).
 #[cfg(nginx1_23_0)]
 unsafe fn chain<'a>(first: *mut ngx::ffi::ngx_table_elt_t) -> impl Iterator<Item = &'a [u8]> + 'a {
-    // SAFETY: the chain belongs to a live request; each element's `next` is NULL or the next
-    // header of the same name.
-    core::iter::successors(unsafe { first.as_ref() }, |h| unsafe { h.next.as_ref() }).map(|h| h.value.as_bytes())
+    // SAFETY: `first` is NULL or a header element of a live request, valid for 'a.
+    let head = unsafe { first.as_ref() };
+    core::iter::successors(head, |h| {
+        // SAFETY: nginx links same-name headers through `next`: NULL or another element of
+        // the same request.
+        unsafe { h.next.as_ref() }
+    })
+    .map(|h| h.value.as_bytes())
 }
 
 /// Values of the request's `Cookie` headers.
 pub unsafe fn request_cookies<'a>(r: *mut ngx_http_request_t) -> impl Iterator<Item = &'a [u8]> + 'a {
-    // SAFETY: r is a live request.
     #[cfg(nginx1_23_0)]
+    // SAFETY: r is a live request; `cookie` is NULL or the first Cookie header.
     return unsafe { chain((*r).headers_in.cookie) };
     #[cfg(not(nginx1_23_0))]
+    // SAFETY: r is a live request; its header list lives as long as it.
     return unsafe { header_values(&(*r).headers_in.headers, "Cookie") };
 }
 
 /// Values of the upstream response's `Set-Cookie` headers.
 unsafe fn response_set_cookies<'a>(u: *mut ngx::ffi::ngx_http_upstream_t) -> impl Iterator<Item = &'a [u8]> + 'a {
-    // SAFETY: u is the live request's upstream.
     #[cfg(nginx1_23_0)]
+    // SAFETY: u is the live request's upstream; `set_cookie` is NULL or the first Set-Cookie.
     return unsafe { chain((*u).headers_in.set_cookie) };
     #[cfg(not(nginx1_23_0))]
+    // SAFETY: u is the live request's upstream; its header list lives as long as it.
     return unsafe { header_values(&(*u).headers_in.headers, "Set-Cookie") };
 }
 
@@ -553,11 +560,11 @@ fn refresh_live_weight(state: &mut UpstreamState, now: i64) {
     if state.live_at == now {
         return;
     }
-    // SAFETY: peers are valid while the caller holds the peers lock.
     state.live_weight = state
         .primary
         .peers
         .iter()
+        // SAFETY: the peer pointers are valid while the caller holds the peers lock.
         .map(|&p| unsafe { &*p })
         .filter(|p| p.down == 0 && !failed(p, now))
         .map(|p| p.weight.max(1) as u64)

@@ -4,7 +4,6 @@
 //! Also the small per-request context in which the preaccess phase leaves a session verdict.
 
 use core::ffi::c_void;
-use core::ptr;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t,
@@ -105,6 +104,5 @@ pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
             (*var).data = 0;
         }
     }
-    let _ = ptr::null::<u8>();
     NGX_OK as ngx_int_t
 }
