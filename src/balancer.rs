@@ -130,10 +130,29 @@ impl Bound {
         u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
     }
 
-    /// Whether a server with `load` in flight and this weight may take one more movable request.
+    /// Whether a server with `load` in flight and this weight may take one more movable
+    /// request: `load < limit(weight)`, computed without a division, since for an integer
+    /// `load`, `load < ceil(x / d)` exactly when `load * d < x`.
     #[inline]
     pub fn admits(&self, load: u64, weight: u64) -> bool {
-        !self.is_on() || load < self.limit(weight)
+        if !self.is_on() {
+            return true;
+        }
+        let lhs = self.live_weight.checked_mul(1000).and_then(|d| d.checked_mul(load));
+        let rhs = u64::from(self.factor_milli)
+            .checked_mul(self.total.saturating_add(1))
+            .and_then(|x| x.checked_mul(weight.max(1)));
+        match (lhs, rhs) {
+            (Some(l), Some(r)) => l < r,
+            _ => self.admits_wide(load, weight),
+        }
+    }
+
+    /// [`Bound::admits`] for values whose products overflow 64 bits (never in practice).
+    #[cold]
+    #[inline(never)]
+    fn admits_wide(&self, load: u64, weight: u64) -> bool {
+        load < self.limit(weight)
     }
 }
 
@@ -195,17 +214,19 @@ fn spill<S: Servers>(g: &mut Group<'_, S>, key: u64, home: usize) -> Option<usiz
 }
 
 /// Whether `i` is over its bound (so a movable request should look further).
-#[inline]
+#[inline(always)]
 fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
-    g.bound.is_on() && !g.bound.admits(g.servers.load(i), g.servers.weight(i))
+    !g.bound.admits(g.servers.load(i), g.servers.weight(i))
 }
 
 /// Sticky/failover/spill within one group: (server, route, spilled from); `None` when no
 /// server of the group is usable.
 fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route, Option<usize>)> {
+    // Whether this request may leave an over-bound server at all.
+    let bounded = req.movable && g.bound.is_on();
     if let Some(l) = learned {
         if l < g.ring.peers() && g.servers.usable(l) {
-            if req.movable && over(g, l) {
+            if bounded && over(g, l) {
                 if let Some(t) = spill(g, req.key, l) {
                     return Some((t, Route::Spilled, Some(l)));
                 }
@@ -214,10 +235,11 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
         }
     }
     // The common case: the key's own server is usable and need not be left.
-    let (owner, mut order) = g.ring.owner_and_order(req.key)?;
-    if g.servers.usable(owner) && !(req.movable && over(g, owner)) {
+    let (owner, at) = g.ring.locate(req.key)?;
+    if g.servers.usable(owner) && !(bounded && over(g, owner)) {
         return Some((owner, Route::Sticky, None));
     }
+    let mut order = g.ring.order_at(at);
     // One walk of the key's order: the first usable server is home; if a movable request must
     // leave it, the walk goes on from there (the servers before home are unusable anyway).
     let mut first = true;
@@ -230,7 +252,7 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
         first = false;
     }
     let (home, route) = found?;
-    if req.movable && over(g, home) {
+    if bounded && over(g, home) {
         let bound = g.bound;
         let servers = &mut *g.servers;
         if let Some(t) = order.find(|&i| servers.usable(i) && bound.admits(servers.load(i), servers.weight(i))) {
@@ -445,6 +467,19 @@ mod tests {
     }
 
     proptest! {
+        /// The division-free test agrees with the bound's definition, small values and extremes.
+        #[test]
+        fn admits_is_load_below_limit(
+            factor_milli in prop_oneof![1001u32..100_000, any::<u32>()],
+            total in prop_oneof![0u64..10_000, any::<u64>()],
+            live_weight in prop_oneof![1u64..1_000, any::<u64>()],
+            load in prop_oneof![0u64..10_000, any::<u64>()],
+            weight in prop_oneof![1u64..100, any::<u64>()],
+        ) {
+            let b = Bound { factor_milli, total, live_weight };
+            prop_assert_eq!(b.admits(load, weight), load < b.limit(weight));
+        }
+
         /// Feeding movable requests one by one (none finishing), no server ever exceeds its
         /// bound, and every request lands somewhere.
         #[test]

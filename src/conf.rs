@@ -71,6 +71,10 @@ pub struct SrvConf {
     pub load_zone: *mut ngx_shm_zone_t,
     /// The upstream's name.
     pub name: Vec<u8>,
+    /// Per-worker caches of this upstream's session key derivation in the routes zone and in
+    /// the store's verdict cache zone (see `shm::session_key`).
+    pub routes_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
+    pub cache_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
 }
 
 impl Default for SrvConf {
@@ -92,6 +96,8 @@ impl Default for SrvConf {
             store_key: 0,
             load_zone: ptr::null_mut(),
             name: Vec::new(),
+            routes_keyer: core::cell::Cell::new(None),
+            cache_keyer: core::cell::Cell::new(None),
         }
     }
 }

@@ -29,10 +29,20 @@ struct Point {
 }
 
 /// A consistent-hash ring over `n` servers numbered `0..n` (their position in the upstream).
+///
+/// Finding a key's first point is a lookup in a bucket index, not a binary search: the top
+/// `bits` bits of a hash select a bucket, `index[b]` is the first point at or after the
+/// bucket's start, and with about one point per bucket the scan from there ends after one or
+/// two comparisons (the index takes at most 8 bytes per point).
 #[derive(Clone, Debug, Default)]
 pub struct Ring {
     points: Vec<Point>,
     peers: usize,
+    /// `1 << bits` + 1 entries: bucket -> first point at or after the bucket's lowest hash;
+    /// the last entry is `points.len()`.
+    index: Vec<u32>,
+    /// Bits of the hash that select a bucket (0 for an empty ring).
+    bits: u32,
 }
 
 /// Why a ring could not be built.
@@ -86,7 +96,8 @@ impl Ring {
                 .cmp(&b.hash)
                 .then_with(|| servers[a.peer as usize].0.cmp(servers[b.peer as usize].0))
         });
-        Ok(Ring { points, peers: servers.len() })
+        let (index, bits) = bucket_index(&points);
+        Ok(Ring { points, peers: servers.len(), index, bits })
     }
 
     /// Number of servers on the ring.
@@ -104,18 +115,35 @@ impl Ring {
         self.points.get(self.start(key)).map(|p| p.peer as usize)
     }
 
-    /// The key's owner together with its preference list, sharing one binary search.
+    /// Where `key` lands: its owner (first choice) and the position its preference list
+    /// starts from ([`Ring::order_at`]), so that the list is only built when needed.
+    /// `None` only for an empty ring.
     #[inline]
-    pub fn owner_and_order(&self, key: u64) -> Option<(usize, Order<'_>)> {
+    pub fn locate(&self, key: u64) -> Option<(usize, Landing)> {
         let start = self.start(key);
         let owner = self.points.get(start)?.peer as usize;
-        Some((owner, Order { ring: self, pos: start, walked: 0, left: self.peers, seen: Bits::new(self.peers) }))
+        Some((owner, Landing(start)))
     }
 
-    /// Index of the first point at or after `key`, wrapping to 0. O(log points).
+    /// The preference list of a key [`Ring::locate`]d at `at`; equal to `order(key)`.
+    #[inline]
+    pub fn order_at(&self, at: Landing) -> Order<'_> {
+        Order { ring: self, pos: at.0, walked: 0, left: self.peers, seen: Bits::new(self.peers) }
+    }
+
+    /// Index of the first point at or after `key`, wrapping to 0: the key's bucket gives the
+    /// first candidate, and the scan stops at the bucket's end (O(1) on average).
     #[inline]
     fn start(&self, key: u64) -> usize {
-        let i = self.points.partition_point(|p| p.hash < key);
+        if self.bits == 0 {
+            return 0;
+        }
+        let b = (key >> (64 - self.bits)) as usize;
+        // Both entries exist: the index has 2^bits + 1 of them.
+        let (mut i, end) = (self.index[b] as usize, self.index[b + 1] as usize);
+        while i < end && self.points[i].hash < key {
+            i += 1;
+        }
         if i == self.points.len() {
             0
         } else {
@@ -126,14 +154,33 @@ impl Ring {
     /// The key's preference list: every server once, in ring order from the key.
     #[inline]
     pub fn order(&self, key: u64) -> Order<'_> {
-        Order {
-            ring: self,
-            pos: self.start(key),
-            walked: 0,
-            left: self.peers,
-            seen: Bits::new(self.peers),
-        }
+        self.order_at(Landing(self.start(key)))
     }
+}
+
+/// A key's position on a ring, from [`Ring::locate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landing(usize);
+
+/// Builds the bucket index of sorted `points`: about one bucket per point, at least 2.
+fn bucket_index(points: &[Point]) -> (Vec<u32>, u32) {
+    if points.is_empty() {
+        return (Vec::new(), 0);
+    }
+    // MAX_POINTS (2^24) keeps both the bucket count and the positions within u32.
+    let bits = points.len().next_power_of_two().trailing_zeros().clamp(1, 24);
+    let buckets = 1usize << bits;
+    let mut index = Vec::with_capacity(buckets + 1);
+    let mut i = 0usize;
+    for b in 0..buckets {
+        let lowest = (b as u64) << (64 - bits);
+        while i < points.len() && points[i].hash < lowest {
+            i += 1;
+        }
+        index.push(i as u32);
+    }
+    index.push(points.len() as u32);
+    (index, bits)
 }
 
 /// A fixed-size bit set: one word up to 64 servers, four up to 256, on the heap beyond.
@@ -281,6 +328,24 @@ mod tests {
     }
 
     proptest! {
+        /// The bucket index finds the same first point as a binary search, for any key.
+        #[test]
+        fn bucket_lookup_matches_binary_search(
+            weights in proptest::collection::vec(1u32..5, 1..40),
+            keys in proptest::collection::vec(any::<u64>(), 300),
+        ) {
+            let n = names(weights.len());
+            let ring = ring_of(&n, &weights);
+            let last = ring.points.last().unwrap().hash;
+            let first = ring.points[0].hash;
+            let edges = [0, u64::MAX, first, last, first.wrapping_sub(1), last.wrapping_add(1)];
+            for k in keys.into_iter().chain(edges).chain(ring.points.iter().map(|p| p.hash)) {
+                let i = ring.points.partition_point(|p| p.hash < k);
+                let want = if i == ring.points.len() { 0 } else { i };
+                prop_assert_eq!(ring.start(k), want);
+            }
+        }
+
         /// Removing one server moves only the keys it owned; everything else keeps its owner,
         /// and the keys it owned go to their second choice.
         #[test]

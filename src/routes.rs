@@ -37,9 +37,20 @@ pub struct Header {
     pub evict_unlogged: u64,
 }
 
+/// Where a table's magic number and secret lie in its region: both are written once, when
+/// the table is formatted, so they may be read without the zone's lock.
+pub const MAGIC_OFFSET: usize = core::mem::offset_of!(Header, magic);
+pub const SECRET_OFFSET: usize = core::mem::offset_of!(Header, secret);
+
+/// Whether `magic` (read at [`MAGIC_OFFSET`]) marks a formatted table.
+pub fn is_table(magic: u64) -> bool {
+    magic == MAGIC
+}
+
+/// One route (fields private to this module).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct Entry {
+pub struct Entry {
     key: [u64; 2],
     peer: u64,
     last_used: i64,
@@ -88,6 +99,21 @@ pub struct RouteTable<'a> {
     entries: &'a mut [Entry],
 }
 
+/// Where a formatted table's arrays lie in its region: byte offsets from the region's start
+/// and the number of entries. Fixed once the region is formatted, so a caller can keep it
+/// and rebuild the table with [`RouteTable::from_parts`] without checking the region again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub capacity: usize,
+    pub buckets_at: usize,
+    pub entries_at: usize,
+}
+
+fn layout_for(capacity: usize) -> Layout {
+    Layout { capacity, buckets_at: HEADER, entries_at: HEADER + (capacity * 4).next_multiple_of(8) }
+}
+
 /// How many routes a region of `bytes` holds.
 pub fn capacity_for(bytes: usize) -> usize {
     bytes.saturating_sub(HEADER + 8) / (ENTRY + 4)
@@ -97,8 +123,9 @@ fn split(region: &mut [u8], capacity: usize) -> Result<(&mut Header, &mut [u32],
     if region.as_ptr() as usize % 8 != 0 {
         return Err(RouteError::Misaligned);
     }
-    let buckets_bytes = (capacity * 4).next_multiple_of(8);
-    let need = HEADER + buckets_bytes + capacity * ENTRY;
+    let l = layout_for(capacity);
+    let buckets_bytes = l.entries_at - l.buckets_at;
+    let need = l.entries_at + capacity * ENTRY;
     if capacity == 0 || region.len() < need {
         return Err(RouteError::TooSmall);
     }
@@ -149,6 +176,19 @@ impl<'a> RouteTable<'a> {
         let capacity = hdr.capacity as usize;
         let (hdr, buckets, entries) = split(region, capacity)?;
         Ok(RouteTable { hdr, buckets, entries })
+    }
+
+    /// The table from its parts, as [`RouteTable::layout`] placed them in a region that
+    /// [`RouteTable::format`] or [`RouteTable::attach`] accepted.
+    #[inline]
+    pub fn from_parts(hdr: &'a mut Header, buckets: &'a mut [u32], entries: &'a mut [Entry]) -> RouteTable<'a> {
+        debug_assert!(buckets.len() == hdr.capacity as usize && entries.len() == hdr.capacity as usize);
+        RouteTable { hdr, buckets, entries }
+    }
+
+    /// Where this table's parts lie in its region.
+    pub fn layout(&self) -> Layout {
+        layout_for(self.hdr.capacity as usize)
     }
 
     pub fn header(&self) -> &Header {
@@ -235,6 +275,18 @@ impl<'a> RouteTable<'a> {
         }
     }
 
+    /// Marks entry `i` used at `now`. The LRU list is kept in order of `last_used` (whole
+    /// seconds), so an entry already used this second stays where it is: a busy session
+    /// (a BI tool firing many queries a second) costs one list move per second, not per request.
+    #[inline]
+    fn touch(&mut self, i: usize, now: i64) {
+        if self.entries[i].last_used != now {
+            self.entries[i].last_used = now;
+            self.lru_unlink(i);
+            self.lru_push_front(i);
+        }
+    }
+
     fn release(&mut self, i: usize) {
         self.chain_unlink(i);
         self.lru_unlink(i);
@@ -261,6 +313,11 @@ impl<'a> RouteTable<'a> {
 
     /// The server of `key`'s session, refreshing its idle time; `None` if unknown or expired.
     pub fn lookup(&mut self, key: u128, now: i64, timeout: i64) -> Option<u64> {
+        self.find_live(key, now, timeout).map(|i| self.entries[i].peer)
+    }
+
+    /// [`RouteTable::lookup`], returning the entry's index.
+    fn find_live(&mut self, key: u128, now: i64, timeout: i64) -> Option<usize> {
         let Some(i) = self.find(key) else {
             self.hdr.misses += 1;
             return None;
@@ -271,21 +328,17 @@ impl<'a> RouteTable<'a> {
             self.hdr.misses += 1;
             return None;
         }
-        self.entries[i].last_used = now;
-        self.lru_unlink(i);
-        self.lru_push_front(i);
+        self.touch(i, now);
         self.hdr.hits += 1;
-        Some(self.entries[i].peer)
+        Some(i)
     }
 
     /// Records that `key`'s session lives on `peer`.
     pub fn insert(&mut self, key: u128, peer: u64, now: i64, timeout: i64) -> Inserted {
         if let Some(i) = self.find(key) {
             self.entries[i].peer = peer;
-            self.entries[i].last_used = now;
             self.entries[i].shared_at = now as u32;
-            self.lru_unlink(i);
-            self.lru_push_front(i);
+            self.touch(i, now);
             return Inserted::Updated;
         }
         // Expired routes make room first; they are not evictions.
@@ -327,8 +380,8 @@ impl<'a> RouteTable<'a> {
     /// Routes written before `since` (when the store came back after failing, and may have
     /// lost them) are due too.
     pub fn lookup_share(&mut self, key: u128, now: i64, timeout: i64, every: i64, since: i64) -> Option<(u64, bool)> {
-        let peer = self.lookup(key, now, timeout)?;
-        let i = self.find(key)?;
+        let i = self.find_live(key, now, timeout)?;
+        let peer = self.entries[i].peer;
         let at = self.entries[i].shared_at;
         let due = at == 0 || i64::from(at) < (since as u32) as i64 || (now as u32).wrapping_sub(at) as i64 >= every;
         if due {
@@ -480,6 +533,26 @@ mod tests {
     }
 
     #[test]
+    fn parts_at_the_layout_are_the_table() {
+        let mut r = region(8192);
+        let layout = {
+            let mut t = RouteTable::format(bytes(&mut r), [5, 6]).unwrap();
+            t.insert(7, 70, 1, H);
+            t.layout()
+        };
+        let b = bytes(&mut r);
+        let (h, rest) = b.split_at_mut(layout.buckets_at);
+        let (bk, e) = rest.split_at_mut(layout.entries_at - layout.buckets_at);
+        let hdr: &mut Header = bytemuck::from_bytes_mut(h);
+        let buckets: &mut [u32] = bytemuck::cast_slice_mut(&mut bk[..layout.capacity * 4]);
+        let entries: &mut [Entry] = bytemuck::cast_slice_mut(&mut e[..layout.capacity * ENTRY]);
+        let mut t = RouteTable::from_parts(hdr, buckets, entries);
+        assert_eq!(t.capacity(), layout.capacity);
+        assert_eq!(t.lookup(7, 2, H), Some(70));
+        assert_eq!(t.header().secret, [5, 6]);
+    }
+
+    #[test]
     fn small_or_misaligned_regions_are_refused() {
         let mut r = region(64);
         assert_eq!(RouteTable::format(bytes(&mut r), [0, 0]).err(), Some(RouteError::TooSmall));
@@ -497,8 +570,9 @@ mod tests {
             let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
             let cap = t.capacity();
             let mut model: HashMap<u128, u64> = HashMap::new();
-            for (now, (op, k, v)) in ops.into_iter().enumerate() {
-                let now = now as i64;
+            for (step, (op, k, v)) in ops.into_iter().enumerate() {
+                // Several operations per second, as on a busy server.
+                let now = step as i64 / 3;
                 match op {
                     0 => { t.insert(k, v, now, 1 << 40); model.insert(k, v); }
                     1 => { t.remove(k); model.remove(&k); }
@@ -509,12 +583,15 @@ mod tests {
                     }
                 }
                 prop_assert!(t.len() <= cap);
-                // Walk the LRU list: it has len entries, each findable.
+                // Walk the LRU list: it has len entries, each findable, most recent first.
                 let mut n = 0;
                 let mut i = t.hdr.lru_head;
+                let mut newer = i64::MAX;
                 while i != NIL {
                     let key = join_key(t.entries[i as usize].key);
                     prop_assert_eq!(t.find(key), Some(i as usize));
+                    prop_assert!(t.entries[i as usize].last_used <= newer);
+                    newer = t.entries[i as usize].last_used;
                     n += 1;
                     i = t.entries[i as usize].next;
                 }

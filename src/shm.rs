@@ -5,18 +5,20 @@
 //! Zones are reused across `nginx -s reload` when their name and size stay the same, so
 //! counters and learned routes survive a reload; nginx creates a fresh zone otherwise.
 
+use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::ngx_log_error;
 
 use crate::load::{LoadTable, Slot};
-use crate::routes::RouteTable;
+use crate::routes::{self, RouteTable};
+use crate::session::SessionKeyer;
 
 /// The module's tag for its shared zones.
 fn tag() -> *mut c_void {
@@ -145,10 +147,13 @@ pub const MIN_ROUTES_SIZE: usize = 64 * 1024;
 struct RoutesRegion {
     magic: u64,
     len: u64,
-    // followed by `len` bytes formatted by RouteTable
+    /// Where the table's parts lie in the `len` bytes that follow, formatted by RouteTable.
+    layout: routes::Layout,
 }
 
-const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_01;
+/// Version 2 added `layout`. A region of another version (a zone kept across a reload that
+/// loaded a newer module) is formatted again.
+const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_02;
 
 /// Declares (or finds) a session routes zone.
 pub unsafe fn routes_zone(cf: *mut ngx_conf_t, name: &mut ngx_str_t, size: usize) -> Option<*mut ngx_shm_zone_t> {
@@ -183,48 +188,106 @@ fn random_secret() -> [u64; 2] {
 }
 
 unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: as in init_load_zone.
+    // SAFETY: as in init_load_zone; a reused zone's data is the region this function
+    // allocated in an earlier cycle, which starts with `magic` and `len` in every version.
     unsafe {
-        if !data.is_null() {
-            (*zone).data = data;
-            return NGX_OK as ngx_int_t;
-        }
-        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        let bytes = largest_alloc(shpool);
-        let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
+        let (p, bytes) = if data.is_null() {
+            let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+            let bytes = largest_alloc(shpool);
+            let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
+            if p.is_null() {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
+                return NGX_ERROR as ngx_int_t;
+            }
+            (p, bytes)
+        } else {
+            let p = data as *mut RoutesRegion;
+            if (*p).magic == ROUTES_MAGIC {
+                (*zone).data = data;
+                return NGX_OK as ngx_int_t;
+            }
+            // Version 1 had a 16-byte header before the table.
+            let bytes = (*p).len as usize + 16;
+            ngx_log_error!(NGX_LOG_NOTICE, (*zone).shm.log, "kylin: zone \"{}\" was made by another version of the module: its session routes start afresh", (*zone).shm.name);
+            (p, bytes)
+        };
         let len = bytes.saturating_sub(core::mem::size_of::<RoutesRegion>());
-        if p.is_null() {
-            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
-            return NGX_ERROR as ngx_int_t;
-        }
         let region = core::slice::from_raw_parts_mut(p.add(1) as *mut u8, len);
-        if let Err(e) = RouteTable::format(region, random_secret()) {
-            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\": {}", (*zone).shm.name, e);
-            return NGX_ERROR as ngx_int_t;
-        }
-        (*p).magic = ROUTES_MAGIC;
-        (*p).len = len as u64;
+        let layout = match RouteTable::format(region, random_secret()) {
+            Ok(t) => t.layout(),
+            Err(e) => {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\": {}", (*zone).shm.name, e);
+                return NGX_ERROR as ngx_int_t;
+            }
+        };
+        p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout });
         (*zone).data = p as *mut c_void;
     }
     NGX_OK as ngx_int_t
 }
 
+/// The secret of a zone's route table, read without the lock (it never changes once the
+/// table is formatted). `None` if the zone is not ready (or not a routes zone).
+pub unsafe fn routes_secret(zone: *mut ngx_shm_zone_t) -> Option<[u64; 2]> {
+    // SAFETY: zone is valid for the cycle; its data is a RoutesRegion in shared memory whose
+    // table header (magic and secret) was written before any worker started and is never
+    // written again; only those two fields are read, through raw pointers, so no reference
+    // covers the header fields other workers update under the lock.
+    unsafe {
+        let z = zone.as_ref()?;
+        let r = z.data as *const RoutesRegion;
+        if r.is_null() || (*r).magic != ROUTES_MAGIC || ((*r).len as usize) < routes::SECRET_OFFSET + 16 {
+            return None;
+        }
+        let base = r.add(1) as *const u8;
+        if !routes::is_table(ptr::read(base.add(routes::MAGIC_OFFSET) as *const u64)) {
+            return None;
+        }
+        Some(ptr::read(base.add(routes::SECRET_OFFSET) as *const [u64; 2]))
+    }
+}
+
+/// The table key of session `id` of an upstream in `zone`, with the upstream's key derivation
+/// cached in `cache` (per worker; derived again if the zone's secret differs).
+pub unsafe fn session_key(zone: *mut ngx_shm_zone_t, cache: &Cell<Option<SessionKeyer>>, upstream: &[u8], id: &[u8]) -> Option<u64> {
+    // SAFETY: as in routes_secret.
+    let secret = unsafe { routes_secret(zone)? };
+    let keyer = match cache.get() {
+        Some(k) if k.secret() == secret => k,
+        _ => {
+            let k = SessionKeyer::new(secret, upstream);
+            cache.set(Some(k));
+            k
+        }
+    };
+    Some(keyer.key(id))
+}
+
 /// Runs `f` on a zone's route table with the zone's mutex held. `None` if the zone is not
 /// ready (or not a routes zone).
 pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut RouteTable<'_>) -> R) -> Option<R> {
-    // SAFETY: zone is valid for the cycle; its data is a RoutesRegion of `len` bytes in shared
-    // memory, guarded by the slab pool's mutex, which every worker inherited from the master.
+    // SAFETY: zone is valid for the cycle; its data is a RoutesRegion in shared memory whose
+    // table RouteTable::format laid out at `layout` (written once, before any worker started:
+    // the header, `capacity` bucket and `capacity` entry slots, all within `len` and 8-byte
+    // aligned), guarded by the slab pool's mutex, which every worker inherited from the
+    // master; the references exist only while the mutex is held.
     unsafe {
         let z = zone.as_ref()?;
         let r = z.data as *mut RoutesRegion;
         if r.is_null() || (*r).magic != ROUTES_MAGIC {
             return None;
         }
+        let base = r.add(1) as *mut u8;
+        let l = (*r).layout;
         let shpool = z.shm.addr as *mut ngx_slab_pool_t;
-        let region = core::slice::from_raw_parts_mut(r.add(1) as *mut u8, (*r).len as usize);
         ngx_shmtx_lock(ptr::addr_of_mut!((*shpool).mutex));
-        let out = RouteTable::attach(region).ok().map(|mut t| f(&mut t));
+        let mut t = RouteTable::from_parts(
+            &mut *(base as *mut routes::Header),
+            core::slice::from_raw_parts_mut(base.add(l.buckets_at) as *mut u32, l.capacity),
+            core::slice::from_raw_parts_mut(base.add(l.entries_at) as *mut routes::Entry, l.capacity),
+        );
+        let out = f(&mut t);
         ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
-        out
+        Some(out)
     }
 }

@@ -212,17 +212,16 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
 
 /// Per-request balancer data. `rrp` comes first: round robin's callbacks receive `&rrp`.
 ///
-/// Kept as small as ip_hash's (72 bytes): it comes from the request pool, whose first block
-/// the whole request shares, and measurements showed a larger struct pushing requests into a
-/// second pool block (one more malloc per request). So the configuration and the key are
-/// found again from the request when needed, and session data lives in a separate allocation
-/// made only for requests that carry a session.
+/// No larger than ip_hash's (80 bytes): it comes from the request pool, whose first block the
+/// whole request shares, and measurements showed larger per-request data pushing requests
+/// into a second pool block (a malloc and a free per request, ~250 instructions). So the
+/// configuration and the stickiness key are found again from the request when needed.
 #[repr(C)]
 struct PeerData {
     rrp: ngx_http_upstream_rr_peer_data_t,
     r: *mut ngx_http_request_t,
-    /// The request's session, or NULL.
-    sess: *mut SessionData,
+    /// The request's session, if it carries one (`key` 0 otherwise).
+    sess: SessionData,
     /// Counters of the server this try went to, while it is counted in flight.
     counted: Option<&'static Slot>,
     movable: bool,
@@ -236,13 +235,14 @@ struct PeerData {
 }
 
 // The size argued for above; a compile error if a new field breaks it.
-const _: () = assert!(core::mem::size_of::<PeerData>() <= 72);
+const _: () = assert!(core::mem::size_of::<PeerData>() <= 80);
 
-/// What a request that carries a session needs beyond [`PeerData`].
+/// The request's session.
 #[repr(C)]
 struct SessionData {
-    /// Route-table key as two halves (the pool aligns to 8 bytes, not u128's 16).
-    key: [u64; 2],
+    /// Route-table key of the session id ([`crate::session::SessionKeyer::key`], never 0);
+    /// 0 when the request carries no session.
+    key: u64,
     /// Identity of the server that created the session; 0 if none is learned.
     learned: u64,
 }
@@ -255,14 +255,13 @@ impl PeerData {
     }
 
     fn session(&self) -> Option<&SessionData> {
-        // SAFETY: sess is NULL or a SessionData in the request pool.
-        unsafe { self.sess.as_ref() }
+        (self.sess.key != 0).then_some(&self.sess)
     }
 }
 
 /// The route-table key of a session.
 fn session_key_of(s: &SessionData) -> u128 {
-    u128::from(s.key[0]) | (u128::from(s.key[1]) << 64)
+    u128::from(s.key)
 }
 
 /// The request's stickiness key: the value of `kylin_hash`, else the client address.
@@ -387,18 +386,19 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                 let sharing = crate::session_check::shares_routes(kcf);
                 let since = if sharing { crate::session_check::store_recovered_at(kcf) } else { 0 };
                 let found = kcf.routes_zone.and_then(|z| {
+                    let k = shm::session_key(z, &kcf.routes_keyer, &kcf.name, id)?;
+                    let tk = u128::from(k);
                     shm::with_routes(z, |t| {
-                        let k = session::session_key(t.header().secret, &kcf.name, id);
                         if sharing {
-                            let hit = t.lookup_share(k, now, timeout, SHARE_EVERY.min(timeout / 2).max(1), since);
+                            let hit = t.lookup_share(tk, now, timeout, SHARE_EVERY.min(timeout / 2).max(1), since);
                             (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
                         } else {
-                            (k, t.lookup(k, now, timeout), false)
+                            (k, t.lookup(tk, now, timeout), false)
                         }
                     })
                 });
                 if let Some((k, Some(peer_id), true)) = found {
-                    share_again(kcf, id, peer_id, k);
+                    share_again(kcf, id, peer_id, u128::from(k));
                 }
                 let found = found.map(|(k, l, _)| (k, l));
                 let state = match (kcf.store_mode(), checked) {
@@ -414,24 +414,17 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
         if pd.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
-        let sess = match skey {
-            Some(k) => {
-                let sd = ngx_palloc((*r).pool, core::mem::size_of::<SessionData>()) as *mut SessionData;
-                if sd.is_null() {
-                    return NGX_ERROR as ngx_int_t;
-                }
-                sd.write(SessionData { key: [k as u64, (k >> 64) as u64], learned: learned.unwrap_or(0) });
-                sd
-            }
-            None => ptr::null_mut(),
-        };
-        ptr::addr_of_mut!((*pd).r).write(r);
-        ptr::addr_of_mut!((*pd).sess).write(sess);
-        ptr::addr_of_mut!((*pd).movable).write(balancer::may_move(state));
-        ptr::addr_of_mut!((*pd).on_backup).write(false);
-        ptr::addr_of_mut!((*pd).counted).write(None);
-        ptr::addr_of_mut!((*pd).counted_total).write(false);
-        ptr::addr_of_mut!((*pd).ctx).write(crate::variables::RequestCtx { session: state, checked: checked.is_some(), route: None });
+        pd.write(PeerData {
+            // Filled in by round robin's init_peer below.
+            rrp: core::mem::zeroed(),
+            r,
+            sess: SessionData { key: skey.unwrap_or(0), learned: learned.unwrap_or(0) },
+            counted: None,
+            movable: balancer::may_move(state),
+            on_backup: false,
+            counted_total: false,
+            ctx: crate::variables::RequestCtx { session: state, checked: checked.is_some(), route: None },
+        });
         crate::variables::set_ctx(r, ptr::addr_of_mut!((*pd).ctx));
 
         // Round robin fills in `rrp` (peers, tried bitmap, tries) when peer.data points at it.
@@ -704,7 +697,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         pd.ctx.route = Some(choice.route);
         // A shared session that moves takes its learned route along, so it stays on its new
         // server instead of bouncing back.
-        if choice.route == Route::Spilled && !pd.sess.is_null() {
+        if choice.route == Route::Spilled && pd.session().is_some() {
             move_route(pd, group.ids[choice.server], (*best).name.as_bytes());
         }
 
@@ -787,14 +780,18 @@ unsafe fn learn_session(pd: &PeerData) {
         let peer = key_hash((*pd.rrp.current).name.as_bytes());
         let request_session = pd.session().map(session_key_of);
         let mut learned_key = None;
+        let set_key = match set {
+            SetSession::Set(id) => shm::session_key(zone, &kcf.routes_keyer, &kcf.name, id).map(u128::from),
+            SetSession::Delete => None,
+        };
         let evicted = shm::with_routes(zone, |t| {
-            match set {
-                SetSession::Set(id) => {
-                    let k = session::session_key(t.header().secret, &kcf.name, id);
+            match (&set, set_key) {
+                (SetSession::Set(_), Some(k)) => {
                     t.insert(k, peer, now, timeout);
                     learned_key = Some(k);
                 }
-                SetSession::Delete => {
+                (SetSession::Set(_), None) => {}
+                (SetSession::Delete, _) => {
                     if let Some(k) = request_session {
                         t.remove(k);
                     }
