@@ -11,7 +11,7 @@
 
 use core::ffi::c_void;
 use core::ptr;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 #[cfg(not(nginx1_23_0))]
 use ngx::ffi::ngx_list_t;
@@ -291,8 +291,9 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
         let sa = (*c).sockaddr;
         let addr = match (*sa).sa_family as i32 {
             libc::AF_INET => {
+                // The whole address, its bytes in network order: client_key's IPv4 key.
                 let sin = sa as *const sockaddr_in;
-                IpAddr::V4(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr)))
+                return key_hash(&(*sin).sin_addr.s_addr.to_ne_bytes());
             }
             libc::AF_INET6 => {
                 let sin6 = sa as *const sockaddr_in6;
