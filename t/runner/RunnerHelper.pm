@@ -41,7 +41,7 @@ sub spec_file {
 }
 
 # run_spec(port => N, data => '...', [head => '...', use => '...',
-#          env => {...}, timeout => secs, background => 1])
+#          env => {...}, files => {name => content}, timeout => secs, background => 1])
 # Returns a hash ref: exit, out, pass, fail, planned, dir, servroot.
 sub run_spec {
     my (%a) = @_;
@@ -50,6 +50,11 @@ sub run_spec {
     open my $fh, '>', $file or die "$file: $!";
     print $fh (defined $a{text} ? $a{text} : spec_file(%a));
     close $fh;
+    for my $name (keys %{ $a{files} || {} }) {   # extra files next to case.t (its cwd)
+        open my $out, '>', "$dir/$name" or die "$dir/$name: $!";
+        print $out $a{files}{$name};
+        close $out;
+    }
 
     my $servroot = "$dir/servroot";
     local %ENV = %ENV;

@@ -461,6 +461,7 @@ sub run_test_helper ($$$) {
 
     my $timeout = parse_time($block->timeout);
     $timeout = timeout() unless defined $timeout;
+    $timeout = Test::Nginx::Util::valgrind_scaled($timeout);
 
     my ($res, $n, $need_array);
     my $req_idx = 0;
@@ -992,7 +993,7 @@ is set to it), C<TEST_NGINX_TIMEOUT> (3), C<TEST_NGINX_LOG_LEVEL>
 C<TEST_NGINX_SLEEP>, C<TEST_NGINX_CHECK_ACCUM_ERR_LOG>,
 C<TEST_NGINX_WORKER_USER>, C<TEST_NGINX_EVENT_TYPE>,
 C<TEST_NGINX_POSTPONE_OUTPUT>, C<TEST_NGINX_NO_NGINX_MANAGER>,
-C<TEST_NGINX_VERBOSE>.
+C<TEST_NGINX_VERBOSE>, C<TEST_NGINX_USE_VALGRIND> (see L</Valgrind mode>).
 
 C<$TEST_NGINX_FOO> is replaced by C<$ENV{TEST_NGINX_FOO}> (bail out if
 unset) in the sections where the real module does it: C<config>,
@@ -1098,16 +1099,87 @@ C<master_on> the workers), requests are sent (connects are retried with
 back-off, as the real module does), then nginx is stopped (QUIT and up
 to C<timeout()> seconds, then TERM, then KILL of its process group)
 before the next block.  An END block and INT/TERM/HUP handlers stop
-nginx (TERM) if the test dies or is interrupted.
+nginx (TERM) if the test dies or is interrupted.  (Under valgrind nginx
+runs in the foreground instead: see L</Valgrind mode>.)
+
+=head2 Valgrind mode
+
+C<TEST_NGINX_USE_VALGRIND> runs every nginx under valgrind, as the real
+module does (the supported subset):
+
+=over
+
+=item *
+
+A number (e.g. C<1>) means the real module's command line:
+C<valgrind --num-callers=100 -q --tool=memcheck --leak-check=full
+--show-possibly-lost=no --gen-suppressions=all
+[--suppressions=valgrind.suppress] nginx -p ... -c ...>, the
+C<--suppressions> option only if F<valgrind.suppress> exists in the current
+directory.  Any other value is valgrind's options, verbatim:
+C<valgrind -q $TEST_NGINX_USE_VALGRIND nginx ...>, word-split by
+C</bin/sh> (the real module runs that line through the shell too, so quotes
+work).  Valgrind writes its reports to nginx's stderr unless the options
+say C<--log-file=...%p...> (one log per process); whatever nginx and
+valgrind wrote to stderr is printed after nginx has stopped.  The block
+name is printed (C<warn>) before each start, as the real module does.
+
+=item *
+
+The generated F<nginx.conf> says C<daemon off>: nginx stays in the
+foreground as the runner's own child (fork/exec, its own process group) and
+is reaped.  C<master_process> stays as configured (C<master_on()>,
+C<workers(N)>): valgrind follows fork(), so master and workers are all
+checked.  Start-up: the runner waits up to 60 s for the pid file with the
+child's pid (then the port listens); a child that exits first is a start
+failure (bail out with its stderr, retried only on "Address already in
+use", as without valgrind).  With C<master_on> it waits for the workers to
+be forked.
+
+=item *
+
+Stopping: QUIT, then up to 30 s for nginx (and valgrind's leak check) to
+exit, then TERM, then KILL of the process group.  An interrupted test
+(INT/TERM/HUP) sends TERM and also waits.
+
+=item *
+
+C<--- must_die> blocks run without valgrind (as in the real module), with
+the same C<daemon off> configuration: nginx must exit (a must_die nginx
+that writes its pid file instead counts as started, and is stopped).
+
+=item *
+
+Timeouts: the client's read timeout (C<timeout()>, C<--- timeout>) is
+multiplied by C<TEST_NGINX_VALGRIND_TIMEOUT_FACTOR> (default 10); memcheck
+makes nginx 20-50 times slower.  (The real module only adds
+C<$ValgrindExtraTimeout>, 0.3 s, to its HTTP/3 idle timeout; a real-module
+run under valgrind usually needs C<TEST_NGINX_TIMEOUT> raised instead.)
+Timeouts inside the tested nginx configurations are not changed.
+
+=item *
+
+Extension: if C<TEST_NGINX_VALGRIND_PID_LOG> names a file, a line
+C<PID E<lt>tabE<gt> test block name> is appended to it for every nginx process
+(master and workers) run under valgrind, so that per-process valgrind logs
+can be traced back to their blocks (F<scripts/test-valgrind> uses it).
+
+=back
+
+Not supported with valgrind (as without): C<use_hup()> reloads,
+C<TEST_NGINX_CHECK_LEAK>, C<TEST_NGINX_USE_STAP>, C<TEST_NGINX_BENCHMARK>.
+The runner does not itself judge valgrind's reports; F<scripts/test-valgrind>
+does, from the log files.
 
 =head2 Not implemented (differences from the real module)
 
 HTTP/2 / HTTP/3 / curl (C<http2>, C<http3>, C<curl>), C<tcp_listen> /
-C<udp_listen> mock servers, C<stap*>, valgrind / check-leak / benchmark
+C<udp_listen> mock servers, C<stap*>, check-leak / benchmark
 / HUP-reload modes (C<use_hup()> is a no-op), C<skip_nginx2>,
 C<skip_openssl>, C<skip_slave>, C<todo_nginx>, C<charset>,
 C<server_addr_for_client>, deprecated C<request_eval> /
-C<response_body_eval>, C<TEST_NGINX_RANDOMIZE>, C<TEST_NGINX_USE_*>,
+C<response_body_eval>, C<TEST_NGINX_RANDOMIZE>, C<TEST_NGINX_USE_*>
+other than C<TEST_NGINX_USE_VALGRIND>,
 C<TEST_NGINX_ERROR_LOG>.  Such sections are silently ignored.  The real
 module keeps nginx running between blocks and stops the last one at
 exit; this one stops it after every block (so C<shutdown_error_log> is

@@ -53,6 +53,15 @@ our $NoRootLocation       = 0;
 our $TestNginxSleep       = $ENV{TEST_NGINX_SLEEP} || 0.015;
 our $EventType            = $ENV{TEST_NGINX_EVENT_TYPE};
 our $PostponeOutput       = $ENV{TEST_NGINX_POSTPONE_OUTPUT};
+our $UseValgrind          = $ENV{TEST_NGINX_USE_VALGRIND};
+# valgrind mode (see "Valgrind mode" in Socket.pm's POD). The real module adds
+# $ValgrindExtraTimeout (0.3 s) to its QUIC idle timeout only (kept for compatibility, unused
+# here); here the client's read timeout is multiplied (memcheck runs nginx 20-50x slower)
+our $ValgrindExtraTimeout = 0.3;
+our $ValgrindTimeoutFactor = $ENV{TEST_NGINX_VALGRIND_TIMEOUT_FACTOR} || 10;
+our $ValgrindStartTimeout = 60;   # seconds for nginx under valgrind to write its pid file
+our $ValgrindStopTimeout  = 30;   # seconds to exit after QUIT (incl. the leak check)
+our $ValgrindPidLog       = $ENV{TEST_NGINX_VALGRIND_PID_LOG};
 our $ConfigPreamble       = '';
 our $FilterHttpConfig;
 our @EnvToNginx;
@@ -66,6 +75,13 @@ our $PrevBlock;          # last block whose config was written
 our $PrevRandPorts;
 our $NginxPid;           # pid of the nginx we started (master or single)
 our $MustDieStderr;      # set while a must_die block is being checked
+our $NginxChild;         # daemon off (valgrind mode): pid of nginx, our direct child
+our $NginxChildValgrind; # ... and whether it runs under valgrind
+our $StderrPrinted = 0;  # how much of $StderrFile has been shown
+
+# as in the real module: nginx runs in the foreground (as our child) under valgrind;
+# master_process stays as configured (valgrind follows fork())
+$DaemonEnabled = 'off' if $UseValgrind;
 
 if (defined $WorkerUser && $WorkerUser !~ /^\w+(?:\s+\w+)?$/) {
     die "Bad value in the env TEST_NGINX_WORKER_USER: $WorkerUser\n";
@@ -236,6 +252,13 @@ sub parse_headers ($) {
         $seen{$key} = $val;
     }
     return [ map { [ $_, $seen{$_} ] } @order ];
+}
+
+# A client-side timeout, multiplied by $ValgrindTimeoutFactor under valgrind.
+sub valgrind_scaled ($) {
+    my $t = shift;
+    return $t unless $UseValgrind && defined $t;
+    return $t * $ValgrindTimeoutFactor;
 }
 
 sub get_canon_version (@) {
@@ -526,31 +549,62 @@ sub _related_pids ($) {
     return @out;
 }
 
-sub _wait_gone ($$) {
-    my ($pid, $secs) = @_;
+# $resend: a signal to send again every second while nginx's pid file exists
+sub _wait_gone ($$;$) {
+    my ($pid, $secs, $resend) = @_;
     my $deadline = time + $secs;
+    my $next = time + 1;
     while (is_running($pid)) {
         waitpid($pid, WNOHANG);
         return 0 if time > $deadline;
+        if ($resend && time > $next) {
+            kill $resend, $pid if -f $PidFile;
+            $next = time + 1;
+        }
         sleep 0.02;
     }
     return 1;
 }
 
-# $wait true: graceful (QUIT, up to timeout() seconds); false: TERM at once
+# true if $pid is the nginx we started under valgrind
+sub _under_valgrind ($) {
+    my $pid = shift;
+    return $NginxChildValgrind && $NginxChild && $pid == $NginxChild;
+}
+
+# Valgrind mode: note which test block a (valgrind-run) nginx pid belongs to, so that a
+# valgrind log named after the pid (--log-file=...%p...) can be traced back to its block.
+sub _log_valgrind_pids ($@) {
+    my ($name, @pids) = @_;
+    return unless $ValgrindPidLog && @pids;
+    open my $out, '>>', $ValgrindPidLog or return;
+    print $out "$_\t$name\n" for @pids;
+    close $out;
+}
+
+# $wait true: graceful (QUIT, up to timeout() seconds, or $ValgrindStopTimeout under
+# valgrind, which writes its leak report at exit); false: TERM at once
 sub kill_process ($$$) {
     my ($pid, $wait, $name) = @_;
     return unless $pid;
     my @kids = _related_pids($pid);
+    my $vg = _under_valgrind($pid);
+    _log_valgrind_pids($name, grep { is_running($_) } @kids) if $vg;
 
     if (is_running($pid)) {
-        kill $wait ? SIGQUIT : SIGTERM, $pid;
-        if (!_wait_gone($pid, $wait ? timeout() : 1)) {
+        my $sig = $wait ? SIGQUIT : SIGTERM;
+        kill $sig, $pid;
+        my $secs = $vg ? $ValgrindStopTimeout : $wait ? timeout() : 1;
+        # Under valgrind a signal that arrives while nginx runs code is delivered just before
+        # its next epoll_wait(), which then blocks anyway (no timer, no event): nginx misses
+        # it. Send it again while the pid file exists (nginx removes it just before exit(),
+        # then valgrind runs its leak check); the real module also re-sends QUIT.
+        if (!_wait_gone($pid, $secs, $vg ? $sig : undef)) {
             warn "$name - timeout when waiting for the process $pid to exit\n";
             kill SIGTERM, $pid;
-            if (!_wait_gone($pid, 1)) {
+            if (!_wait_gone($pid, $vg ? 5 : 1)) {
                 warn "$name - WARNING: killing the process $pid with force...\n";
-                kill SIGKILL, -$pid;   # process group (nginx calls setsid)
+                kill SIGKILL, -$pid;   # process group (nginx calls setsid; our child: setpgrp)
                 kill SIGKILL, $pid;
                 _wait_gone($pid, 2);
             }
@@ -566,12 +620,32 @@ sub kill_process ($$$) {
     }
 }
 
+# nginx's stderr (valgrind's too, unless it logs to a file) goes to $StderrFile; show what
+# it wrote since last time (daemon off: the file grows while nginx runs)
+sub _print_new_stderr () {
+    open my $in, '<', $StderrFile or return;
+    seek $in, $StderrPrinted, 0 if $StderrPrinted;
+    local $/;
+    my $s = <$in> // '';
+    $StderrPrinted = tell $in;
+    close $in;
+    print STDERR $s if length $s;
+}
+
 sub stop_nginx ($;$) {
     my ($name, $fast) = @_;
-    my $pid = $NginxPid;
+    my $pid = $NginxPid || $NginxChild;
     $pid = get_pid_from_pidfile($name) if !$pid && -f $PidFile;
     if ($pid) {
         kill_process($pid, !$fast, $name);
+    }
+    if ($NginxChild) {
+        # nginx in the foreground (daemon off) is our child: reap it
+        kill_process($NginxChild, 0, $name) if $NginxChild != $pid && is_running($NginxChild);
+        waitpid($NginxChild, WNOHANG);
+        _print_new_stderr();
+        undef $NginxChild;
+        undef $NginxChildValgrind;
     }
     undef $NginxPid;
     unlink $PidFile if -f $PidFile && !is_running($pid);
@@ -600,21 +674,69 @@ sub install_signal_handlers () {
     }
 }
 
-# Run nginx (it daemonizes); returns its exit status ($?).
-sub run_nginx_cmd () {
+# The command line that starts nginx: the real module's, with the valgrind prefix when
+# TEST_NGINX_USE_VALGRIND is set (a number: the real module's default memcheck options,
+# plus --suppressions=valgrind.suppress if that file exists in the current directory;
+# anything else: valgrind's options, verbatim, word-split by the shell as the real module's
+# "valgrind -q $opts $cmd" is).
+sub nginx_command () {
     my @cmd = ($NginxBinary, '-p', "$ServRoot/", '-c', $ConfFile);
+    return @cmd unless $UseValgrind;
+    if ($UseValgrind =~ /^\d+$/) {
+        return ('valgrind', '--num-callers=100', '-q', '--tool=memcheck', '--leak-check=full',
+                '--show-possibly-lost=no', '--gen-suppressions=all',
+                (-f 'valgrind.suppress' ? ('--suppressions=valgrind.suppress') : ()), @cmd);
+    }
+    return ('/bin/sh', '-c', "exec valgrind -q $UseValgrind \"\$@\"", 'sh', @cmd);
+}
+
+# Runs nginx. Returns its exit status ($?), -1 if it could not be executed.
+# daemon on: returns when the command returns (nginx has daemonized, its port listens).
+# daemon off (valgrind mode): nginx stays in the foreground as our child, in its own process
+# group; returns its status if it exits (a start-up failure, or a must_die block), else 0 as
+# soon as it has written its pid file (its port listens then), with $NginxChild set.
+our $StartTimedOut;
+sub run_nginx_cmd () {
+    my @cmd = nginx_command();
+    my $daemon = $DaemonEnabled ne 'off';
     warn "running: @cmd\n" if $Verbose;
+    undef $StartTimedOut;
+    $StderrPrinted = 0;
     my $pid = fork;
     return -1 unless defined $pid;
     if ($pid == 0) {
+        setpgrp(0, 0) unless $daemon;
         open STDIN, '<', '/dev/null';
         open STDOUT, '>', '/dev/null';
         open STDERR, '>', $StderrFile;
         { no warnings 'exec'; exec { $cmd[0] } @cmd; }
         POSIX::_exit(127);
     }
-    waitpid($pid, 0);
-    return $?;
+    if ($daemon) {
+        waitpid($pid, 0);
+        return $?;
+    }
+
+    my $deadline = time + ($UseValgrind ? $ValgrindStartTimeout : 10);
+    while (1) {
+        if (waitpid($pid, WNOHANG) == $pid) {
+            return $?;
+        }
+        my $p = get_pid_from_pidfile('');
+        if (defined $p && $p == $pid) {
+            $NginxChild = $pid;
+            $NginxChildValgrind = $UseValgrind ? 1 : 0;
+            return 0;
+        }
+        if (time > $deadline) {
+            $StartTimedOut = 1;
+            kill SIGKILL, -$pid;
+            kill SIGKILL, $pid;
+            waitpid($pid, 0);
+            return $?;
+        }
+        sleep 0.02;
+    }
 }
 
 sub read_stderr_file () {
@@ -637,7 +759,7 @@ sub wait_for_nginx ($) {
     return undef unless $pid;
     if ($MasterProcessEnabled eq 'on') {
         # wait (briefly) for the worker processes to be forked
-        my $until = time + 1;
+        my $until = time + (_under_valgrind($pid) ? $ValgrindStartTimeout : 1);
         while (time < $until) {
             my @w = grep { is_running($_) } _related_pids($pid);
             last if @w >= $Workers;
@@ -758,6 +880,8 @@ sub run_test ($) {
     local $LogLevel = $block->log_level || $LogLevel;
 
     my $must_die = $block->must_die;
+    # as in the real module, must_die blocks run without valgrind
+    local $UseValgrind = defined $must_die ? undef : $UseValgrind;
     my ($should_skip, $tests_to_skip, $skip_reason, $should_todo, $todo_reason)
         = _skip_info($block);
 
@@ -789,6 +913,7 @@ sub run_test ($) {
         $ErrLogFilePos = 0;
         my $waited = 0;
         my $tries = 0;
+        warn "$name\n" if $UseValgrind;   # as the real module does
         while (1) {
             my $status = run_nginx_cmd();
             my $exit_code = $status == -1 ? undef : ($status >> 8);
@@ -828,8 +953,7 @@ sub run_test ($) {
             }
 
             if ($status == 0) {
-                my $err = read_stderr_file();
-                print STDERR $err if length $err;
+                _print_new_stderr();
                 last;
             }
 
@@ -840,12 +964,13 @@ sub run_test ($) {
             my $delay = 0.1 * $tries;
             $delay = 1 if $delay > 1;
             $waited += $delay;
-            if ($waited >= 10 || $err !~ /Address already in use/) {
+            if ($waited >= 10 || $err !~ /Address already in use/ || $StartTimedOut) {
                 (my $one_line = $err) =~ s/\s*\n\s*/ | /g;
                 $one_line =~ s/ \| $//;
+                my $why = $StartTimedOut
+                    ? "no pid file after $ValgrindStartTimeout s, killed" : "status code $status";
                 bail_out("$name - Cannot start nginx using command "
-                         . "\"$NginxBinary -p $ServRoot/ -c $ConfFile\" "
-                         . "(status code $status): $one_line");
+                         . "\"@{[ nginx_command() ]}\" ($why): $one_line");
             }
             sleep $delay;
         }
@@ -855,6 +980,7 @@ sub run_test ($) {
             my $err = read_stderr_file();
             bail_out("$name - nginx did not write its pid file $PidFile\n$err");
         }
+        _log_valgrind_pids($name, $NginxPid) if _under_valgrind($NginxPid);
         sleep $TestNginxSleep;
     }
 
