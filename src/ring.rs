@@ -19,8 +19,12 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 pub const POINTS_PER_WEIGHT: u32 = 160;
 
 /// Upper bound on the points of one ring, so that a typo such as `weight=100000` on a large
-/// upstream cannot make every worker allocate gigabytes. 16 M points take 256 MiB.
+/// upstream cannot make every worker allocate gigabytes. 16 M points take 256 MiB, and their
+/// bucket index 64 MiB more.
 pub const MAX_POINTS: usize = 1 << 24;
+
+// Point positions and bucket numbers are kept in u32.
+const _: () = assert!(MAX_POINTS <= u32::MAX as usize);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Point {

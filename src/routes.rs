@@ -275,9 +275,10 @@ impl<'a> RouteTable<'a> {
         }
     }
 
-    /// Marks entry `i` used at `now`. The LRU list is kept in order of `last_used` (whole
-    /// seconds), so an entry already used this second stays where it is: a busy session
-    /// (a BI tool firing many queries a second) costs one list move per second, not per request.
+    /// Marks entry `i` used at `now`. The LRU list is kept (approximately: workers' clocks
+    /// may be a second apart) in order of `last_used`, in whole seconds, so an entry already
+    /// used this second stays where it is: a busy session (a BI tool firing many queries a
+    /// second) costs one list move per second, not per request.
     #[inline]
     fn touch(&mut self, i: usize, now: i64) {
         if self.entries[i].last_used != now {

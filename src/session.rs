@@ -208,30 +208,45 @@ pub fn response_session<'a>(set_cookie: &'a [u8], name: &[u8]) -> Option<SetSess
     valid_id(v).then_some(SetSession::Set(v))
 }
 
-/// Computes the keys under which one upstream's sessions are stored: SipHash-1-3 (128 bits)
-/// of the id, keyed with a key derived from the zone's random secret and the upstream name
-/// (itself SipHash-1-3 of the name under the secret). Deriving the per-upstream key once per
-/// worker leaves one short SipHash per request, about half the cost of hashing name and id
-/// together, with the same property: without the secret, keys reveal nothing about ids and
+/// What a session key indexes. Routes and cached store verdicts get different keys for the
+/// same session, so that the two tables stay apart even if both live in one zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyUse {
+    /// A learned route (`kylin_session_routes`).
+    Route,
+    /// A cached session-store answer (`kylin_session_cache`).
+    Verdict,
+}
+
+/// Computes the keys under which one upstream's sessions are stored: 64 bits of SipHash-1-3
+/// of the id, under a key derived from the zone's random secret, the table's use and the
+/// upstream name (SipHash-1-3 of those under the secret). Deriving the per-upstream key once
+/// per worker leaves one short SipHash per request, about half the cost of hashing name and
+/// id together, with the same property: without the secret, keys reveal nothing about ids and
 /// cannot be steered into collisions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionKeyer {
     /// The zone secret the key was derived from (a cache is valid while the zone's is equal).
     secret: [u64; 2],
+    key_use: KeyUse,
     key: [u64; 2],
 }
 
 impl SessionKeyer {
-    pub fn new(secret: [u64; 2], upstream: &[u8]) -> SessionKeyer {
+    pub fn new(secret: [u64; 2], key_use: KeyUse, upstream: &[u8]) -> SessionKeyer {
         let mut h = SipHasher13::new_with_keys(secret[0], secret[1]);
-        h.write(b"kylin session key\0");
+        h.write(match key_use {
+            KeyUse::Route => b"kylin session route\0",
+            KeyUse::Verdict => b"kylin store verdict\0",
+        });
         h.write(upstream);
         let k = h.finish128();
-        SessionKeyer { secret, key: [k.h1, k.h2] }
+        SessionKeyer { secret, key_use, key: [k.h1, k.h2] }
     }
 
-    pub fn secret(&self) -> [u64; 2] {
-        self.secret
+    /// Whether this keyer was derived for this secret and use.
+    pub fn is_for(&self, secret: [u64; 2], key_use: KeyUse) -> bool {
+        self.secret == secret && self.key_use == key_use
     }
 
     /// The table key of session `id`; never 0 (0 marks an empty slot in the tables).
@@ -247,10 +262,10 @@ impl SessionKeyer {
     }
 }
 
-/// The key under which session `id` of `upstream` is stored in a table with this secret
-/// (see [`SessionKeyer`], which callers on the request path cache per worker).
-pub fn session_key(secret: [u64; 2], upstream: &[u8], id: &[u8]) -> u64 {
-    SessionKeyer::new(secret, upstream).key(id)
+/// The key under which session `id` of `upstream` is stored in a table of this use with this
+/// secret (see [`SessionKeyer`], which callers on the request path cache per worker).
+pub fn session_key(secret: [u64; 2], key_use: KeyUse, upstream: &[u8], id: &[u8]) -> u64 {
+    SessionKeyer::new(secret, key_use, upstream).key(id)
 }
 
 #[cfg(test)]
@@ -390,19 +405,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_depend_on_secret_upstream_and_id() {
-        let s = [1, 2];
-        let k = session_key(s, b"up", b"id");
-        assert_eq!(k, session_key(s, b"up", b"id"));
-        assert_ne!(k, session_key([1, 3], b"up", b"id"));
-        assert_ne!(k, session_key(s, b"up2", b"id"));
-        assert_ne!(k, session_key(s, b"up", b"id2"));
+    fn keys_depend_on_secret_use_upstream_and_id() {
+        let (s, r) = ([1, 2], KeyUse::Route);
+        let k = session_key(s, r, b"up", b"id");
+        assert_eq!(k, session_key(s, r, b"up", b"id"));
+        assert_ne!(k, session_key([1, 3], r, b"up", b"id"));
+        assert_ne!(k, session_key(s, KeyUse::Verdict, b"up", b"id"));
+        assert_ne!(k, session_key(s, r, b"up2", b"id"));
+        assert_ne!(k, session_key(s, r, b"up", b"id2"));
         // Name and id are hashed separately: ("ab", "c") and ("a", "bc") stay apart.
-        assert_ne!(session_key(s, b"ab", b"c"), session_key(s, b"a", b"bc"));
+        assert_ne!(session_key(s, r, b"ab", b"c"), session_key(s, r, b"a", b"bc"));
         // A cached keyer gives the same keys as the one-off function.
-        let keyer = SessionKeyer::new(s, b"up");
+        let keyer = SessionKeyer::new(s, r, b"up");
         assert_eq!(keyer.key(b"id"), k);
-        assert_eq!(keyer.secret(), s);
+        assert!(keyer.is_for(s, r));
+        assert!(!keyer.is_for(s, KeyUse::Verdict) && !keyer.is_for([1, 3], r));
         assert_ne!(keyer.key(b""), 0);
     }
 }

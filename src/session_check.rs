@@ -357,7 +357,7 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
         if let (Some(Ok(Answer { route: Some(server), .. })), Some(rz)) = (&result, routes_zone) {
             let id = crate::ring::key_hash(server);
             shm::with_routes(*rz, |t| {
-                let k = u128::from(session::session_key(t.header().secret, upstream, session_id));
+                let k = u128::from(session::session_key(t.header().secret, session::KeyUse::Route, upstream, session_id));
                 if t.lookup(k, now, i64::MAX / 4).is_none() {
                     t.insert(k, id, now, i64::MAX / 4);
                 }
@@ -401,7 +401,7 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
         ctx.session = SessionState::Unknown;
 
         let now = ngx_time();
-        let Some(k) = shm::session_key(cache_zone, &kcf.cache_keyer, &kcf.name, id).map(u128::from) else {
+        let Some(k) = shm::session_key(cache_zone, &kcf.cache_keyer, session::KeyUse::Verdict, &kcf.name, id).map(u128::from) else {
             return NGX_DECLINED as ngx_int_t;
         };
         let cached = shm::with_routes(cache_zone, |t| (k, t.lookup(k, now, i64::MAX / 4).and_then(|x| store::unpack(x, now))));
@@ -421,7 +421,7 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
 
         // Ask only when the answer can change where this request goes.
         let learned = kcf.routes_zone.and_then(|z| {
-            let k = u128::from(shm::session_key(z, &kcf.routes_keyer, &kcf.name, id)?);
+            let k = u128::from(shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?);
             shm::with_routes(z, |t| t.lookup(k, now, kcf.routes_timeout())).flatten()
         });
         let need_route = learned.is_none() && store.share_routes;

@@ -12,13 +12,13 @@ use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::ngx_log_error;
 
 use crate::load::{LoadTable, Slot};
 use crate::routes::{self, RouteTable};
-use crate::session::SessionKeyer;
+use crate::session::{KeyUse, SessionKeyer};
 
 /// The module's tag for its shared zones.
 fn tag() -> *mut c_void {
@@ -151,8 +151,7 @@ struct RoutesRegion {
     layout: routes::Layout,
 }
 
-/// Version 2 added `layout`. A region of another version (a zone kept across a reload that
-/// loaded a newer module) is formatted again.
+/// Version 2 added `layout`.
 const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_02;
 
 /// Declares (or finds) a session routes zone.
@@ -188,29 +187,28 @@ fn random_secret() -> [u64; 2] {
 }
 
 unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: as in init_load_zone; a reused zone's data is the region this function
-    // allocated in an earlier cycle, which starts with `magic` and `len` in every version.
+    // SAFETY: as in init_load_zone; a reused zone's data is a region allocated in an earlier
+    // cycle, which starts with `magic` in every version.
     unsafe {
-        let (p, bytes) = if data.is_null() {
-            let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-            let bytes = largest_alloc(shpool);
-            let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
-            if p.is_null() {
-                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
+        if !data.is_null() {
+            // A zone kept across a reload. nginx keeps a zone only for the same tag (the
+            // address of this module's structure), so it was made by this very build; another
+            // layout would mean something else wrote it: refuse rather than guess (the old
+            // workers are still using it).
+            if (*(data as *const RoutesRegion)).magic != ROUTES_MAGIC {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold session routes of this module version; restart nginx", (*zone).shm.name);
                 return NGX_ERROR as ngx_int_t;
             }
-            (p, bytes)
-        } else {
-            let p = data as *mut RoutesRegion;
-            if (*p).magic == ROUTES_MAGIC {
-                (*zone).data = data;
-                return NGX_OK as ngx_int_t;
-            }
-            // Version 1 had a 16-byte header before the table.
-            let bytes = (*p).len as usize + 16;
-            ngx_log_error!(NGX_LOG_NOTICE, (*zone).shm.log, "kylin: zone \"{}\" was made by another version of the module: its session routes start afresh", (*zone).shm.name);
-            (p, bytes)
-        };
+            (*zone).data = data;
+            return NGX_OK as ngx_int_t;
+        }
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let bytes = largest_alloc(shpool);
+        let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
+        if p.is_null() {
+            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
+            return NGX_ERROR as ngx_int_t;
+        }
         let len = bytes.saturating_sub(core::mem::size_of::<RoutesRegion>());
         let region = core::slice::from_raw_parts_mut(p.add(1) as *mut u8, len);
         let layout = match RouteTable::format(region, random_secret()) {
@@ -247,15 +245,22 @@ pub unsafe fn routes_secret(zone: *mut ngx_shm_zone_t) -> Option<[u64; 2]> {
     }
 }
 
-/// The table key of session `id` of an upstream in `zone`, with the upstream's key derivation
-/// cached in `cache` (per worker; derived again if the zone's secret differs).
-pub unsafe fn session_key(zone: *mut ngx_shm_zone_t, cache: &Cell<Option<SessionKeyer>>, upstream: &[u8], id: &[u8]) -> Option<u64> {
+/// The table key of session `id` of an upstream in `zone`, for a table of `key_use`, with the
+/// upstream's key derivation cached in `cache` (per worker; derived again if the zone's secret
+/// differs).
+pub unsafe fn session_key(
+    zone: *mut ngx_shm_zone_t,
+    cache: &Cell<Option<SessionKeyer>>,
+    key_use: KeyUse,
+    upstream: &[u8],
+    id: &[u8],
+) -> Option<u64> {
     // SAFETY: as in routes_secret.
     let secret = unsafe { routes_secret(zone)? };
     let keyer = match cache.get() {
-        Some(k) if k.secret() == secret => k,
+        Some(k) if k.is_for(secret, key_use) => k,
         _ => {
-            let k = SessionKeyer::new(secret, upstream);
+            let k = SessionKeyer::new(secret, key_use, upstream);
             cache.set(Some(k));
             k
         }

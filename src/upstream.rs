@@ -387,7 +387,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                 let sharing = crate::session_check::shares_routes(kcf);
                 let since = if sharing { crate::session_check::store_recovered_at(kcf) } else { 0 };
                 let found = kcf.routes_zone.and_then(|z| {
-                    let k = shm::session_key(z, &kcf.routes_keyer, &kcf.name, id)?;
+                    let k = shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?;
                     let tk = u128::from(k);
                     shm::with_routes(z, |t| {
                         if sharing {
@@ -782,7 +782,7 @@ unsafe fn learn_session(pd: &PeerData) {
         let request_session = pd.session().map(session_key_of);
         let mut learned_key = None;
         let set_key = match set {
-            SetSession::Set(id) => shm::session_key(zone, &kcf.routes_keyer, &kcf.name, id).map(u128::from),
+            SetSession::Set(id) => shm::session_key(zone, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id).map(u128::from),
             SetSession::Delete => None,
         };
         let evicted = shm::with_routes(zone, |t| {

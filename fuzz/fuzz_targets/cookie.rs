@@ -26,5 +26,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(session::valid_id(id));
         assert!(inside(header, id));
     }
-    let _ = session::session_key([1, 2], name, header);
+    let _ = session::session_key([1, 2], session::KeyUse::Route, name, header);
 });
