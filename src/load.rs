@@ -124,37 +124,35 @@ impl<'a> LoadTable<'a> {
         LoadTable { slots }
     }
 
+    /// The slots `key` may occupy, in probing order (linear probing from `key % n`).
+    fn probe(&self, key: u64) -> impl Iterator<Item = &'a Slot> {
+        let slots = self.slots;
+        let n = slots.len();
+        let start = if n == 0 { 0 } else { (key % n as u64) as usize };
+        (0..n).map(move |i| &slots[(start + i) % n])
+    }
+
     /// The slot for `key`, claiming a free one if needed. `None` when the table is full.
     pub fn slot(&self, key: u64) -> Option<&'a Slot> {
-        let n = self.slots.len();
-        if n == 0 || key == 0 {
+        if key == 0 {
             return None;
         }
-        let start = (key % n as u64) as usize;
-        for i in 0..n {
-            let s = &self.slots[(start + i) % n];
-            match s.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(s),
-                Err(k) if k == key => return Some(s),
-                Err(_) => continue,
-            }
-        }
-        None
+        self.probe(key).find(|s| match s.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(k) => k == key,
+        })
     }
 
     /// The slot for `key` if one was claimed.
     pub fn find(&self, key: u64) -> Option<&'a Slot> {
-        let n = self.slots.len();
-        if n == 0 || key == 0 {
+        if key == 0 {
             return None;
         }
-        let start = (key % n as u64) as usize;
-        for i in 0..n {
-            let s = &self.slots[(start + i) % n];
+        for s in self.probe(key) {
             match s.key.load(Ordering::Acquire) {
                 0 => return None,
                 k if k == key => return Some(s),
-                _ => continue,
+                _ => {}
             }
         }
         None

@@ -27,9 +27,9 @@ pub struct ServerReport {
     pub failures: u64,
 }
 
-/// A session routes zone.
+/// A shared session table, zone-wide: the learned routes, or a store's cache of answers.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct RoutesReport {
+pub struct TableReport {
     pub zone: String,
     pub entries: u64,
     pub capacity: u64,
@@ -38,7 +38,6 @@ pub struct RoutesReport {
     pub inserts: u64,
     pub evictions: u64,
     pub expired: u64,
-    pub timeout_seconds: i64,
 }
 
 /// A session store.
@@ -58,18 +57,7 @@ pub struct StoreReport {
     /// Total time of all lookups, seconds.
     pub latency_seconds: f64,
     /// The shared cache of answers (zone-wide): entries, capacity, hits, misses, evictions.
-    pub cache: Option<CacheReport>,
-}
-
-/// The shared cache of session-store answers.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CacheReport {
-    pub zone: String,
-    pub entries: u64,
-    pub capacity: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub evictions: u64,
+    pub cache: Option<TableReport>,
 }
 
 /// One kylin upstream.
@@ -85,7 +73,9 @@ pub struct UpstreamReport {
     /// spill, right now; `None` when bounding is off.
     pub bound_per_weight: Option<u64>,
     pub servers: Vec<ServerReport>,
-    pub routes: Option<RoutesReport>,
+    pub routes: Option<TableReport>,
+    /// `kylin_session_routes timeout=`, seconds.
+    pub routes_timeout_seconds: i64,
     pub store: Option<StoreReport>,
 }
 
@@ -142,7 +132,7 @@ fn store_json(s: &StoreReport) -> Value {
     })
 }
 
-fn routes_json(r: &RoutesReport) -> Value {
+fn routes_json(r: &TableReport, timeout_seconds: i64) -> Value {
     json!({
         "zone": r.zone,
         "entries": r.entries,
@@ -152,7 +142,7 @@ fn routes_json(r: &RoutesReport) -> Value {
         "inserts": r.inserts,
         "evictions": r.evictions,
         "expired": r.expired,
-        "timeout_seconds": r.timeout_seconds,
+        "timeout_seconds": timeout_seconds,
     })
 }
 
@@ -169,7 +159,7 @@ pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport]) -> S
                 "live_weight": u.live_weight,
                 "bound_per_weight": u.bound_per_weight,
                 "decisions": u.decisions(),
-                "session_routes": u.routes.as_ref().map(routes_json),
+                "session_routes": u.routes.as_ref().map(|r| routes_json(r, u.routes_timeout_seconds)),
                 "session_store": u.store.as_ref().map(store_json),
                 "servers": u.servers.iter().map(server_json).collect::<Vec<_>>(),
             }),
@@ -317,7 +307,8 @@ mod tests {
                 ServerReport { address: "10.0.0.1:7070".into(), server: "10.0.0.1:7070".into(), weight: 1, state: "up", in_flight: 2, requests: 10, sticky: 7, spilled_in: 3, ..Default::default() },
                 ServerReport { address: "10.0.0.2:7070".into(), server: "kylin2:7070".into(), weight: 1, state: "failed", learned: 4, spilled_out: 3, failures: 1, ..Default::default() },
             ],
-            routes: Some(RoutesReport { zone: "kylin_session_routes".into(), entries: 4, capacity: 100, ..Default::default() }),
+            routes: Some(TableReport { zone: "kylin_session_routes".into(), entries: 4, capacity: 100, ..Default::default() }),
+            routes_timeout_seconds: 28800,
             store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, latency_seconds: 0.5, ..Default::default() }),
         }
     }

@@ -70,7 +70,6 @@ const ENTRY: usize = core::mem::size_of::<Entry>();
 pub enum RouteError {
     TooSmall,
     Misaligned,
-    NotATable,
 }
 
 impl core::fmt::Display for RouteError {
@@ -78,7 +77,6 @@ impl core::fmt::Display for RouteError {
         f.write_str(match self {
             RouteError::TooSmall => "the zone is too small for a session route table",
             RouteError::Misaligned => "the session route region is misaligned",
-            RouteError::NotATable => "the zone does not hold a session route table",
         })
     }
 }
@@ -164,22 +162,8 @@ impl<'a> RouteTable<'a> {
         Ok(RouteTable { hdr, buckets, entries })
     }
 
-    /// Opens a region formatted before (by this or another process).
-    pub fn attach(region: &'a mut [u8]) -> Result<RouteTable<'a>, RouteError> {
-        if region.len() < HEADER {
-            return Err(RouteError::TooSmall);
-        }
-        let hdr: &Header = bytemuck::try_from_bytes(&region[..HEADER]).map_err(|_| RouteError::Misaligned)?;
-        if hdr.magic != MAGIC {
-            return Err(RouteError::NotATable);
-        }
-        let capacity = hdr.capacity as usize;
-        let (hdr, buckets, entries) = split(region, capacity)?;
-        Ok(RouteTable { hdr, buckets, entries })
-    }
-
-    /// The table from its parts, as [`RouteTable::layout`] placed them in a region that
-    /// [`RouteTable::format`] or [`RouteTable::attach`] accepted.
+    /// The table from its parts, where [`RouteTable::layout`] says [`RouteTable::format`]
+    /// placed them (a process that did not format the region finds them there).
     #[inline]
     pub fn from_parts(hdr: &'a mut Header, buckets: &'a mut [u32], entries: &'a mut [Entry]) -> RouteTable<'a> {
         debug_assert!(buckets.len() == hdr.capacity as usize && entries.len() == hdr.capacity as usize);
@@ -464,20 +448,6 @@ mod tests {
         assert!(t.is_empty());
         assert_eq!(t.header().hits, 2);
         assert_eq!(t.header().misses, 2);
-    }
-
-    #[test]
-    fn attach_sees_the_same_table() {
-        let mut r = region(4096);
-        {
-            let mut t = RouteTable::format(bytes(&mut r), [9, 9]).unwrap();
-            t.insert(1 << 100 | 3, 5, 0, H);
-        }
-        let mut t = RouteTable::attach(bytes(&mut r)).unwrap();
-        assert_eq!(t.header().secret, [9, 9]);
-        assert_eq!(t.lookup(1 << 100 | 3, 1, H), Some(5));
-        let mut junk = region(4096);
-        assert_eq!(RouteTable::attach(bytes(&mut junk)).err(), Some(RouteError::NotATable));
     }
 
     #[test]

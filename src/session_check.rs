@@ -218,7 +218,8 @@ unsafe fn resume(w: &mut Wait, state: SessionState) {
     // SAFETY: w.r is the suspended, still-live request (it cannot finish while blocked).
     unsafe {
         let r = w.r;
-        if let Some(ctx) = variables::ctx(r) {
+        // The context preaccess created before suspending the request.
+        if let Some(ctx) = variables::existing_ctx_mut(r) {
             ctx.session = state;
             ctx.checked = true;
         }
@@ -391,7 +392,7 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
         let RequestSession::Id(id) = session::request_session(cookies, kcf.session_cookie()) else {
             return NGX_DECLINED as ngx_int_t;
         };
-        let Some(ctx) = variables::ctx(r) else { return NGX_ERROR as ngx_int_t };
+        let Some(ctx) = variables::ctx(r, id) else { return NGX_ERROR as ngx_int_t };
         ctx.checked = true;
         let Some(shared_key) = store::shared_key(&store.format, id) else {
             // Not a well-formed id of this store's format: no valid session.
@@ -537,19 +538,7 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
         skipped: get(cell::SKIPPED),
         latency_seconds: get(cell::LATENCY_US) as f64 / 1e6,
         // SAFETY: the cache zone is valid for the cycle.
-        cache: kcf.cache_zone.and_then(|z| unsafe {
-            shm::with_routes(z, |t| {
-                let h = t.header();
-                crate::report::CacheReport {
-                    zone: String::from_utf8_lossy((*z).shm.name.as_bytes()).into_owned(),
-                    entries: t.len() as u64,
-                    capacity: t.capacity() as u64,
-                    hits: h.hits,
-                    misses: h.misses,
-                    evictions: h.evictions,
-                }
-            })
-        }),
+        cache: kcf.cache_zone.and_then(|z| unsafe { shm::table_report(z) }),
     })
 }
 

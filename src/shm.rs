@@ -268,6 +268,26 @@ pub unsafe fn session_key(
     Some(keyer.key(id))
 }
 
+/// The statistics of a zone's table (learned routes or cached answers).
+pub unsafe fn table_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::TableReport> {
+    // SAFETY: zone is valid for the cycle (as in with_routes); its name is nginx's copy.
+    unsafe {
+        with_routes(zone, |t| {
+            let h = t.header();
+            crate::report::TableReport {
+                zone: String::from_utf8_lossy((*zone).shm.name.as_bytes()).into_owned(),
+                entries: t.len() as u64,
+                capacity: t.capacity() as u64,
+                hits: h.hits,
+                misses: h.misses,
+                inserts: h.inserts,
+                evictions: h.evictions,
+                expired: h.expired,
+            }
+        })
+    }
+}
+
 /// Runs `f` on a zone's route table with the zone's mutex held. `None` if the zone is not
 /// ready (or not a routes zone).
 pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut RouteTable<'_>) -> R) -> Option<R> {

@@ -17,7 +17,7 @@ use ngx::ffi::{
 use crate::balancer::Bound;
 use crate::conf::{srv_conf, SrvConf};
 use crate::load::{self, Counter, LoadTable};
-use crate::report::{self, RoutesReport, ServerReport, UpstreamReport};
+use crate::report::{self, ServerReport, UpstreamReport};
 use crate::shm;
 
 /// `kylin_status;` in a location: that location serves the status document.
@@ -87,7 +87,8 @@ unsafe fn servers_of(
 
 /// The report of one kylin upstream.
 unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf, now: i64) -> UpstreamReport {
-    // SAFETY: uscf is a valid upstream; in a worker its peer.data is the (zone) peer list.
+    // SAFETY: uscf is a valid upstream; in a worker its peer.data is the (zone) peer list; the
+    // configuration's zones are valid for the cycle.
     unsafe {
         let table = shm::load_table(kcf.load_zone);
         let peers = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
@@ -109,22 +110,7 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
         let factor = kcf.balance_factor();
         let bound = Bound { factor_milli: factor, total: in_flight, live_weight };
-        let routes = kcf.routes_zone.and_then(|z| {
-            shm::with_routes(z, |t| {
-                let h = t.header();
-                RoutesReport {
-                    zone: String::from_utf8_lossy((*z).shm.name.as_bytes()).into_owned(),
-                    entries: t.len() as u64,
-                    capacity: t.capacity() as u64,
-                    hits: h.hits,
-                    misses: h.misses,
-                    inserts: h.inserts,
-                    evictions: h.evictions,
-                    expired: h.expired,
-                    timeout_seconds: kcf.routes_timeout(),
-                }
-            })
-        });
+        let routes = kcf.routes_zone.and_then(|z| shm::table_report(z));
         UpstreamReport {
             name: String::from_utf8_lossy(&kcf.name).into_owned(),
             balance_factor_milli: (factor > 0).then_some(factor),
@@ -134,6 +120,7 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
             bound_per_weight: bound.is_on().then(|| bound.limit(1)),
             servers,
             routes,
+            routes_timeout_seconds: kcf.routes_timeout(),
             store: crate::session_check::store_report(kcf, now),
         }
     }

@@ -372,10 +372,15 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             return NGX_ERROR as ngx_int_t;
         }
 
-        // The session cookie, and the server that created the session.
-        let cookies = request_cookies(r);
-        let checked = crate::variables::existing_ctx(r).filter(|c| c.checked).map(|c| c.session);
-        let (state, skey, learned) = match session::request_session(cookies, kcf.session_cookie()) {
+        // The session cookie (already found by the preaccess phase when a store is used), and
+        // the server that created the session.
+        let pre = crate::variables::existing_ctx(r);
+        let checked = pre.filter(|c| c.checked).map(|c| c.session);
+        let found = match pre.and_then(crate::variables::checked_id) {
+            Some(id) => RequestSession::Id(id),
+            None => session::request_session(request_cookies(r), kcf.session_cookie()),
+        };
+        let (state, skey, learned) = match found {
             RequestSession::None => (SessionState::None, None, None),
             RequestSession::Id(_) if checked == Some(SessionState::None) => (SessionState::None, None, None),
             RequestSession::Id(id) => {
@@ -424,7 +429,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             movable: balancer::may_move(state),
             on_backup: false,
             counted_total: false,
-            ctx: crate::variables::RequestCtx { session: state, checked: checked.is_some(), route: None },
+            ctx: crate::variables::RequestCtx::new(None, state, checked.is_some()),
         });
         crate::variables::set_ctx(r, ptr::addr_of_mut!((*pd).ctx));
 

@@ -21,23 +21,61 @@ pub struct RequestCtx {
     pub session: SessionState,
     /// The preaccess phase already determined `session` (from the session store).
     pub checked: bool,
+    /// This is the `ctx` of a [`CheckedCtx`], which holds the session id preaccess found.
+    has_id: bool,
 }
 
-/// The request's context, created on first use in the request pool.
-pub unsafe fn ctx(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {
+impl RequestCtx {
+    /// A context that does not carry the session id (the balancer's own).
+    pub fn new(route: Option<Route>, session: SessionState, checked: bool) -> RequestCtx {
+        RequestCtx { route, session, checked, has_id: false }
+    }
+}
+
+/// The context the preaccess phase creates: also the session id it found in the `Cookie`
+/// headers (memory of the request, valid as long as it), so that the balancer does not read
+/// the headers again.
+#[repr(C)]
+struct CheckedCtx {
+    ctx: RequestCtx,
+    id: *const u8,
+    id_len: usize,
+}
+
+/// The request's context, created on first use in the request pool; a new one remembers `id`,
+/// the request's session id.
+pub unsafe fn ctx(r: *mut ngx_http_request_t, id: &[u8]) -> Option<&'static mut RequestCtx> {
     // SAFETY: r is a live request; ctx is an array of ngx_http_max_module pointers and our slot
-    // holds NULL or a RequestCtx allocated from the request pool below.
+    // holds NULL, a CheckedCtx allocated from the request pool below (whose first field is a
+    // RequestCtx: repr(C)), or the RequestCtx inside the balancer's per-request data.
     unsafe {
         let slot = (*r).ctx.add(Module::module().ctx_index);
         if (*slot).is_null() {
-            let p = ngx::ffi::ngx_palloc((*r).pool, core::mem::size_of::<RequestCtx>()) as *mut RequestCtx;
+            let p = ngx::ffi::ngx_palloc((*r).pool, core::mem::size_of::<CheckedCtx>()) as *mut CheckedCtx;
             if p.is_null() {
                 return None;
             }
-            p.write(RequestCtx { route: None, session: SessionState::None, checked: false });
+            p.write(CheckedCtx {
+                ctx: RequestCtx { route: None, session: SessionState::None, checked: false, has_id: true },
+                id: id.as_ptr(),
+                id_len: id.len(),
+            });
             *slot = p as *mut c_void;
         }
         (*slot as *mut RequestCtx).as_mut()
+    }
+}
+
+/// The session id the preaccess phase found, if this context remembers one.
+pub fn checked_id<'a>(ctx: &'a RequestCtx) -> Option<&'a [u8]> {
+    if !ctx.has_id {
+        return None;
+    }
+    // SAFETY: has_id is set only in the RequestCtx at the start of a CheckedCtx (see `ctx`),
+    // whose id points into the request's headers, alive as long as the request.
+    unsafe {
+        let c = &*(ctx as *const RequestCtx as *const CheckedCtx);
+        Some(core::slice::from_raw_parts(c.id, c.id_len))
     }
 }
 
@@ -85,6 +123,11 @@ pub unsafe fn set_ctx(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
 pub unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
     // SAFETY: see `ctx`.
     unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *const RequestCtx).as_ref() }
+}
+
+pub unsafe fn existing_ctx_mut(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {
+    // SAFETY: see `ctx`.
+    unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *mut RequestCtx).as_mut() }
 }
 
 /// Registers the variables (preconfiguration).
