@@ -30,8 +30,11 @@ fn main() {
     // - 1.23.0 keeps request `Cookie` and upstream `Set-Cookie` headers in linked lists
     //   (`headers_in.cookie`, `u->headers_in.set_cookie`); before, in arrays;
     // - 1.27.3 added peer reference counting (`refs`, `zombie`) and the zone peers' `config`
-    //   generation, with `resolve` in upstream zones.
-    const VERSION_CHECKS: &[(u64, &str)] = &[(1_023_000, "nginx1_23_0"), (1_027_003, "nginx1_27_3")];
+    //   generation, with `resolve` in upstream zones;
+    // - 1.25.4 added the request's `terminated` flag (ticket #2555), which tells a blocked
+    //   request's resumer that the request was terminated meanwhile.
+    const VERSION_CHECKS: &[(u64, &str)] =
+        &[(1_023_000, "nginx1_23_0"), (1_025_004, "nginx1_25_4"), (1_027_003, "nginx1_27_3")];
     for check in VERSION_CHECKS {
         println!("cargo::rustc-check-cfg=cfg({})", check.1);
     }

@@ -165,7 +165,7 @@ impl HttpModule for Module {
         if rc != ngx::ffi::NGX_OK as ngx_int_t {
             return rc;
         }
-        // SAFETY: as above; adds the preaccess handler that asks session stores.
+        // SAFETY: as above; adds the precontent handler that asks session stores.
         let rc = unsafe { crate::session_check::install(cf) };
         // SAFETY: runs during configuration, before nginx creates shared zones.
         unsafe { crate::shm::size_load_zone() };
@@ -258,7 +258,18 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
 ];
 
 unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
-    // SAFETY: nginx calls init_process in each new worker with its cycle.
+    // nginx calls init_process in the cache manager and cache loader too
+    // (ngx_cache_manager_process_cycle), where thread pools are not set up: background work
+    // runs only in a worker (or the single process with `master_process off`), and in one of
+    // them, since its results live in shared memory for all.
+    // SAFETY: ngx_process and ngx_worker are set by nginx before it calls init_process and
+    // are only read here, in the process's only thread.
+    let (process, worker) = unsafe { (ngx::ffi::ngx_process, ngx::ffi::ngx_worker) };
+    let background = matches!(process as u32, ngx::ffi::NGX_PROCESS_WORKER | ngx::ffi::NGX_PROCESS_SINGLE) && worker == 0;
+    if !background {
+        return ngx::ffi::NGX_OK as ngx_int_t;
+    }
+    // SAFETY: nginx calls init_process with the process's cycle.
     unsafe { crate::session_check::start_health_checks(cycle) }
 }
 
@@ -722,7 +733,12 @@ unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_com
     // SAFETY: cf args hold the directive and its parameters.
     let words: Vec<String> = unsafe { args(cf) }.iter().skip(1).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
     let refs: Vec<&str> = words.iter().map(String::as_str).collect();
-    let mode = match crate::store::parse_store(&refs) {
+    let mode = match crate::store::parse_store(&refs).and_then(|mut m| {
+        if let crate::store::StoreMode::Redis(s) = &mut m {
+            s.resolve()?;
+        }
+        Ok(m)
+    }) {
         Ok(m) => m,
         Err(e) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid \"kylin_session_store\": {}", e);

@@ -1,7 +1,12 @@
 //! Redis access, run in nginx's thread pool (never on the event loop). No nginx FFI.
 //!
 //! Each pool thread keeps one connection per store (standalone or cluster), reconnecting after
-//! an error. Every connect, read and write is bounded by the store's timeout.
+//! an error. Every connect, read and write is bounded by the store's timeout; host names
+//! were resolved when the configuration was read (see `RedisStore::resolve`), so connecting
+//! never waits for DNS. A kept connection that the server (its `timeout`), a proxy or a managed
+//! Redis closed while idle fails its next command: the command is sent once more on a fresh
+//! connection before it counts as a failure. Every command the module sends is idempotent
+//! (EXISTS, GET, SET), so sending it twice is harmless.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -64,7 +69,7 @@ thread_local! {
 fn connect(store: &RedisStore) -> Result<Conn, LookupError> {
     let t = Duration::from_millis(store.timeout_ms);
     if store.cluster {
-        let c = ClusterClientBuilder::new(store.urls.clone())
+        let c = ClusterClientBuilder::new(store.connect_urls.clone())
             .connection_timeout(t)
             .response_timeout(t)
             // One retry covers a moved slot or a node restart; the request itself never
@@ -74,7 +79,7 @@ fn connect(store: &RedisStore) -> Result<Conn, LookupError> {
             .get_connection()?;
         Ok(Conn::Cluster(c))
     } else {
-        let url = store.urls.first().ok_or_else(|| LookupError::Failed("no URL".into()))?;
+        let url = store.connect_urls.first().ok_or_else(|| LookupError::Failed("no URL".into()))?;
         let c = Client::open(url.as_str())?.get_connection_with_timeout(t)?;
         c.set_read_timeout(Some(t))?;
         c.set_write_timeout(Some(t))?;
@@ -82,20 +87,35 @@ fn connect(store: &RedisStore) -> Result<Conn, LookupError> {
     }
 }
 
+/// Whether an error on a kept connection means the peer closed it (not that Redis failed to
+/// answer in time or refused the command): worth one more try on a new connection.
+fn closed_while_idle(e: &RedisError) -> bool {
+    !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error())
+}
+
 /// Runs `f` on this thread's connection to `store`, connecting if needed; drops the
-/// connection after an error so the next call reconnects.
-fn with_conn<T>(store: &RedisStore, f: impl FnOnce(&mut dyn ConnectionLike) -> Result<T, RedisError>) -> Result<T, LookupError> {
-    let id = store.urls.join(" ");
+/// connection after an error so the next call reconnects. A kept connection that turns out
+/// closed gets one more try on a fresh one.
+fn with_conn<T>(store: &RedisStore, f: impl Fn(&mut dyn ConnectionLike) -> Result<T, RedisError>) -> Result<T, LookupError> {
+    // Stores share connections only when everything that shapes a connection is the same.
+    let id = store.connection_id();
     CONNS.with(|cell| {
         let mut conns = cell.borrow_mut();
-        if !conns.contains_key(&id) {
-            let c = connect(store)?;
-            conns.insert(id.clone(), c);
-        }
-        let conn = conns.get_mut(&id).ok_or_else(|| LookupError::Failed("no connection".into()))?;
-        let r = f(conn.as_mut());
-        if r.is_err() {
-            conns.remove(&id);
+        let kept = conns.remove(&id);
+        let was_kept = kept.is_some();
+        let mut conn = match kept {
+            Some(c) => c,
+            None => connect(store)?,
+        };
+        let r = match f(conn.as_mut()) {
+            Err(e) if was_kept && closed_while_idle(&e) => {
+                conn = connect(store)?;
+                f(conn.as_mut())
+            }
+            r => r,
+        };
+        if r.is_ok() {
+            conns.insert(id, conn);
         }
         r.map_err(LookupError::from)
     })
@@ -129,18 +149,30 @@ pub fn lookup(store: &RedisStore, shared_key: &[u8], route_key: Option<&[u8]>) -
     })
 }
 
-/// Checks that the store answers, and returns an identity of the Redis process that answered
-/// (a hash of `INFO server`'s `run_id`; 0 for a cluster, whose nodes each have their own).
-/// A changed identity means Redis restarted, and may have lost what was written to it.
+/// The key that marks what a Redis holds: set once with a random token (`SET NX`), read back
+/// by every health check.
+pub const EPOCH_KEY: &[u8] = b"kylin:epoch";
+
+/// Checks that the store answers, and returns an identity of what it holds (a hash of the
+/// token in [`EPOCH_KEY`]; 0 for a cluster, whose nodes each hold their own part). A changed
+/// identity means Redis lost its data (restarted without persistence, flushed, failed over to
+/// an empty replica), and with it the routes written to it.
+///
+/// Only `SET` and `GET` (and `PING` for a cluster): commands a least-privilege ACL user of the
+/// module has anyway (`INFO` is in `@dangerous`).
 pub fn health(store: &RedisStore) -> Result<u64, LookupError> {
+    use std::hash::BuildHasher;
+    // A fresh random token: RandomState is seeded from the OS once per thread and stepped for
+    // every new state.
+    let token = format!("{:016x}", std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now()));
     with_conn(store, |c| {
         if store.cluster {
             let _: String = redis::cmd("PING").query(c)?;
             return Ok(0);
         }
-        let info: String = redis::cmd("INFO").arg("server").query(c)?;
-        let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim();
-        Ok(if run_id.is_empty() { 0 } else { xxhash_rust::xxh3::xxh3_64(run_id.as_bytes()) | 1 })
+        let (held,): (Option<Vec<u8>>,) =
+            redis::pipe().cmd("SET").arg(EPOCH_KEY).arg(&token).arg("NX").ignore().cmd("GET").arg(EPOCH_KEY).query(c)?;
+        Ok(held.map_or(0, |t| xxhash_rust::xxh3::xxh3_64(&t) | 1))
     })
 }
 

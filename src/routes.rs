@@ -375,13 +375,6 @@ impl<'a> RouteTable<'a> {
         Some((peer, due))
     }
 
-    /// Notes that writing `key`'s route to the session store failed: the next use retries.
-    pub fn mark_unshared(&mut self, key: u128) {
-        if let Some(i) = self.find(key) {
-            self.entries[i].shared_at = 0;
-        }
-    }
-
     /// Forgets `key`'s route (the session was deleted).
     pub fn remove(&mut self, key: u128) -> bool {
         match self.find(key) {
@@ -451,18 +444,15 @@ mod tests {
     }
 
     #[test]
-    fn routes_are_shared_again_when_due_or_after_a_failure() {
+    fn routes_are_shared_again_when_due_or_after_a_recovery() {
         let mut r = region(4096);
         let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
         t.insert(3, 30, 1000, H);
         assert_eq!(t.lookup_share(3, 1010, H, 60, 0), Some((30, false)));
         assert_eq!(t.lookup_share(3, 1060, H, 60, 0), Some((30, true)));
         assert_eq!(t.lookup_share(3, 1061, H, 60, 0), Some((30, false)));
-        t.mark_unshared(3);
-        assert_eq!(t.lookup_share(3, 1062, H, 60, 0), Some((30, true)));
-        assert_eq!(t.lookup_share(3, 1063, H, 60, 0), Some((30, false)));
         assert_eq!(t.lookup_share(4, 1063, H, 60, 0), None);
-        // The store recovered at 1070 after an outage: the route written at 1062 is due again.
+        // The store recovered at 1070 after an outage: the route written at 1060 is due again.
         assert_eq!(t.lookup_share(3, 1075, H, 60, 1070), Some((30, true)));
         assert_eq!(t.lookup_share(3, 1076, H, 60, 1070), Some((30, false)));
     }

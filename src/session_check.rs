@@ -1,7 +1,9 @@
 //! Asking Redis whether a session is shared, without blocking the event loop.
 //!
-//! A preaccess-phase handler finds the kylin upstream a location's `proxy_pass` names, reads
-//! the request's session cookie and looks the session up in the shared verdict cache. On a
+//! A precontent-phase handler finds the kylin upstream a location's `proxy_pass` names, reads
+//! the request's session cookie and looks the session up in the shared verdict cache. It runs
+//! after the preaccess and access phases, so a request that `limit_req`, `limit_conn`,
+//! `allow`/`deny` or `auth_request` rejects never causes a lookup. On a
 //! miss that can matter (the session's server is near its bound, or no route is known for it
 //! while routes are shared between nginx instances), and while the store's circuit breaker
 //! allows it, the lookup runs in nginx's thread pool; only this request is suspended, and it
@@ -16,7 +18,7 @@ use std::time::Instant;
 
 use ngx::ffi::{
     ngx_add_timer, ngx_conf_t, ngx_cycle, ngx_del_timer, ngx_event_t, ngx_http_core_main_conf_t,
-    ngx_http_core_module, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_PREACCESS_PHASE,
+    ngx_http_core_module, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE,
     ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_log_t, ngx_module_t,
     ngx_str_t, ngx_thread_pool_get, ngx_thread_pool_t, ngx_thread_task_post, ngx_thread_task_t,
@@ -122,9 +124,6 @@ enum JobKind {
         route_key: Vec<u8>,
         server: Vec<u8>,
         ttl: i64,
-        /// The local route to mark "not shared" if the write fails, so the next use retries.
-        routes_zone: Option<*mut ngx::ffi::ngx_shm_zone_t>,
-        local_key: Option<u128>,
         upstream: Vec<u8>,
         breaker: Option<&'static Slot>,
     },
@@ -192,22 +191,34 @@ pub fn shares_routes(kcf: &SrvConf) -> bool {
     matches!(kcf.store_mode(), Some(StoreMode::Redis(s)) if s.share_routes)
 }
 
-/// Writes a learned route to Redis for other nginx instances (fire and forget; a failure
-/// marks the local route `key` so that its next use writes it again).
-pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8], key: Option<u128>) {
+/// The circuit breaker of a store, over its slot's shared cells.
+fn breaker_of(slot: &Slot) -> SharedBreaker<'_> {
+    SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) }
+}
+
+/// Writes a learned route to Redis for other nginx instances (fire and forget), when the
+/// store's circuit breaker allows a call. A write that is not made, or fails, is not retried
+/// by the next request: the route is written again when the store has recovered (every route
+/// written before the recovery is due then, see `store_recovered_at`) or after `SHARE_EVERY`.
+pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8]) {
     let Some(StoreMode::Redis(store)) = kcf.store_mode() else { return };
     if !store.share_routes {
         return;
+    }
+    // SAFETY: the load zone is valid for the cycle.
+    let breaker = unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.slot(kcf.store_key));
+    if let Some(slot) = breaker {
+        if !breaker_of(slot).allow(ngx_time(), store.fail_backoff) {
+            slot.cell(cell::SKIPPED).fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            return;
+        }
     }
     let kind = JobKind::WriteRoute {
         route_key: store::route_key(&kcf.name, session_id),
         server: server.to_vec(),
         ttl: kcf.routes_timeout(),
-        routes_zone: kcf.routes_zone,
-        local_key: key,
         upstream: kcf.name.clone(),
-        // SAFETY: the load zone is valid for the cycle.
-        breaker: unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.slot(kcf.store_key)),
+        breaker,
     };
     // SAFETY: posting from the event loop.
     unsafe { post(new_job(store, kind)) };
@@ -228,13 +239,41 @@ unsafe fn resume(w: &mut Wait, state: SessionState) {
         }
         w.job = ptr::null_mut();
         let m = (*r).main;
+        let c = (*r).connection;
         (*m).set_blocked((*m).blocked().saturating_sub(1));
         (*r).set_aio(0);
-        // Go on with the phases where the request stopped (preaccess, which now declines).
+        if terminated(r) {
+            // The request was terminated while it waited (worker_shutdown_timeout, a failed
+            // sibling subrequest, a client nginx gave up on): ngx_http_terminate_request saw
+            // it blocked and left the finalizer as the write handler of the connection's
+            // active request. Let the connection's event handler run it, as nginx's own
+            // thread-task handlers do; running the phases now would proxy a request that is
+            // already being closed.
+            if let Some(h) = (*(*c).write).handler {
+                h((*c).write);
+            }
+            return;
+        }
+        // Go on with the phases where the request stopped (precontent, which now declines).
         (*r).write_event_handler = Some(ngx::ffi::ngx_http_core_run_phases);
         ngx::ffi::ngx_http_core_run_phases(r);
-        ngx_http_run_posted_requests((*r).connection);
+        ngx_http_run_posted_requests(c);
     }
+}
+
+/// Whether `r` was terminated while it was blocked.
+#[cfg(nginx1_25_4)]
+unsafe fn terminated(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r and its main request are live (a blocked request is not freed).
+    unsafe { (*(*r).main).terminated() != 0 }
+}
+
+/// Whether `r` was terminated while it was blocked: before 1.25.4 nginx has no flag for it,
+/// but terminating a blocked request marks its connection as failed.
+#[cfg(not(nginx1_25_4))]
+unsafe fn terminated(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r and its connection are live (a blocked request is not freed).
+    unsafe { (*(*r).connection).error() != 0 }
 }
 
 unsafe extern "C" fn wait_timeout(ev: *mut ngx_event_t) {
@@ -248,17 +287,29 @@ unsafe extern "C" fn wait_timeout(ev: *mut ngx_event_t) {
     }
 }
 
+/// Which kind of store call a result comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Lookup,
+    Write,
+    Health,
+}
+
 /// Feeds a store call's result to the store's circuit breaker and statistics; logs once when
 /// the breaker opens, and notes when the store recovers (it may have lost routes written
 /// before: they are written again on their next use).
-fn account(slot: &Slot, store: &RedisStore, upstream: &[u8], result: &Option<Result<Answer, LookupError>>, now: i64, elapsed_us: u64, lookup: bool) {
+fn account(slot: &Slot, store: &RedisStore, upstream: &[u8], result: &Option<Result<Answer, LookupError>>, now: i64, elapsed_us: u64, call: Call) {
     use core::sync::atomic::Ordering::Relaxed;
-    if lookup {
+    if call == Call::Lookup {
         slot.cell(cell::LOOKUPS).fetch_add(1, Relaxed);
         slot.cell(cell::LATENCY_US).fetch_add(elapsed_us, Relaxed);
     }
-    let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
+    let b = breaker_of(slot);
     match result {
+        // A health check that succeeds says only that Redis answers PING-like commands: it
+        // must not close a breaker that lookups or writes opened (or reset their count of
+        // failures). Only a real call that succeeds does.
+        Some(Ok(_)) if call == Call::Health => {}
         Some(Ok(_)) => {
             if b.open_until.load(Relaxed) != 0 || b.failures.load(Relaxed) != 0 {
                 slot.aux().store(now, Relaxed);
@@ -308,7 +359,7 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
     let store = &job.store;
     if let JobKind::Health { upstream, breaker, identity } = &job.kind {
         if let Some(slot) = breaker {
-            account(slot, store, upstream, &result, now, elapsed_us, false);
+            account(slot, store, upstream, &result, now, elapsed_us, Call::Health);
             // A Redis that restarted (new run_id) may have lost the routes written to it:
             // they are written again on their next use.
             if let (Some(id_slot), Some(Ok(a))) = (identity, &result) {
@@ -321,14 +372,9 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
         }
         return;
     }
-    if let JobKind::WriteRoute { routes_zone, local_key, upstream, breaker, .. } = &job.kind {
+    if let JobKind::WriteRoute { upstream, breaker, .. } = &job.kind {
         if let Some(slot) = breaker {
-            account(slot, store, upstream, &result, now, elapsed_us, false);
-        }
-        // A failed write: the route is written again on its next use.
-        if let (Some(z), Some(k), Some(Err(_))) = (routes_zone, local_key, &result) {
-            // SAFETY: the zone is valid for the cycle.
-            unsafe { shm::with_routes(*z, |t| t.mark_unshared(*k)) };
+            account(slot, store, upstream, &result, now, elapsed_us, Call::Write);
         }
         return;
     }
@@ -341,7 +387,7 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
         _ => None,
     };
     if let Some(slot) = breaker {
-        account(slot, store, upstream, &result, now, elapsed_us, true);
+        account(slot, store, upstream, &result, now, elapsed_us, Call::Lookup);
     }
     // SAFETY: zones are valid for the cycle; the closures only touch the tables.
     unsafe {
@@ -375,8 +421,8 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
     }
 }
 
-/// The preaccess handler.
-unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
+/// The precontent handler.
+unsafe extern "C" fn precontent(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls phase handlers with a live request.
     unsafe {
         if let Some(ctx) = variables::existing_ctx(r) {
@@ -394,12 +440,13 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
         };
         let Some(ctx) = variables::ctx(r, id) else { return NGX_ERROR as ngx_int_t };
         ctx.checked = true;
+        ctx.session = SessionState::Unknown;
         let Some(shared_key) = store::shared_key(&store.format, id) else {
-            // Not a well-formed id of this store's format: no valid session.
-            ctx.session = SessionState::None;
+            // Not an id of this store's format (a Tomcat id in front of format=spring, a
+            // forged value): the store cannot tell whether it is shared, so it is never asked
+            // and the session is `unknown`: it keeps its learned route and never moves.
             return NGX_DECLINED as ngx_int_t;
         };
-        ctx.session = SessionState::Unknown;
 
         let now = ngx_time();
         let Some(k) = shm::session_key(cache_zone, &kcf.cache_keyer, session::KeyUse::Verdict, &kcf.name, id).map(u128::from) else {
@@ -432,8 +479,7 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
 
         let breaker = shm::load_table(kcf.load_zone).and_then(|t| t.slot(kcf.store_key));
         if let Some(slot) = breaker {
-            let b = SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) };
-            if !b.allow(now, store.fail_backoff) {
+            if !breaker_of(slot).allow(now, store.fail_backoff) {
                 slot.cell(cell::SKIPPED).fetch_add(1, core::sync::atomic::Ordering::Relaxed);
                 return NGX_DECLINED as ngx_int_t;
             }
@@ -483,8 +529,11 @@ unsafe extern "C" fn preaccess(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
 }
 
-/// Installs the preaccess handler (postconfiguration), if some upstream has a Redis store:
-/// other configurations pay nothing per request.
+/// Installs the precontent handler (postconfiguration), if some upstream has a Redis store:
+/// other configurations pay nothing per request. Precontent runs after access control and
+/// rate limits; within the phase, handlers run in reverse order of registration, so this one
+/// (registered by a dynamic module, after the static ones) runs before `mirror` and
+/// `try_files`.
 pub unsafe fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
     if !REDIS_CONFIGURED.load(Ordering::Relaxed) {
         return NGX_OK as ngx_int_t;
@@ -505,12 +554,12 @@ pub unsafe fn install(cf: *mut ngx_conf_t) -> ngx_int_t {
     unsafe {
         let ctx = (*cf).ctx as *mut ngx::ffi::ngx_http_conf_ctx_t;
         let cmcf = *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
-        let phase = &mut (*cmcf).phases[ngx_http_phases_NGX_HTTP_PREACCESS_PHASE as usize].handlers;
+        let phase = &mut (*cmcf).phases[ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE as usize].handlers;
         let h = ngx::ffi::ngx_array_push(phase) as *mut ngx_http_handler_pt;
         if h.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
-        *h = Some(preaccess);
+        *h = Some(precontent);
     }
     NGX_OK as ngx_int_t
 }
@@ -524,9 +573,7 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
     // SAFETY: the load zone is valid for the cycle.
     let slot = unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.find(kcf.store_key));
     let get = |i: usize| slot.map_or(0, |s| s.cell(i).load(core::sync::atomic::Ordering::Relaxed));
-    let breaker = slot.map_or("closed", |s| {
-        SharedBreaker { failures: s.cell(cell::FAILURES), open_until: s.cell(cell::OPEN_UNTIL), probe_at: s.cell(cell::PROBE_AT) }.state(now)
-    });
+    let breaker = slot.map_or("closed", |s| breaker_of(s).state(now));
     let lookups = get(cell::LOOKUPS);
     Some(crate::report::StoreReport {
         kind: if store.cluster { "redis-cluster" } else { "redis" },
@@ -543,8 +590,8 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
 }
 
 // -------------------------------------------------------------------------------------------
-// Health checks: every worker asks each of its Redis stores every few seconds whether it
-// answers and which Redis process it is. That keeps the circuit breaker current without
+// Health checks: one worker (see `init_process`) asks each Redis store every few seconds
+// whether it answers and whether it still holds what was written to it. That keeps the circuit breaker current without
 // traffic, and notices a Redis restart (which loses routes written before it) so that routes
 // are written again.
 
@@ -586,11 +633,14 @@ pub unsafe fn start_health_checks(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
         let umcf = *http.main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
         let Some(umcf) = umcf.as_ref() else { return NGX_OK as ngx_int_t };
         let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+        // One prober per Redis (upstreams may share a store, e.g. the http-level one).
+        let mut probed: Vec<u64> = Vec::new();
         for &uscf in ups {
             let Some(kcf) = srv_conf(uscf) else { continue };
-            if !kcf.enabled || !matches!(kcf.store_mode(), Some(StoreMode::Redis(_))) {
+            if !kcf.enabled || !matches!(kcf.store_mode(), Some(StoreMode::Redis(_))) || probed.contains(&kcf.store_key) {
                 continue;
             }
+            probed.push(kcf.store_key);
             let h = ngx::ffi::ngx_pcalloc((*cycle).pool, core::mem::size_of::<Health>()) as *mut Health;
             if h.is_null() {
                 return NGX_ERROR as ngx_int_t;
@@ -601,8 +651,8 @@ pub unsafe fn start_health_checks(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
             (*h).ev.log = (*cycle).log;
             // Graceful shutdown does not wait for this timer.
             (*h).ev.set_cancelable(1);
-            // The first check soon, spread a little between workers.
-            ngx_add_timer(&mut (*h).ev, 200 + (ngx::ffi::ngx_worker % 8) * 50);
+            // The first check soon after start.
+            ngx_add_timer(&mut (*h).ev, 200);
         }
     }
     NGX_OK as ngx_int_t

@@ -33,8 +33,12 @@ pub enum Format {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisStore {
-    /// `redis://` URLs; several mean Redis Cluster seed nodes.
+    /// `redis://` URLs as configured (shown, redacted, on the status page and in logs);
+    /// several mean Redis Cluster seed nodes.
     pub urls: Vec<String>,
+    /// The same URLs with host names replaced by the addresses they resolved to when the
+    /// configuration was read ([`RedisStore::resolve`]): what connections use.
+    pub connect_urls: Vec<String>,
     pub cluster: bool,
     pub format: Format,
     /// Connect and read timeout, milliseconds. A request never waits longer for Redis.
@@ -56,6 +60,7 @@ impl Default for RedisStore {
     fn default() -> RedisStore {
         RedisStore {
             urls: Vec::new(),
+            connect_urls: Vec::new(),
             cluster: false,
             format: Format::Tomcat { strip_route: true },
             timeout_ms: 100,
@@ -109,6 +114,58 @@ fn check_url(u: &str) -> Result<String, String> {
         return Err(format!("\"{}\": the database must be a number", redact(u)));
     }
     Ok(u.to_string())
+}
+
+/// A URL's host (without brackets for IPv6) and port, and where the host stands in it.
+fn url_host(u: &str) -> Option<(&str, u16, core::ops::Range<usize>)> {
+    let start = u.find("://")? + 3;
+    let rest = &u[start..];
+    let at = rest.rfind('@').map_or(0, |i| i + 1);
+    let hostport_end = rest[at..].find('/').map_or(rest.len(), |i| at + i);
+    let hostport = &rest[at..hostport_end];
+    let (host, port) = hostport.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let (host, range) = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(h) => (h, start + at + 1..start + at + 1 + h.len()),
+        None => (host, start + at..start + at + host.len()),
+    };
+    Some((host, port, range))
+}
+
+impl RedisStore {
+    /// Resolves the host names of the URLs now (at configuration time, as nginx resolves
+    /// `server` names), so that no lookup ever waits for DNS; `nginx -s reload` follows DNS
+    /// changes. An IP address stays as it is.
+    pub fn resolve(&mut self) -> Result<(), String> {
+        use std::net::{IpAddr, ToSocketAddrs};
+        let mut out = Vec::with_capacity(self.urls.len());
+        for u in &self.urls {
+            let (host, port, range) = url_host(u).ok_or_else(|| format!("\"{}\" needs host:port", redact(u)))?;
+            if host.parse::<IpAddr>().is_ok() {
+                out.push(u.clone());
+                continue;
+            }
+            let addr = (host, port)
+                .to_socket_addrs()
+                .map_err(|e| format!("host not found in \"{}\": {e}", redact(u)))?
+                .next()
+                .ok_or_else(|| format!("host not found in \"{}\"", redact(u)))?;
+            let ip = match addr.ip() {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            };
+            let (a, b) = (&u[..range.start], &u[range.end..]);
+            out.push(format!("{a}{ip}{b}"));
+        }
+        self.connect_urls = out;
+        Ok(())
+    }
+
+    /// What identifies a connection to this store: stores share a connection (per pool
+    /// thread) only when their addresses and every option that shapes the connection agree.
+    pub fn connection_id(&self) -> String {
+        format!("{} cluster={} timeout={}", self.connect_urls.join(" "), self.cluster, self.timeout_ms)
+    }
 }
 
 /// A URL with its credentials hidden, for logs and the status page.
@@ -180,6 +237,7 @@ pub fn parse_store(args: &[&str]) -> Result<StoreMode, String> {
     if s.urls.len() > 1 {
         s.cluster = true;
     }
+    s.connect_urls = s.urls.clone();
     s.format = match (format, namespace) {
         (Some(Format::Spring { .. }), ns) => Format::Spring { namespace: ns.unwrap_or_else(|| "spring:session".into()) },
         (Some(_), Some(_)) | (None, Some(_)) => return Err("namespace= applies to format=spring only".into()),
@@ -487,6 +545,31 @@ mod tests {
                 Err(e) => e,
             }
         }
+    }
+
+    #[test]
+    fn host_names_are_resolved_once_and_connections_keyed_by_options() {
+        let mut r = redis(&["redis://u:p@localhost:6379/2"]);
+        r.resolve().unwrap();
+        assert!(r.connect_urls[0] == "redis://u:p@127.0.0.1:6379/2" || r.connect_urls[0] == "redis://u:p@[::1]:6379/2", "{:?}", r.connect_urls);
+        assert_eq!(r.urls[0], "redis://u:p@localhost:6379/2");
+        let mut ip = redis(&["redis://127.0.0.1:1", "timeout=50ms"]);
+        ip.resolve().unwrap();
+        assert_eq!(ip.connect_urls, ip.urls);
+        let mut v6 = redis(&["redis://[::1]:7000"]);
+        v6.resolve().unwrap();
+        assert_eq!(v6.connect_urls, vec!["redis://[::1]:7000".to_string()]);
+        let mut slow = redis(&["redis://127.0.0.1:1", "timeout=2s"]);
+        slow.resolve().unwrap();
+        assert_ne!(ip.connection_id(), slow.connection_id());
+        let mut same = redis(&["redis://127.0.0.1:1", "timeout=50ms", "format=spring"]);
+        same.resolve().unwrap();
+        assert_eq!(ip.connection_id(), same.connection_id());
+        let mut bad = redis(&["redis://no-such-host.invalid:6379"]);
+        let e = bad.resolve().unwrap_err();
+        assert!(e.contains("host not found"), "{e}");
+        let mut secret = redis(&["redis://u:hunter2@no-such-host.invalid:6379"]);
+        assert!(!secret.resolve().unwrap_err().contains("hunter2"));
     }
 
     #[test]

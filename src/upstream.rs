@@ -264,20 +264,21 @@ fn session_key_of(s: &SessionData) -> u128 {
     u128::from(s.key)
 }
 
-/// The request's stickiness key: the value of `kylin_hash`, else the client address.
+/// The request's stickiness key: the value of `kylin_hash`, else (also when that value is
+/// empty, e.g. `$http_x_forwarded_for` of a request without the header) the client address.
 unsafe fn request_key(r: *mut ngx_http_request_t, kcf: &SrvConf) -> Option<u64> {
     // SAFETY: r is a live request.
     unsafe {
-        match kcf.hash {
-            Some(cv) => {
-                let mut v = ngx_str_t::default();
-                if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
-                    return None;
-                }
-                Some(key_hash(v.as_bytes()))
+        if let Some(cv) = kcf.hash {
+            let mut v = ngx_str_t::default();
+            if ngx_http_complex_value(r, cv, &mut v) != NGX_OK as ngx_int_t {
+                return None;
             }
-            None => Some(client_address_key(r)),
+            if v.len != 0 {
+                return Some(key_hash(v.as_bytes()));
+            }
         }
+        Some(client_address_key(r))
     }
 }
 
@@ -311,13 +312,13 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
 const SHARE_EVERY: i64 = 300;
 
 /// Writes a learned route to the session store again (see `SHARE_EVERY`).
-unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64, key: u128) {
+unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64) {
     let Some(state) = kcf.state.as_deref() else { return };
     let Some(i) = state.index_of(peer_id) else { return };
     // SAFETY: config-time and zone peers both stay valid for the cycle; only the name is read.
     let name = unsafe { (*state.primary.peers[i]).name.as_bytes() };
     // SAFETY: called from the event loop.
-    unsafe { crate::session_check::share_route(kcf, session_id, name, Some(key)) };
+    unsafe { crate::session_check::share_route(kcf, session_id, name) };
 }
 
 /// Values of a chain of headers of one name (nginx 1.23+ links same-name headers).
@@ -372,7 +373,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             return NGX_ERROR as ngx_int_t;
         }
 
-        // The session cookie (already found by the preaccess phase when a store is used), and
+        // The session cookie (already found by the precontent phase when a store is used), and
         // the server that created the session.
         let pre = crate::variables::existing_ctx(r);
         let checked = pre.filter(|c| c.checked).map(|c| c.session);
@@ -382,7 +383,6 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
         };
         let (state, skey, learned) = match found {
             RequestSession::None => (SessionState::None, None, None),
-            RequestSession::Id(_) if checked == Some(SessionState::None) => (SessionState::None, None, None),
             RequestSession::Id(id) => {
                 let now = ngx_time();
                 let timeout = kcf.routes_timeout();
@@ -403,8 +403,8 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                         }
                     })
                 });
-                if let Some((k, Some(peer_id), true)) = found {
-                    share_again(kcf, id, peer_id, u128::from(k));
+                if let Some((_, Some(peer_id), true)) = found {
+                    share_again(kcf, id, peer_id);
                 }
                 let found = found.map(|(k, l, _)| (k, l));
                 let state = match (kcf.store_mode(), checked) {
@@ -737,7 +737,7 @@ unsafe fn move_route(pd: &PeerData, id: u64, server: &[u8]) {
         let timeout = kcf.routes_timeout();
         shm::with_routes(zone, |t| t.insert(k, id, now, timeout));
         if let Some(sid) = session_id(pd) {
-            crate::session_check::share_route(kcf, sid, server, Some(k));
+            crate::session_check::share_route(kcf, sid, server);
         }
     }
 }
@@ -785,7 +785,6 @@ unsafe fn learn_session(pd: &PeerData) {
         let timeout = kcf.routes_timeout();
         let peer = key_hash((*pd.rrp.current).name.as_bytes());
         let request_session = pd.session().map(session_key_of);
-        let mut learned_key = None;
         let set_key = match set {
             SetSession::Set(id) => shm::session_key(zone, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id).map(u128::from),
             SetSession::Delete => None,
@@ -794,7 +793,6 @@ unsafe fn learn_session(pd: &PeerData) {
             match (&set, set_key) {
                 (SetSession::Set(_), Some(k)) => {
                     t.insert(k, peer, now, timeout);
-                    learned_key = Some(k);
                 }
                 (SetSession::Set(_), None) => {}
                 (SetSession::Delete, _) => {
@@ -807,7 +805,7 @@ unsafe fn learn_session(pd: &PeerData) {
         })
         .flatten();
         if let (SetSession::Set(id), false) = (&set, pd.rrp.current.is_null()) {
-            crate::session_check::share_route(kcf, id, (*pd.rrp.current).name.as_bytes(), learned_key);
+            crate::session_check::share_route(kcf, id, (*pd.rrp.current).name.as_bytes());
         }
         if let Some(n) = evicted {
             ngx_log_error!(

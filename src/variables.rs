@@ -1,7 +1,7 @@
 //! Variables: `$kylin_route` (how the balancer chose the server: sticky, learned, spilled,
 //! failover, backup) and `$kylin_session_state` (none, local, shared, unknown), read from the
 //! balancer's per-request data; both are empty for requests that no kylin upstream balanced.
-//! Also the small per-request context in which the preaccess phase leaves a session verdict.
+//! Also the small per-request context in which the precontent phase leaves a session verdict.
 
 use core::ffi::c_void;
 
@@ -19,9 +19,9 @@ use ngx::http::HttpModule;
 pub struct RequestCtx {
     pub route: Option<Route>,
     pub session: SessionState,
-    /// The preaccess phase already determined `session` (from the session store).
+    /// The precontent phase already determined `session` (from the session store).
     pub checked: bool,
-    /// This is the `ctx` of a [`CheckedCtx`], which holds the session id preaccess found.
+    /// This is the `ctx` of a [`CheckedCtx`], which holds the session id precontent found.
     has_id: bool,
 }
 
@@ -32,7 +32,7 @@ impl RequestCtx {
     }
 }
 
-/// The context the preaccess phase creates: also the session id it found in the `Cookie`
+/// The context the precontent phase creates: also the session id it found in the `Cookie`
 /// headers (memory of the request, valid as long as it), so that the balancer does not read
 /// the headers again.
 #[repr(C)]
@@ -66,7 +66,7 @@ pub unsafe fn ctx(r: *mut ngx_http_request_t, id: &[u8]) -> Option<&'static mut 
     }
 }
 
-/// The session id the preaccess phase found, if this context remembers one.
+/// The session id the precontent phase found, if this context remembers one.
 pub fn checked_id<'a>(ctx: &'a RequestCtx) -> Option<&'a [u8]> {
     if !ctx.has_id {
         return None;

@@ -233,9 +233,12 @@ $main::SPREAD
 
 
 
-=== TEST 9: malformed session ids are no session: never looked up, $kylin_session_state none
-Oversized, wrong alphabet, too short, empty, not UTF-8, and duplicated (two malformed values);
-the last request reads the store's lookup count (zero).
+=== TEST 9: malformed session ids are never looked up
+Oversized, wrong alphabet, too short, empty, not UTF-8, and duplicated (two malformed values).
+A value that is no cookie value (oversized, empty, not cookie-octets) is no session
+($kylin_session_state none); a cookie value that is not an id of the store's format is a
+session the store cannot check: unknown (it stays on its server and keeps a learned route).
+The last request reads the store's lookup count (zero).
 --- http_config
     kylin_upstream kylin_nodes {
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
@@ -261,7 +264,7 @@ the last request reads the store's lookup count (zero).
     "",
 ]
 --- response_headers eval
-[("X-State: none") x 6, "X-State:"]
+["X-State: none", "X-State: unknown", "X-State: unknown", "X-State: none", "X-State: none", "X-State: unknown", "X-State:"]
 --- response_body_like eval
 [("n1") x 6, qr/"session_store":\{.*?"lookups":0,/]
 
