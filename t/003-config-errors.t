@@ -184,3 +184,20 @@ qr/\[emerg\] .*"kylin" directive is not allowed here in \S+nginx\.conf:\d+/
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*"kylin_upstream" directive is not allowed here in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 15: a session store host that does not resolve fails the configuration
+Store host names are resolved when the configuration is read (no lookup ever waits for DNS);
+the message hides the credentials.
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_session_store redis://u:hunter2@no-such-host.invalid:6379;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+[qr/\[emerg\] .*invalid "kylin_session_store": host not found in "redis:\/\/\*\*\*\@no-such-host\.invalid:6379".* in \S+nginx\.conf:\d+/]
+--- no_error_log
+hunter2
