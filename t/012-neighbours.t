@@ -9,6 +9,7 @@ BEGIN {
     $ENV{TEST_NGINX_REALIP_PORT} ||= $base + 20;
     $ENV{TEST_NGINX_REDIS_PORT} ||= $base + 32;
     $ENV{TEST_NGINX_IDLE_REDIS_PORT} ||= $base + 33;
+    $ENV{TEST_NGINX_DEAD_PORT} ||= $base + 34;
 }
 
 use FindBin;
@@ -23,6 +24,9 @@ if (!have_redis()) {
     # The least-privilege user of the README's "Redis user" section.
     redis_cmd($p, qw(ACL SETUSER kylin on >Kylin-Test-Pw resetkeys %R~* ~kylin:* resetchannels -@all
         +exists +get +set +ping +hello +auth +select));
+    # A user that may not run EXISTS: every lookup fails, every health check succeeds.
+    redis_cmd($p, qw(ACL SETUSER noexists on >Kylin-Test-Pw resetkeys %R~* ~kylin:* resetchannels -@all
+        +get +set +ping +hello +auth +select));
     # A Redis that closes connections idle for a second (as proxies and managed Redis do).
     my $idle = start_redis($ENV{TEST_NGINX_IDLE_REDIS_PORT}, "--timeout", "1");
     redis_cmd($idle, "SET", "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE02", "tomcat-session");
@@ -222,4 +226,49 @@ after a second idle. The first request takes over two seconds.
 ["X-State: shared", "X-State: none", "X-State: local", ""]
 --- response_body_like eval
 ["n1", qr/^\.+$/, "n1", qr/"session_store":\{(?=.*"breaker":"closed")(?=.*"errors":0,)(?=.*"timeouts":0,)(?=.*"lookups":2,)/]
+--- timeout: 10
+
+
+
+=== TEST 7: route writes go through the circuit breaker
+Ten logins against a Redis that is down: two failed calls open the breaker, and the other
+route writes are not attempted (they are written once the store is back).
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_DEAD_PORT timeout=200ms fail_threshold=2 fail_backoff=60s;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { add_header Set-Cookie "JSESSIONID=$arg_id; Path=/"; return 200 "n1"; } }
+--- config
+    location / { proxy_pass http://kylin_nodes; }
+    location = /status { kylin_status; }
+--- request eval
+[(map { "GET /login?id=5EC0DE5EC0DE5EC0DE5EC0DE5EC0D${_}00" } 10 .. 19), "GET /status"]
+--- response_body_like eval
+[("n1") x 10, qr/"session_store":\{(?=.*"breaker":"open")(?=.*"errors":[2-4],)(?=.*"skipped":(?:[6-9]|10),)/]
+
+
+
+=== TEST 8: a health check that succeeds does not close a breaker that lookups opened
+The user may not run EXISTS: three lookups fail and open the breaker; the health check three
+seconds later succeeds (SET and GET are allowed), and the breaker stays open.
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_session_store redis://noexists:Kylin-Test-Pw@127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=500ms fail_threshold=3 fail_backoff=60s;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_B1_PORT;
+        location /slow { limit_rate 30; return 200 "........................................................................................................................"; }
+        location / { return 200 "n1"; }
+    }
+--- config
+    location / { proxy_pass http://kylin_nodes; }
+    location = /status { kylin_status; }
+--- request eval
+["GET /a", "GET /b", "GET /c", "GET /slow", "GET /status"]
+--- more_headers eval
+[(map { "Cookie: JSESSIONID=5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE2$_" } 1 .. 3), "", ""]
+--- response_body_like eval
+["n1", "n1", "n1", qr/^\.+$/, qr/"session_store":\{(?=.*"breaker":"open")(?=.*"errors":3,)(?=.*"lookups":3,)/]
 --- timeout: 10
