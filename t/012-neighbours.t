@@ -7,9 +7,9 @@ BEGIN {
     my $base = $ENV{TEST_NGINX_SERVER_PORT} || $ENV{TEST_NGINX_PORT} || 1984;
     $ENV{"TEST_NGINX_B${_}_PORT"} ||= $base + 10 + $_ for 1 .. 4;
     $ENV{TEST_NGINX_REALIP_PORT} ||= $base + 20;
-    $ENV{TEST_NGINX_REDIS_PORT} ||= $base + 40;
-    $ENV{TEST_NGINX_IDLE_REDIS_PORT} ||= $base + 41;
-    $ENV{TEST_NGINX_DEAD_PORT} ||= $base + 42;
+    $ENV{TEST_NGINX_REDIS_PORT} ||= $base + 50;
+    $ENV{TEST_NGINX_IDLE_REDIS_PORT} ||= $base + 51;
+    $ENV{TEST_NGINX_DEAD_PORT} ||= $base + 52;
 }
 
 use FindBin;
