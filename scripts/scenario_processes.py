@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Scenario test: a request that waits for Redis while nginx terminates it.
+"""Scenario test: the module's work across nginx's processes, with a real Redis.
+
+Part 1: a request that waits for Redis while nginx terminates it.
 
 A request whose session is being looked up in Redis is suspended (blocked) until the answer
 arrives or the store's timeout passes. If nginx terminates the request meanwhile (here:
@@ -14,8 +16,12 @@ worker shuts down. Checks, each on a fresh nginx:
   3. timer       - terminated while waiting; the store's timeout fires first: the same;
 and in every case the worker exits soon after and the error log has no alert or crash.
 
-Usage: scenario_shutdown.py --nginx PATH --module PATH [--keep]
-Prints one line per check and "scenario-shutdown: N passed, M failed"; exits 1 on failure.
+Part 2: background work runs in one process. With two workers and two upstreams sharing one
+store, Redis sees one health check every 3 seconds (counted with INFO commandstats), made
+with GET (and SET) only, never INFO.
+
+Usage: scenario_processes.py --nginx PATH --module PATH [--keep]
+Prints one line per check and "scenario-processes: N passed, M failed"; exits 1 on failure.
 """
 import argparse
 import http.server
@@ -34,6 +40,25 @@ sys.path.insert(0, HERE)
 from scenario import free_ports, wait_port  # noqa: E402
 
 SESSION = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01"
+
+PROBER_CONF = """
+load_module {module};
+worker_processes 2;
+error_log logs/error.log info;
+pid logs/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    kylin_session_store redis://127.0.0.1:{redis} timeout=500ms;
+    kylin_upstream a {{ server 127.0.0.1:{node}; }}
+    kylin_upstream b {{ server 127.0.0.1:{node}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location /a {{ proxy_pass http://a; }}
+        location /b {{ proxy_pass http://b; }}
+    }}
+}}
+"""
 
 CONF = """
 load_module {module};
@@ -137,11 +162,11 @@ class Scenario:
         self.results.append(ok)
         print("%s: %s (%s)" % ("ok" if ok else "FAILED", name, detail))
 
-    def run_case(self, name, timeout, pause_ms, quit_after):
-        """One nginx: pause Redis, send the request, optionally quit nginx after quit_after s."""
-        prefix = tempfile.mkdtemp(prefix="kylin-scenario-shutdown-")
+    def start_nginx(self, template, **kw):
+        """Starts nginx with a configuration; returns (prefix, master pid)."""
+        prefix = tempfile.mkdtemp(prefix="kylin-scenario-processes-")
         os.makedirs(os.path.join(prefix, "logs"))
-        conf = CONF.format(module=self.module, redis=self.redis_port, node=self.node_port, port=self.port, timeout=timeout)
+        conf = template.format(module=self.module, redis=self.redis_port, node=self.node_port, port=self.port, **kw)
         if os.geteuid() == 0:
             conf = "user root;\n" + conf
         with open(os.path.join(prefix, "nginx.conf"), "w") as f:
@@ -155,7 +180,46 @@ class Scenario:
                 break
             time.sleep(0.05)
         with open(pidfile) as f:
-            master = int(f.read().strip())
+            return prefix, int(f.read().strip())
+
+    def stop_nginx(self, prefix, master):
+        """Stops nginx (if it still runs); returns its error log's alarming lines."""
+        try:
+            os.kill(master, signal.SIGQUIT)
+        except OSError:
+            pass
+        for _ in range(200):
+            if not alive(master):
+                break
+            time.sleep(0.05)
+        with open(os.path.join(prefix, "logs", "error.log"), errors="replace") as f:
+            bad = [l.strip() for l in f if any(w in l for w in ("[alert]", "[crit]", "[emerg]", "exited on signal"))]
+        if self.keep:
+            print("kept", prefix)
+        else:
+            shutil.rmtree(prefix, ignore_errors=True)
+        return bad
+
+    def probers(self):
+        """Health-check calls Redis sees from two workers and two upstreams in 3.6 s."""
+        redis_cli(self.redis_port, "CONFIG", "RESETSTAT")
+        prefix, master = self.start_nginx(PROBER_CONF)
+        time.sleep(3.6)
+        stats = redis_cli(self.redis_port, "INFO", "commandstats")
+        bad = self.stop_nginx(prefix, master)
+        calls = {}
+        for line in stats.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, rest = line.partition(":")
+                calls[name[len("cmdstat_"):]] = int(rest.split(",")[0].split("=")[1])
+        gets = calls.get("get", 0)
+        self.check("one prober: two workers and two upstreams sharing a store make one health check each 3 s, without INFO",
+                   1 <= gets <= 2 and calls.get("info", 0) == 0 and not bad,
+                   "Redis saw %s, bad log lines %s" % (calls, bad[:2]))
+
+    def run_case(self, name, timeout, pause_ms, quit_after):
+        """One nginx: pause Redis, send the request, optionally quit nginx after quit_after s."""
+        prefix, master = self.start_nginx(CONF, timeout=timeout)
         time.sleep(0.5)  # the worker's first health check is done before Redis pauses
         self.node.seen = self.node.connections = 0
         redis_cli(self.redis_port, "CLIENT", "PAUSE", str(pause_ms), "ALL")
@@ -174,19 +238,7 @@ class Scenario:
                 time.sleep(0.05)
         t.join(15)
         redis_cli(self.redis_port, "CLIENT", "UNPAUSE")
-        if quit_after is None:
-            os.kill(master, signal.SIGQUIT)
-            for _ in range(200):
-                if not alive(master):
-                    break
-                time.sleep(0.05)
-        time.sleep(0.2)
-        with open(os.path.join(prefix, "logs", "error.log"), errors="replace") as f:
-            bad = [l.strip() for l in f if any(w in l for w in ("[alert]", "[crit]", "[emerg]", "exited on signal"))]
-        if self.keep:
-            print("kept", prefix)
-        else:
-            shutil.rmtree(prefix, ignore_errors=True)
+        bad = self.stop_nginx(prefix, master)
         return result, (self.node.seen, self.node.connections), exited_in, bad
 
     def run(self):
@@ -201,6 +253,7 @@ class Scenario:
                        conns == 0 and seen == 0 and r.get("status") != 200 and exited is not None and exited < 3 and not bad,
                        "status %s, node saw %d connections, %d requests, nginx exited %s s after quit, bad log lines %s"
                        % (r.get("status"), conns, seen, exited and round(exited, 2), bad[:2]))
+        self.probers()
 
     def cleanup(self):
         self.node.shutdown()
@@ -222,7 +275,7 @@ def main():
         s.cleanup()
     passed = sum(s.results)
     failed = len(s.results) - passed
-    print("scenario-shutdown: %d passed, %d failed" % (passed, failed))
+    print("scenario-processes: %d passed, %d failed" % (passed, failed))
     sys.exit(1 if failed else 0)
 
 
