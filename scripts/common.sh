@@ -15,6 +15,8 @@ DEB_PACKAGES=(
     libipc-run-perl liburi-perl liblist-moreutils-perl
     # demo backends, build helper, scenario tests; Redis for the session-store tests
     python3 curl redis-server redis-tools
+    # TLS certificates for the rediss:// tests
+    openssl
 )
 
 # Waits up to 10 s until something accepts TCP connections on 127.0.0.1:PORT.

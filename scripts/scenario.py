@@ -65,6 +65,55 @@ def free_ports(n):
     return ports
 
 
+def alive(pid):
+    """Whether pid runs (a daemonized nginx's exited master may stay a zombie for a while)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_nginx(binary, conf, port, prefix_name="kylin-scenario-"):
+    """Starts a daemonized nginx with configuration text `conf` listening on `port`;
+    returns (prefix, master pid)."""
+    prefix = tempfile.mkdtemp(prefix=prefix_name)
+    os.makedirs(os.path.join(prefix, "logs"))
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf
+    with open(os.path.join(prefix, "nginx.conf"), "w") as f:
+        f.write(conf)
+    subprocess.run([binary, "-p", prefix, "-c", "nginx.conf"], check=True)
+    if not wait_port(port):
+        raise RuntimeError("nginx did not start")
+    pidfile = os.path.join(prefix, "logs", "nginx.pid")
+    for _ in range(100):  # nginx listens before it writes its pid file
+        if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
+            break
+        time.sleep(0.05)
+    with open(pidfile) as f:
+        return prefix, int(f.read().strip())
+
+
+def stop_nginx(prefix, master, keep=False):
+    """Stops nginx gracefully (if it still runs); returns its error log's alarming lines."""
+    try:
+        os.kill(master, signal.SIGQUIT)
+    except OSError:
+        pass
+    for _ in range(200):
+        if not alive(master):
+            break
+        time.sleep(0.05)
+    with open(os.path.join(prefix, "logs", "error.log"), errors="replace") as f:
+        bad = [l.strip() for l in f if any(w in l for w in ("[alert]", "[crit]", "[emerg]", "exited on signal"))]
+    if keep:
+        print("kept", prefix)
+    else:
+        shutil.rmtree(prefix, ignore_errors=True)
+    return bad
+
+
 def wait_port(port, timeout=10.0):
     end = time.time() + timeout
     while time.time() < end:

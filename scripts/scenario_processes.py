@@ -37,7 +37,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, wait_port  # noqa: E402
+from scenario import alive, free_ports, start_nginx, stop_nginx, wait_port  # noqa: E402
 
 SESSION = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01"
 
@@ -110,15 +110,6 @@ class Node(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
 
 
-def alive(pid):
-    """Whether pid runs (a daemonized nginx's exited master may stay a zombie for a while)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def redis_cli(port, *args):
     return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
 
@@ -163,42 +154,12 @@ class Scenario:
         print("%s: %s (%s)" % ("ok" if ok else "FAILED", name, detail))
 
     def start_nginx(self, template, **kw):
-        """Starts nginx with a configuration; returns (prefix, master pid)."""
-        prefix = tempfile.mkdtemp(prefix="kylin-scenario-processes-")
-        os.makedirs(os.path.join(prefix, "logs"))
+        """Starts nginx with a configuration template; returns (prefix, master pid)."""
         conf = template.format(module=self.module, redis=self.redis_port, node=self.node_port, port=self.port, **kw)
-        if os.geteuid() == 0:
-            conf = "user root;\n" + conf
-        with open(os.path.join(prefix, "nginx.conf"), "w") as f:
-            f.write(conf)
-        subprocess.run([self.nginx, "-p", prefix, "-c", "nginx.conf"], check=True)
-        if not wait_port(self.port):
-            raise RuntimeError("nginx did not start")
-        pidfile = os.path.join(prefix, "logs", "nginx.pid")
-        for _ in range(100):  # nginx listens before it writes its pid file
-            if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
-                break
-            time.sleep(0.05)
-        with open(pidfile) as f:
-            return prefix, int(f.read().strip())
+        return start_nginx(self.nginx, conf, self.port, "kylin-scenario-processes-")
 
     def stop_nginx(self, prefix, master):
-        """Stops nginx (if it still runs); returns its error log's alarming lines."""
-        try:
-            os.kill(master, signal.SIGQUIT)
-        except OSError:
-            pass
-        for _ in range(200):
-            if not alive(master):
-                break
-            time.sleep(0.05)
-        with open(os.path.join(prefix, "logs", "error.log"), errors="replace") as f:
-            bad = [l.strip() for l in f if any(w in l for w in ("[alert]", "[crit]", "[emerg]", "exited on signal"))]
-        if self.keep:
-            print("kept", prefix)
-        else:
-            shutil.rmtree(prefix, ignore_errors=True)
-        return bad
+        return stop_nginx(prefix, master, self.keep)
 
     def probers(self):
         """Health-check calls Redis sees from two workers and two upstreams in 3.6 s."""

@@ -735,7 +735,7 @@ unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_com
     let refs: Vec<&str> = words.iter().map(String::as_str).collect();
     let mode = match crate::store::parse_store(&refs).and_then(|mut m| {
         if let crate::store::StoreMode::Redis(s) = &mut m {
-            s.resolve()?;
+            s.prepare()?;
         }
         Ok(m)
     }) {

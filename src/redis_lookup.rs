@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClientBuilder, ClusterConnection};
-use redis::{Client, Connection, ConnectionLike, RedisError};
+use redis::{Client, Connection, ConnectionLike, RedisError, TlsCertificates};
 
 use crate::store::RedisStore;
 
@@ -66,24 +66,67 @@ thread_local! {
     static CONNS: RefCell<HashMap<String, Conn>> = RefCell::new(HashMap::new());
 }
 
+/// The CA certificates TLS connections verify against: `ca_file=`, else the system's.
+fn certificates(store: &RedisStore) -> Option<TlsCertificates> {
+    let pem = store.ca_pem.as_ref().filter(|_| store.tls)?;
+    Some(TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) })
+}
+
+/// A connection to one node, every connect, read and write bounded by `t`.
+fn single(store: &RedisStore, url: &str, t: Duration) -> Result<Connection, LookupError> {
+    let client = match certificates(store) {
+        Some(certs) => Client::build_with_tls(url, certs)?,
+        None => Client::open(url)?,
+    };
+    let c = client.get_connection_with_timeout(t)?;
+    c.set_read_timeout(Some(t))?;
+    c.set_write_timeout(Some(t))?;
+    Ok(c)
+}
+
+/// A connection to the master that the Sentinels name `name`: each Sentinel in turn is asked
+/// (`SENTINEL get-master-addr-by-name`), then the master is reached with the URLs' credentials
+/// and database. Written here rather than with redis's own Sentinel client because that one
+/// connects to Sentinels and reads their answers without a timeout, which would let a silent
+/// Sentinel hold a pool thread indefinitely. After a failover the old master refuses writes
+/// (or fails); the connection is then dropped and the next call asks the Sentinels again.
+fn sentinel_master(store: &RedisStore, name: &str, t: Duration) -> Result<Connection, LookupError> {
+    let mut last = LookupError::Failed("no Sentinel configured".into());
+    for url in &store.connect_urls {
+        let asked = (|| {
+            let sentinel_url = crate::store::node_only(url).ok_or_else(|| LookupError::Failed("bad Sentinel URL".into()))?;
+            let mut s = single(store, &sentinel_url, t)?;
+            let addr: Option<(String, u16)> = redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(name).query(&mut s)?;
+            let (host, port) = addr.ok_or_else(|| LookupError::Failed(format!("the Sentinel knows no master \"{name}\"")))?;
+            let master = crate::store::with_address(url, &host, port).ok_or_else(|| LookupError::Failed("bad master address".into()))?;
+            single(store, &master, t)
+        })();
+        match asked {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 fn connect(store: &RedisStore) -> Result<Conn, LookupError> {
     let t = Duration::from_millis(store.timeout_ms);
     if store.cluster {
-        let c = ClusterClientBuilder::new(store.connect_urls.clone())
+        let mut b = ClusterClientBuilder::new(store.connect_urls.clone())
             .connection_timeout(t)
             .response_timeout(t)
             // One retry covers a moved slot or a node restart; the request itself never
             // waits longer than the store's timeout (nginx's timer), whatever the thread does.
-            .retries(1)
-            .build()?
-            .get_connection()?;
-        Ok(Conn::Cluster(c))
+            .retries(1);
+        if let Some(certs) = certificates(store) {
+            b = b.certs(certs);
+        }
+        Ok(Conn::Cluster(b.build()?.get_connection()?))
+    } else if let Some(name) = &store.sentinel {
+        Ok(Conn::Single(sentinel_master(store, name, t)?))
     } else {
         let url = store.connect_urls.first().ok_or_else(|| LookupError::Failed("no URL".into()))?;
-        let c = Client::open(url.as_str())?.get_connection_with_timeout(t)?;
-        c.set_read_timeout(Some(t))?;
-        c.set_write_timeout(Some(t))?;
-        Ok(Conn::Single(c))
+        Ok(Conn::Single(single(store, url, t)?))
     }
 }
 
@@ -108,7 +151,9 @@ fn with_conn<T>(store: &RedisStore, f: impl Fn(&mut dyn ConnectionLike) -> Resul
             None => connect(store)?,
         };
         let r = match f(conn.as_mut()) {
-            Err(e) if was_kept && closed_while_idle(&e) => {
+            // A Sentinel's master that became a replica (failover) refuses writes: the fresh
+            // connection asks the Sentinels for the new master.
+            Err(e) if was_kept && (closed_while_idle(&e) || (store.sentinel.is_some() && e.kind() == redis::ErrorKind::ReadOnly)) => {
                 conn = connect(store)?;
                 f(conn.as_mut())
             }

@@ -54,6 +54,15 @@ pub struct RedisStore {
     /// Learned routes are also written to (and read from) Redis, for several nginx
     /// instances in front of one cluster.
     pub share_routes: bool,
+    /// `rediss://`: TLS to every node, certificates verified.
+    pub tls: bool,
+    /// `ca_file=`: the CA certificates (PEM) that TLS certificates must chain to, instead of
+    /// the system's; its contents are read with the configuration (`ca_pem`).
+    pub ca_file: Option<String>,
+    pub ca_pem: Option<Vec<u8>>,
+    /// `sentinel=NAME`: the URLs are Redis Sentinels that name the master `NAME`; the URLs'
+    /// credentials and database are the master's.
+    pub sentinel: Option<String>,
 }
 
 impl Default for RedisStore {
@@ -69,6 +78,10 @@ impl Default for RedisStore {
             fail_threshold: 3,
             fail_backoff: 10,
             share_routes: true,
+            tls: false,
+            ca_file: None,
+            ca_pem: None,
+            sentinel: None,
         }
     }
 }
@@ -97,11 +110,13 @@ fn parse_secs(v: &str) -> Option<i64> {
     n.checked_mul(mult).filter(|&s| s > 0)
 }
 
-/// Checks a `redis://` URL: scheme, host, port, optional db; returns it unchanged.
+/// Checks a `redis://` or `rediss://` URL: scheme, host, port, optional db; returns it
+/// unchanged.
 fn check_url(u: &str) -> Result<String, String> {
     let rest = u
         .strip_prefix("redis://")
-        .ok_or_else(|| format!("\"{}\" is not a redis:// URL", redact(u)))?;
+        .or_else(|| u.strip_prefix("rediss://"))
+        .ok_or_else(|| format!("\"{}\" is not a redis:// or rediss:// URL", redact(u)))?;
     let hostpart = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let (hostport, db) = hostpart.split_once('/').unwrap_or((hostpart, ""));
     let (host, port) = hostport
@@ -133,9 +148,25 @@ fn url_host(u: &str) -> Option<(&str, u16, core::ops::Range<usize>)> {
 }
 
 impl RedisStore {
+    /// Everything the store needs from outside before workers start: host names resolved
+    /// ([`RedisStore::resolve`]) and the CA file read. Run when the configuration is read, so
+    /// that a problem fails `nginx -t`.
+    pub fn prepare(&mut self) -> Result<(), String> {
+        self.resolve()?;
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file \"{path}\": {e}"))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(format!("ca_file \"{path}\" holds no PEM certificate"));
+            }
+            self.ca_pem = Some(pem);
+        }
+        Ok(())
+    }
+
     /// Resolves the host names of the URLs now (at configuration time, as nginx resolves
     /// `server` names), so that no lookup ever waits for DNS; `nginx -s reload` follows DNS
-    /// changes. An IP address stays as it is.
+    /// changes. An IP address stays as it is. With TLS a name is checked but kept: the
+    /// server's certificate is verified against it (it is resolved again when connecting).
     pub fn resolve(&mut self) -> Result<(), String> {
         use std::net::{IpAddr, ToSocketAddrs};
         let mut out = Vec::with_capacity(self.urls.len());
@@ -150,6 +181,10 @@ impl RedisStore {
                 .map_err(|e| format!("host not found in \"{}\": {e}", redact(u)))?
                 .next()
                 .ok_or_else(|| format!("host not found in \"{}\"", redact(u)))?;
+            if self.tls {
+                out.push(u.clone());
+                continue;
+            }
             let ip = match addr.ip() {
                 IpAddr::V4(a) => a.to_string(),
                 IpAddr::V6(a) => format!("[{a}]"),
@@ -164,14 +199,42 @@ impl RedisStore {
     /// What identifies a connection to this store: stores share a connection (per pool
     /// thread) only when their addresses and every option that shapes the connection agree.
     pub fn connection_id(&self) -> String {
-        format!("{} cluster={} timeout={}", self.connect_urls.join(" "), self.cluster, self.timeout_ms)
+        format!(
+            "{} cluster={} timeout={} ca={} sentinel={}",
+            self.connect_urls.join(" "),
+            self.cluster,
+            self.timeout_ms,
+            self.ca_file.as_deref().unwrap_or(""),
+            self.sentinel.as_deref().unwrap_or("")
+        )
     }
+}
+
+/// The URL with another node's address in place of its host and port (credentials, database
+/// and scheme kept): how a Sentinel's answer becomes the master's URL.
+pub fn with_address(u: &str, host: &str, port: u16) -> Option<String> {
+    let (_, _, range) = url_host(u)?;
+    let start = if u[..range.start].ends_with('[') { range.start - 1 } else { range.start };
+    let rest = &u[range.end..];
+    let after_port = rest.find('/').unwrap_or(rest.len());
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    Some(format!("{}{host}:{port}{}", &u[..start], &rest[after_port..]))
+}
+
+/// The URL's scheme, host and port only (no credentials, no database): how a Sentinel
+/// itself is reached.
+pub fn node_only(u: &str) -> Option<String> {
+    let (scheme, _) = u.split_once("://")?;
+    let (host, port, _) = url_host(u)?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    Some(format!("{scheme}://{host}:{port}"))
 }
 
 /// A URL with its credentials hidden, for logs and the status page.
 pub fn redact(u: &str) -> String {
-    match u.strip_prefix("redis://").and_then(|r| r.rsplit_once('@')) {
-        Some((_, host)) => format!("redis://***@{host}"),
+    let Some((scheme, rest)) = u.split_once("://") else { return u.to_string() };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
         None => u.to_string(),
     }
 }
@@ -187,7 +250,7 @@ pub fn parse_store(args: &[&str]) -> Result<StoreMode, String> {
     let mut namespace = None;
     let mut format = None;
     for &a in args {
-        if a.starts_with("redis://") {
+        if a.starts_with("redis://") || a.starts_with("rediss://") {
             s.urls.push(check_url(a)?);
         } else if a == "cluster" {
             s.cluster = true;
@@ -221,6 +284,16 @@ pub fn parse_store(args: &[&str]) -> Result<StoreMode, String> {
             s.fail_threshold = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("invalid fail_threshold \"{v}\""))?;
         } else if let Some(v) = a.strip_prefix("fail_backoff=") {
             s.fail_backoff = parse_secs(v).ok_or_else(|| format!("invalid fail_backoff \"{v}\""))?;
+        } else if let Some(v) = a.strip_prefix("ca_file=") {
+            if v.is_empty() {
+                return Err("empty ca_file".into());
+            }
+            s.ca_file = Some(v.to_string());
+        } else if let Some(v) = a.strip_prefix("sentinel=") {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!("invalid sentinel master name \"{v}\""));
+            }
+            s.sentinel = Some(v.to_string());
         } else if let Some(v) = a.strip_prefix("share_routes=") {
             s.share_routes = match v {
                 "on" => true,
@@ -234,7 +307,22 @@ pub fn parse_store(args: &[&str]) -> Result<StoreMode, String> {
     if s.urls.is_empty() {
         return Err("no redis:// URL (or use \"shared\" or \"off\")".into());
     }
-    if s.urls.len() > 1 {
+    let tls = s.urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls != 0 && tls != s.urls.len() {
+        return Err("mixes redis:// and rediss:// URLs: use one scheme for every node".into());
+    }
+    s.tls = tls != 0;
+    if s.ca_file.is_some() && !s.tls {
+        return Err("ca_file= needs rediss:// URLs".into());
+    }
+    if s.sentinel.is_some() {
+        if s.cluster {
+            return Err("sentinel= and cluster exclude each other".into());
+        }
+        if s.tls {
+            return Err("sentinel= with rediss:// is not supported".into());
+        }
+    } else if s.urls.len() > 1 {
         s.cluster = true;
     }
     s.connect_urls = s.urls.clone();
@@ -545,6 +633,41 @@ mod tests {
                 Err(e) => e,
             }
         }
+    }
+
+    #[test]
+    fn sentinel_answers_become_master_urls() {
+        assert_eq!(with_address("redis://u:p@10.0.0.1:26379/3", "10.0.0.9", 6379).as_deref(), Some("redis://u:p@10.0.0.9:6379/3"));
+        assert_eq!(with_address("redis://[::1]:26379", "::2", 6380).as_deref(), Some("redis://[::2]:6380"));
+        assert_eq!(with_address("redis://s:26379", "m", 1).as_deref(), Some("redis://m:1"));
+        assert_eq!(node_only("redis://u:p@10.0.0.1:26379/3").as_deref(), Some("redis://10.0.0.1:26379"));
+        assert_eq!(node_only("redis://[::1]:26379").as_deref(), Some("redis://[::1]:26379"));
+    }
+
+    #[test]
+    fn tls_and_sentinel_parameters() {
+        let r = redis(&["rediss://u:p@localhost:6380", "ca_file=/etc/ssl/ca.pem"]);
+        assert!(r.tls && !r.cluster);
+        assert_eq!(r.ca_file.as_deref(), Some("/etc/ssl/ca.pem"));
+        assert_eq!(redact("rediss://u:hunter2@h:1/0"), "rediss://***@h:1/0");
+        let s = redis(&["redis://:pw@10.0.0.1:26379", "redis://10.0.0.2:26379", "sentinel=mymaster"]);
+        assert!(!s.cluster && !s.tls);
+        assert_eq!(s.sentinel.as_deref(), Some("mymaster"));
+        for bad in [
+            &["redis://h:1", "ca_file=/x"][..],
+            &["redis://h:1", "rediss://h:2"],
+            &["rediss://h:1", "ca_file="],
+            &["redis://h:1", "sentinel="],
+            &["redis://h:1", "cluster", "sentinel=m"],
+            &["rediss://h:1", "sentinel=m"],
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad:?}");
+        }
+        let mut tls = redis(&["rediss://localhost:6380"]);
+        tls.prepare().unwrap();
+        assert_eq!(tls.connect_urls, tls.urls, "TLS keeps the name its certificate is checked against");
+        let mut missing = redis(&["rediss://127.0.0.1:6380", "ca_file=/nonexistent/ca.pem"]);
+        assert!(missing.prepare().unwrap_err().contains("cannot read ca_file"));
     }
 
     #[test]
