@@ -3,7 +3,7 @@
 //! Each pool thread keeps one connection per store (standalone or cluster), reconnecting after
 //! an error. Every connect, read and write is bounded by the store's timeout; host names
 //! were resolved when the configuration was read (see `RedisStore::resolve`), so connecting
-//! never waits for DNS. A kept connection that the server (its `timeout`), a proxy or a managed
+//! never waits for DNS (but for `rediss://` host names, kept for certificate checks). A kept connection that the server (its `timeout`), a proxy or a managed
 //! Redis closed while idle fails its next command: the command is sent once more on a fresh
 //! connection before it counts as a failure. Every command the module sends is idempotent
 //! (EXISTS, GET, SET), so sending it twice is harmless.
@@ -69,7 +69,7 @@ thread_local! {
 /// The CA certificates TLS connections verify against: `ca_file=`, else the system's.
 fn certificates(store: &RedisStore) -> Option<TlsCertificates> {
     let pem = store.ca_pem.as_ref().filter(|_| store.tls)?;
-    Some(TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) })
+    Some(TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) })
 }
 
 /// A connection to one node, every connect, read and write bounded by `t`.

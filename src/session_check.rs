@@ -591,9 +591,10 @@ pub fn store_report(kcf: &SrvConf, now: i64) -> Option<crate::report::StoreRepor
 
 // -------------------------------------------------------------------------------------------
 // Health checks: one worker (see `init_process`) asks each Redis store every few seconds
-// whether it answers and whether it still holds what was written to it. That keeps the circuit breaker current without
-// traffic, and notices a Redis restart (which loses routes written before it) so that routes
-// are written again.
+// whether it answers and whether it still holds what was written to it. Failures open the
+// circuit breaker without traffic (successes never close it: see `account`), and a Redis
+// that lost its data (which loses the routes written to it) is noticed, so that routes are
+// written again.
 
 /// Seconds between health checks.
 const HEALTH_EVERY_MS: u64 = 3000;

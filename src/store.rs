@@ -59,7 +59,8 @@ pub struct RedisStore {
     /// `ca_file=`: the CA certificates (PEM) that TLS certificates must chain to, instead of
     /// the system's; its contents are read with the configuration (`ca_pem`).
     pub ca_file: Option<String>,
-    pub ca_pem: Option<Vec<u8>>,
+    /// Shared, so that cloning the store for each thread-pool job copies no certificates.
+    pub ca_pem: Option<std::sync::Arc<[u8]>>,
     /// `sentinel=NAME`: the URLs are Redis Sentinels that name the master `NAME`; the URLs'
     /// credentials and database are the master's.
     pub sentinel: Option<String>,
@@ -158,7 +159,7 @@ impl RedisStore {
             if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
                 return Err(format!("ca_file \"{path}\" holds no PEM certificate"));
             }
-            self.ca_pem = Some(pem);
+            self.ca_pem = Some(pem.into());
         }
         Ok(())
     }
