@@ -1,14 +1,11 @@
-# Managed and highly available Redis: TLS (rediss://, certificates verified, ca_file=) and
-# Redis Sentinel (sentinel=NAME). Real redis-server processes: one speaking TLS only with a
-# certificate from a CA made by the test, one plain master watched by a real Sentinel.
+# Managed Redis over TLS: rediss://, certificates verified (system CAs or ca_file=), names
+# checked. A real redis-server that speaks TLS only, with a certificate from a CA the test makes.
 use Test::Nginx::Socket;
 
 BEGIN {
     my $base = $ENV{TEST_NGINX_SERVER_PORT} || $ENV{TEST_NGINX_PORT} || 1984;
     $ENV{"TEST_NGINX_B${_}_PORT"} ||= $base + 10 + $_ for 1 .. 4;
     $ENV{TEST_NGINX_TLS_REDIS_PORT} ||= $base + 53;
-    $ENV{TEST_NGINX_MASTER_PORT} ||= $base + 54;
-    $ENV{TEST_NGINX_SENTINEL_PORT} ||= $base + 55;
 }
 
 use FindBin;
@@ -18,12 +15,14 @@ our $SHARED = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01";
 
 if (!have_redis()) {
     plan skip_all => "redis-server and redis-cli are needed";
+} elsif ($ENV{TEST_NGINX_USE_VALGRIND}) {
+    # memcheck reports the records that ring's assembly encrypts as uninitialised bytes
+    # (rustls' writev of a TLS 1.3 record), and TLS handshakes under valgrind outlast the
+    # store's timeout. The TLS path is safe Rust (rustls, redis) over ring.
+    plan skip_all => "TLS is not checked under valgrind";
 } else {
     $ENV{TEST_NGINX_REDIS_CA} = start_redis_tls($ENV{TEST_NGINX_TLS_REDIS_PORT});
     redis_tls_cmd($ENV{TEST_NGINX_TLS_REDIS_PORT}, $ENV{TEST_NGINX_REDIS_CA}, "SET", $SHARED, "tomcat-session");
-    my $m = start_redis($ENV{TEST_NGINX_MASTER_PORT});
-    redis_cmd($m, "SET", $SHARED, "tomcat-session");
-    start_sentinel($ENV{TEST_NGINX_SENTINEL_PORT}, "kylinmaster", $m);
     plan 'no_plan';
 }
 
@@ -117,51 +116,3 @@ The same Redis listens on both addresses.
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*invalid "kylin_session_store": cannot read ca_file "\/nonexistent\/kylin-ca\.pem".* in \S+nginx\.conf:\d+/
-
-
-
-=== TEST 5: Redis Sentinel: the Sentinel names the master, lookups and route writes go there
---- http_config
-    kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_SENTINEL_PORT sentinel=kylinmaster timeout=1s;
-        server 127.0.0.1:$TEST_NGINX_B1_PORT;
-    }
-    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { return 200 "n1"; } }
---- config
-    location / {
-        proxy_pass http://kylin_nodes;
-        add_header X-State $kylin_session_state;
-    }
-    location = /status { kylin_status; }
---- request eval
-["GET /a", "GET /status"]
---- more_headers eval
-["Cookie: JSESSIONID=$main::SHARED", ""]
---- response_headers eval
-["X-State: shared", ""]
---- response_body_like eval
-["n1", qr/"session_store":\{(?=.*"errors":0,)(?=.*"lookups":1,)/]
-
-
-
-=== TEST 6: a master name the Sentinel does not know: lookups fail, sessions stay
---- http_config
-    kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_SENTINEL_PORT sentinel=nosuchmaster timeout=1s;
-        server 127.0.0.1:$TEST_NGINX_B1_PORT;
-    }
-    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { return 200 "n1"; } }
---- config
-    location / {
-        proxy_pass http://kylin_nodes;
-        add_header X-State $kylin_session_state;
-    }
-    location = /status { kylin_status; }
---- request eval
-["GET /a", "GET /status"]
---- more_headers eval
-["Cookie: JSESSIONID=$main::SHARED", ""]
---- response_headers eval
-["X-State: unknown", ""]
---- response_body_like eval
-["n1", qr/"session_store":\{(?=.*"errors":[1-9],)(?=.*"lookups":1,)/]
