@@ -147,12 +147,21 @@ build_module_debian() {
         ) || die "configure failed: see $tree/configure.log"
         echo "$stamp" >"$tree/.kylin-stamp"
     fi
-    local msgs cdylib
+    DEBIAN_KYLIN_MODULE="$(build_module_external "$tree" "$ROOT/target/debian" "Debian's nginx")" || exit 1
+    DEBIAN_NGINX_BIN=/usr/sbin/nginx
+    export DEBIAN_NGINX_BIN DEBIAN_KYLIN_MODULE
+}
+
+# Builds the module against a configured external nginx tree ($1, with $1/objs) in target
+# directory $2; prints the path of the module (ngx_http_kylin_upstream_module.so). $3 names
+# the nginx in error messages.
+build_module_external() {
+    local tree="$1" target="$2" what="$3" msgs cdylib so
     msgs="$(mktemp)"
     ( cd "$ROOT" && NGINX_SOURCE_DIR="$tree" NGINX_BUILD_DIR="$tree/objs" \
         cargo build --release --lib --no-default-features --features export-modules \
-        --target-dir "$ROOT/target/debian" --message-format=json-render-diagnostics ) >"$msgs" \
-        || { rm -f "$msgs"; die "cargo build for Debian's nginx failed"; }
+        --target-dir "$target" --message-format=json-render-diagnostics ) >"$msgs" \
+        || { rm -f "$msgs"; die "cargo build for $what failed"; }
     cdylib="$(python3 -c '
 import json, sys
 for line in open(sys.argv[1]):
@@ -166,9 +175,67 @@ for line in open(sys.argv[1]):
                 print(f)
 ' "$msgs")"
     rm -f "$msgs"
-    [ -n "$cdylib" ] || die "could not find the module built for Debian's nginx"
-    DEBIAN_NGINX_BIN=/usr/sbin/nginx
-    DEBIAN_KYLIN_MODULE="$(dirname "$cdylib")/ngx_http_kylin_upstream_module.so"
-    cp -f "$cdylib" "$DEBIAN_KYLIN_MODULE.tmp" && mv -f "$DEBIAN_KYLIN_MODULE.tmp" "$DEBIAN_KYLIN_MODULE"
-    export DEBIAN_NGINX_BIN DEBIAN_KYLIN_MODULE
+    [ -n "$cdylib" ] || die "could not find the module built for $what"
+    so="$(dirname "$cdylib")/ngx_http_kylin_upstream_module.so"
+    cp -f "$cdylib" "$so.tmp" && mv -f "$so.tmp" "$so"
+    echo "$so"
+}
+
+# nginx.org releases the test command builds and tests against, besides the vendored nginx
+# and Debian's: the current stable and mainline.
+NGINX_ORG_VERSIONS=(1.30.4 1.31.4)
+
+# The source of nginx.org release $1: nginx-$1.tar.gz or a tree nginx-$1/ in the directory
+# NGINX_ORG_SOURCES (default: shared/nginx beside the checkout), or NGINX_ORG_SOURCES itself
+# when it is that tarball or tree. Prints the path; fails when there is none.
+nginx_org_source() {
+    local v="$1" dir="${NGINX_ORG_SOURCES:-$ROOT/../shared/nginx}" c
+    for c in "$dir" "$dir/nginx-$v.tar.gz" "$dir/nginx-$v"; do
+        case "$c" in
+            *nginx-"$v".tar.gz) [ -f "$c" ] && { echo "$c"; return 0; } ;;
+            *nginx-"$v") [ -x "$c/configure" ] && { echo "$c"; return 0; } ;;
+        esac
+    done
+    return 1
+}
+
+# configure flags of the nginx.org builds: those of the vendored build.
+NGINX_ORG_FLAGS=(--with-compat --with-threads --with-http_realip_module --with-http_ssl_module
+    --with-http_v2_module --with-stream --with-stream_realip_module --with-stream_ssl_module)
+
+# Builds nginx.org release $1 from its source (verified against SHA256SUMS beside a tarball)
+# in target/nginx-$1/src, configured like the vendored nginx, then the module against it.
+# Sets NGINX_ORG_BIN and NGINX_ORG_MODULE. Builds only what changed since the last run.
+build_module_nginx_org() {
+    local v="$1" src top="$ROOT/target/nginx-$1" stamp sums
+    src="$(nginx_org_source "$v")" || die "no source of nginx $v: put nginx-$v.tar.gz (or the unpacked nginx-$v/) into ${NGINX_ORG_SOURCES:-$ROOT/../shared/nginx} or point NGINX_ORG_SOURCES at it (NGINX_ORG_SKIP=1 skips these builds, loudly)"
+    if [ -f "$src" ]; then
+        sums="$(dirname "$src")/SHA256SUMS"
+        if [ -f "$sums" ]; then
+            ( cd "$(dirname "$src")" && grep " $(basename "$src")\$" SHA256SUMS | sha256sum -c --quiet - ) \
+                || die "$src does not match $sums"
+        fi
+        stamp="$v $(sha256sum "$src" | cut -d' ' -f1) ${NGINX_ORG_FLAGS[*]}"
+    else
+        stamp="$v $(find "$src" -type f -newer "$src/configure" | wc -l) ${NGINX_ORG_FLAGS[*]}"
+    fi
+    if [ ! -x "$top/src/objs/nginx" ] || [ "$(cat "$top/.kylin-stamp" 2>/dev/null)" != "$stamp" ]; then
+        log "building nginx $v from $src"
+        rm -rf "$top/src"
+        mkdir -p "$top/src"
+        if [ -f "$src" ]; then
+            tar -xzf "$src" -C "$top/src" --strip-components=1
+        else
+            cp -a "$src/." "$top/src/"
+        fi
+        (
+            cd "$top/src"
+            ./configure "${NGINX_ORG_FLAGS[@]}" >configure.log 2>&1 || { tail -20 configure.log; exit 1; }
+            make -j"$(nproc)" >make.log 2>&1 || { tail -30 make.log; exit 1; }
+        ) || die "building nginx $v failed (see $top/src/configure.log and make.log)"
+        echo "$stamp" >"$top/.kylin-stamp"
+    fi
+    NGINX_ORG_MODULE="$(build_module_external "$top/src" "$top/cargo" "nginx $v")" || exit 1
+    NGINX_ORG_BIN="$top/src/objs/nginx"
+    export NGINX_ORG_BIN NGINX_ORG_MODULE
 }
