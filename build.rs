@@ -32,9 +32,19 @@ fn main() {
     // - 1.27.3 added peer reference counting (`refs`, `zombie`) and the zone peers' `config`
     //   generation, with `resolve` in upstream zones;
     // - 1.25.4 added the request's `terminated` flag (ticket #2555), which tells a blocked
-    //   request's resumer that the request was terminated meanwhile.
-    const VERSION_CHECKS: &[(u64, &str)] =
-        &[(1_023_000, "nginx1_23_0"), (1_025_004, "nginx1_25_4"), (1_027_003, "nginx1_27_3")];
+    //   request's resumer that the request was terminated meanwhile;
+    // - 1.29.6 added `sticky`, `server ... route= drain` (a draining peer's `down` is 2) and
+    //   the sticky fields of the round-robin peer data;
+    // - 1.31.0 made upstream keepalive the default: the keepalive module wraps every
+    //   upstream's balancer after all are initialised, so `keepalive` no longer sets
+    //   `peer.init_upstream` when it is read.
+    const VERSION_CHECKS: &[(u64, &str)] = &[
+        (1_023_000, "nginx1_23_0"),
+        (1_025_004, "nginx1_25_4"),
+        (1_027_003, "nginx1_27_3"),
+        (1_029_006, "nginx1_29_6"),
+        (1_031_000, "nginx1_31_0"),
+    ];
     for check in VERSION_CHECKS {
         println!("cargo::rustc-check-cfg=cfg({})", check.1);
     }
