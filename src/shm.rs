@@ -236,6 +236,20 @@ pub unsafe fn commit_load_zone(cycle: *mut ngx::ffi::ngx_cycle_t) {
     }
 }
 
+/// The load zone's statistics, for the status page.
+pub unsafe fn load_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::LoadZoneReport> {
+    // SAFETY: zone is valid for the cycle.
+    let t = unsafe { load_table(zone)? };
+    Some(crate::report::LoadZoneReport {
+        zone: LOAD_ZONE.to_string(),
+        capacity: t.capacity() as u64,
+        slots_used: t.used() as u64,
+        claims_failed: t.claims_failed(),
+        reclaimed: t.reclaimed(),
+        generation: t.committed(),
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Session routes
 
