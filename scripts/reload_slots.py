@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenario import free_ports, http, status_problems, wait_port  # noqa: E402
+from scenario import drive, free_ports, http, quit_nginx, status_problems, wait_port  # noqa: E402
 
 FILLERS = 1500
 REQUESTS = 5
@@ -97,15 +97,7 @@ class Test:
             raise RuntimeError("nginx did not start")
 
     def stop(self):
-        try:
-            pid = self.master()
-            os.kill(pid, signal.SIGQUIT)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        quit_nginx(self.prefix)
         if not self.keep:
             shutil.rmtree(self.prefix, ignore_errors=True)
         else:
@@ -193,18 +185,7 @@ def main():
     ap.add_argument("--reloads", type=int, default=24)
     ap.add_argument("--keep", action="store_true", help="keep the nginx prefix for inspection")
     args = ap.parse_args()
-    t = Test(os.path.abspath(args.nginx), os.path.abspath(args.module), args.reloads, args.keep)
-    try:
-        t.start()
-        asyncio.run(t.run())
-    except Exception as e:  # report, then clean up
-        t.check("reload_slots", False, "aborted: %r" % (e,))
-    finally:
-        t.stop()
-    passed = sum(t.results)
-    failed = len(t.results) - passed
-    print("reload_slots: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return drive("reload_slots", Test(os.path.abspath(args.nginx), os.path.abspath(args.module), args.reloads, args.keep))
 
 
 if __name__ == "__main__":
