@@ -265,7 +265,11 @@ class Test:
                    if not problems else "; ".join(problems[:3]))
         errors = self.log_lines("[error]", "[crit]", "[alert]", "[emerg]")
         self.check("error log", not errors, "no error, crit, alert or emerg" if not errors else "; ".join(errors[:2]))
-        await self.full(self.reloads + 1)
+        v = subprocess.run([self.nginx, "-v"], capture_output=True, text=True).stderr.strip().rsplit("/", 1)[-1]
+        if tuple(int(x) for x in v.split(".")[:3]) >= (1, 27, 3):
+            await self.full(self.reloads + 1)
+        else:
+            print("skip full, recovery: nginx %s has no `resolve` in upstreams (1.27.3+)" % v, flush=True)
         bad = self.log_lines("[crit]", "[alert]", "[emerg]", "exited on signal")
         self.check("crashes", not bad, "no crit, alert, emerg or crashed worker" if not bad else "; ".join(bad[:2]))
 
