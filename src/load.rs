@@ -47,8 +47,8 @@
 //!   passes over and a claim reuses (after making sure that its key is not further along).
 //!   Invariant: between a key's first probe position and its slot, no slot is empty (a claim
 //!   takes the first free slot on the key's path; only the sweep empties slots). So the sweep
-//!   can turn a tombstone whose next slot is empty back into an empty slot (no live key's path
-//!   runs through it), which keeps probe paths short after many reloads.
+//!   can turn every tombstone that no live key's path runs through back into an empty slot,
+//!   which keeps probe paths short after many reloads, even after the table was once full.
 
 use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -305,21 +305,40 @@ impl<'a> LoadTable<'a> {
             s.key.store(TOMBSTONE, Ordering::Release);
             reclaimed += 1;
         }
-        // A tombstone followed by an empty slot is on no live key's path (see the invariant
-        // in the module documentation): make it empty, and so on backwards.
-        let n = self.slots.len();
-        for j in 0..n {
-            if self.slots[j].key.load(Ordering::Relaxed) != EMPTY {
-                continue;
-            }
-            let mut i = (j + n - 1) % n;
-            while i != j && self.slots[i].key.load(Ordering::Relaxed) == TOMBSTONE {
-                self.slots[i].key.store(EMPTY, Ordering::Release);
-                i = (i + n - 1) % n;
-            }
-        }
+        self.empty_unused_tombstones();
         self.header.reclaimed.fetch_add(reclaimed as u64, Ordering::Relaxed);
         reclaimed
+    }
+
+    /// Turns every tombstone that lies on no live key's probe path back into an empty slot
+    /// (see the invariant in the module documentation: `find` of a live key never meets an
+    /// empty slot before the key's), so that probing stays short after many reloads, even
+    /// once the table has been full. Callers serialise claims and sweeps.
+    fn empty_unused_tombstones(&self) {
+        let n = self.slots.len();
+        // depth[i]: how many live keys' paths (first probe position up to, not including,
+        // the key's slot) cover slot i, from the prefix sums of +1 at each path's start and
+        // -1 at its end (a path that wraps also starts at 0).
+        let mut depth = vec![0i64; n + 1];
+        for (at, s) in self.slots.iter().enumerate() {
+            let key = s.key.load(Ordering::Relaxed);
+            if !Slot::is_live(key) {
+                continue;
+            }
+            let home = (key % n as u64) as usize;
+            depth[home] += 1;
+            depth[at] -= 1;
+            if at < home {
+                depth[0] += 1;
+            }
+        }
+        let mut covered = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            covered += depth[i];
+            if covered == 0 && s.key.load(Ordering::Relaxed) == TOMBSTONE {
+                s.key.store(EMPTY, Ordering::Release);
+            }
+        }
     }
 
     /// Sets the table up for a new configuration that uses `keys` (in the master, while nginx
@@ -503,6 +522,36 @@ mod tests {
         // A reclaimed state slot, claimed again, starts clean.
         let s = t.claim(3, Use::Counts, g4.generation).unwrap();
         assert_eq!(s.aux().load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_table_once_full_gets_its_empty_slots_back() {
+        let (h, v) = table(16);
+        let t = LoadTable::new(&h, &v);
+        let old: Vec<_> = (0..16u64).map(|k| (k * 16 + 3, Use::Counts)).collect();
+        let p = t.prepare(&old);
+        assert_eq!(p.failed, 0);
+        t.commit(p.generation);
+        assert!(t.claim(100, Use::Counts, 1).is_none(), "full");
+        // Two reloads with other keys: the old ones go; no slot was empty when they did.
+        let p = t.prepare(&[]);
+        t.commit(p.generation);
+        let p = t.prepare(&[(7, Use::Counts)]);
+        assert_eq!(p.reclaimed, 16);
+        // Only slots on the path of key 7 (home 7, placed at 7) could stay tombstones: none.
+        assert!(v.iter().all(|s| s.key() == EMPTY || s.key() == 7));
+        // Tombstones on a live key's path stay (or `find` would stop early).
+        let (h, v) = table(8);
+        let t = LoadTable::new(&h, &v);
+        for k in [1u64, 9, 17] {
+            t.claim(k, Use::Counts, 1);
+        }
+        t.commit(3);
+        v[1].touch(3);
+        v[3].touch(3);
+        assert_eq!(t.sweep(3), 1);
+        assert_eq!(v[2].key(), TOMBSTONE);
+        assert!(core::ptr::eq(t.find(17).unwrap(), &v[3]));
     }
 
     #[test]
