@@ -37,8 +37,10 @@
 //!   reclaimed only with nothing in flight, and neither reclaiming nor claiming writes the
 //!   count, so a late try of theirs (a retry to another of their servers) adds one and
 //!   removes it again: at worst a transient +1 and a statistic counted for the wrong server.
-//!   A [`Use::State`] slot (a session store's breaker, whose in-flight field holds a time) is
-//!   reclaimed whatever that field holds, and the field is cleared.
+//! - [`Use::State`] slots (a session store's breaker and statistics, two per distinct
+//!   `kylin_session_store` URL list) are never reclaimed: an old worker's Redis call still
+//!   under way may write a time into the in-flight field, which would corrupt a server's count
+//!   if the slot were a server's by then. They stay until nginx restarts.
 //! - Claims and sweeps are serialised by the caller (with the zone's mutex, see `shm.rs`).
 //!   They are rare (a worker claims when it builds an upstream's tables, the master when it
 //!   sets up a configuration), and lock-free open addressing with deletion is not worth its
@@ -83,7 +85,7 @@ pub enum Use {
     /// nothing in flight.
     Counts,
     /// Shared state in the counter cells and the in-flight field (a session store's circuit
-    /// breaker): reclaimed whatever it holds; the in-flight field is cleared then.
+    /// breaker and statistics): never reclaimed, see the module documentation.
     State,
 }
 
@@ -293,9 +295,7 @@ impl<'a> LoadTable<'a> {
                 continue;
             }
             let state = s.stamp.load(Ordering::Relaxed) & STATE != 0;
-            if state {
-                s.inflight.store(0, Ordering::Relaxed);
-            } else if s.inflight.load(Ordering::Relaxed) != 0 {
+            if state || s.inflight.load(Ordering::Relaxed) != 0 {
                 continue;
             }
             for c in &s.counters {
@@ -512,16 +512,14 @@ mod tests {
         assert_eq!(t.used(), 4);
         let g3 = t.prepare(&[(4, Use::Counts)]);
         t.commit(g3.generation);
-        // Key 2 and the state slot 3 go; key 1 has a request in flight (an old worker's).
-        assert_eq!(g3.reclaimed, 2);
-        assert!(t.find(1).is_some() && t.find(2).is_none() && t.find(3).is_none());
+        // Key 2 goes; key 1 has a request in flight (an old worker's); the state slot 3 stays.
+        assert_eq!(g3.reclaimed, 1);
+        assert!(t.find(1).is_some() && t.find(2).is_none() && t.find(3).is_some());
         t.find(1).unwrap().finish();
         let g4 = t.prepare(&[(4, Use::Counts)]);
         assert_eq!(g4.reclaimed, 1);
-        assert_eq!(t.used(), 1);
-        // A reclaimed state slot, claimed again, starts clean.
-        let s = t.claim(3, Use::Counts, g4.generation).unwrap();
-        assert_eq!(s.aux().load(Ordering::Relaxed), 0);
+        assert_eq!(t.used(), 2);
+        assert_eq!(t.find(3).unwrap().aux().load(Ordering::Relaxed), 1_700_000_000);
     }
 
     #[test]
@@ -735,7 +733,7 @@ mod tests {
                             }
                         }
                         let before = model.len();
-                        model.retain(|_, m| m.stamp >= committed || (!m.state && m.inflight != 0));
+                        model.retain(|_, m| m.stamp >= committed || m.state || m.inflight != 0);
                         prop_assert_eq!(p.reclaimed, before - model.len());
                         let mut failed = 0;
                         for &(k, u) in &keys {
