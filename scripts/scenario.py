@@ -114,6 +114,36 @@ def stop_nginx(prefix, master, keep=False):
     return bad
 
 
+def quit_nginx(prefix):
+    """Stops the nginx whose pid file is prefix/logs/nginx.pid: QUIT, then KILL after 5 s."""
+    try:
+        with open(os.path.join(prefix, "logs", "nginx.pid")) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGQUIT)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def drive(name, test):
+    """Runs a test object: start(), the coroutine run(), then stop() whatever happened (an
+    exception is a failed check). Prints the summary; returns the exit status."""
+    try:
+        test.start()
+        asyncio.run(test.run())
+    except Exception as e:  # report, then clean up
+        test.check(name, False, "aborted: %r" % (e,))
+    finally:
+        test.stop()
+    passed = sum(test.results)
+    failed = len(test.results) - passed
+    print("%s: %d passed, %d failed" % (name, passed, failed))
+    return 1 if failed else 0
+
+
 def wait_port(port, timeout=10.0):
     end = time.time() + timeout
     while time.time() < end:
@@ -226,17 +256,7 @@ class Scenario:
             raise RuntimeError("nginx did not start")
 
     def stop(self):
-        pidfile = os.path.join(self.prefix, "logs", "nginx.pid")
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-            os.kill(pid, signal.SIGQUIT)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        quit_nginx(self.prefix)
         for p in self.procs:
             p.terminate()
             try:
@@ -394,18 +414,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the nginx prefix for inspection")
     args = ap.parse_args()
     random.seed(7)
-    sc = Scenario(os.path.abspath(args.nginx), os.path.abspath(args.module), args.keep)
-    try:
-        sc.start()
-        asyncio.run(sc.run())
-    except Exception as e:  # report, then clean up
-        sc.check("scenario", False, "aborted: %r" % (e,))
-    finally:
-        sc.stop()
-    passed = sum(sc.results)
-    failed = len(sc.results) - passed
-    print("scenario: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return drive("scenario", Scenario(os.path.abspath(args.nginx), os.path.abspath(args.module), args.keep))
 
 
 if __name__ == "__main__":

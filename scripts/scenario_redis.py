@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, http, status_problems, wait_port  # noqa: E402
+from scenario import free_ports, http, quit_nginx, status_problems, wait_port  # noqa: E402
 
 CONF = """
 load_module {module};
@@ -90,16 +89,7 @@ class Nginx:
             raise RuntimeError("nginx on %d did not start" % self.port)
 
     def stop(self):
-        try:
-            with open(os.path.join(self.prefix, "logs", "nginx.pid")) as f:
-                pid = int(f.read().strip())
-            os.kill(pid, signal.SIGQUIT)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        quit_nginx(self.prefix)
 
     def bad_log_lines(self):
         with open(os.path.join(self.prefix, "logs", "error.log"), errors="replace") as f:

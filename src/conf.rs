@@ -257,6 +257,13 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t::empty(),
 ];
 
+/// `init_module`: nginx committed the new configuration (see `shm::commit_load_zone`).
+unsafe extern "C" fn init_module(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx calls init_module with the new cycle, after creating its shared zones.
+    unsafe { crate::shm::commit_load_zone(cycle) };
+    ngx::ffi::NGX_OK as ngx_int_t
+}
+
 unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_t {
     // nginx calls init_process in the cache manager and cache loader too
     // (ngx_cache_manager_process_cycle), where thread pools are not set up: background work
@@ -278,6 +285,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
 #[cfg_attr(not(feature = "export-modules"), no_mangle)]
 pub static mut ngx_http_kylin_upstream_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX) as _,
+    init_module: Some(init_module),
     init_process: Some(init_process),
     // SAFETY: taking the address of a static; nginx reads the table while parsing.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_KYLIN_UPSTREAM_COMMANDS[0]) },

@@ -16,6 +16,9 @@ pub struct ServerReport {
     pub backup: bool,
     /// `up`, `down` (marked `down`), `failed` (max_fails reached within fail_timeout).
     pub state: &'static str,
+    /// The server has a slot in the load zone. Without one (the zone is full) its load is
+    /// not counted: `in_flight` and the request counts read 0 and the bound ignores it.
+    pub load_slot: bool,
     pub in_flight: u64,
     pub requests: u64,
     pub sticky: u64,
@@ -38,6 +41,20 @@ pub struct TableReport {
     pub inserts: u64,
     pub evictions: u64,
     pub expired: u64,
+}
+
+/// The module-wide load zone (`kylin_load`): its slots hold the shared counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadZoneReport {
+    pub zone: String,
+    pub capacity: u64,
+    pub slots_used: u64,
+    /// Claims that found the zone full, since it was created (each attempt counts).
+    pub claims_failed: u64,
+    /// Slots of servers no longer configured that were reclaimed, since it was created.
+    pub reclaimed: u64,
+    /// The running configuration's generation (one more per reload, failed ones included).
+    pub generation: u64,
 }
 
 /// A session store.
@@ -99,6 +116,7 @@ fn server_json(s: &ServerReport) -> Value {
         "weight": s.weight,
         "backup": s.backup,
         "state": s.state,
+        "load_slot": s.load_slot,
         "in_flight": s.in_flight,
         "requests": s.requests,
         "sticky": s.sticky,
@@ -146,8 +164,19 @@ fn routes_json(r: &TableReport, timeout_seconds: i64) -> Value {
     })
 }
 
+fn load_zone_json(z: &LoadZoneReport) -> Value {
+    json!({
+        "zone": z.zone,
+        "capacity": z.capacity,
+        "slots_used": z.slots_used,
+        "claims_failed": z.claims_failed,
+        "reclaimed": z.reclaimed,
+        "generation": z.generation,
+    })
+}
+
 /// The JSON document.
-pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport]) -> String {
+pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneReport>) -> String {
     let mut ups = Map::new();
     for u in upstreams {
         ups.insert(
@@ -169,6 +198,7 @@ pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport]) -> S
         "version": 1,
         "nginx_version": nginx_version,
         "time": now,
+        "load_zone": load_zone.map(load_zone_json),
         "upstreams": ups,
     });
     let mut s = doc.to_string();
@@ -226,8 +256,15 @@ impl Families {
 }
 
 /// The same data in the Prometheus text exposition format (version 0.0.4).
-pub fn to_prometheus(upstreams: &[UpstreamReport]) -> String {
+pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneReport>) -> String {
     let mut f = Families::new();
+    if let Some(z) = load_zone {
+        let l = [("zone", z.zone.as_str())];
+        f.add("kylin_load_zone_slots", "gauge", "Slots of the load zone (each holds one server's, upstream's or store's counters).", &l, z.capacity as f64);
+        f.add("kylin_load_zone_slots_used", "gauge", "Slots of the load zone in use.", &l, z.slots_used as f64);
+        f.add("kylin_load_zone_claims_failed_total", "counter", "Slot claims that found the load zone full (servers left uncounted).", &l, z.claims_failed as f64);
+        f.add("kylin_load_zone_reclaimed_total", "counter", "Slots of servers no longer configured that were reclaimed.", &l, z.reclaimed as f64);
+    }
     for u in upstreams {
         let up = u.name.as_str();
         f.add("kylin_upstream_in_flight_requests", "gauge", "Requests in flight on the upstream, all workers.", &[("upstream", up)], u.in_flight as f64);
@@ -247,6 +284,7 @@ pub fn to_prometheus(upstreams: &[UpstreamReport]) -> String {
             }
             f.add("kylin_server_backup", "gauge", "1 for backup servers.", &base, f64::from(u8::from(s.backup)));
             f.add("kylin_server_weight", "gauge", "The server's weight.", &base, s.weight as f64);
+            f.add("kylin_server_load_slot", "gauge", "1 if the server's load is counted (it has a slot in the load zone), 0 if the zone was full.", &base, f64::from(u8::from(s.load_slot)));
             f.add("kylin_server_in_flight_requests", "gauge", "Requests in flight on the server, all workers.", &base, s.in_flight as f64);
             f.add("kylin_server_requests_total", "counter", "Requests sent to the server (every try).", &base, s.requests as f64);
             for (route, n) in [("sticky", s.sticky), ("learned", s.learned), ("spilled", s.spilled_in), ("failover", s.failover), ("backup", s.backup_requests)] {
@@ -304,7 +342,7 @@ mod tests {
             live_weight: 2,
             bound_per_weight: Some(3),
             servers: vec![
-                ServerReport { address: "10.0.0.1:7070".into(), server: "10.0.0.1:7070".into(), weight: 1, state: "up", in_flight: 2, requests: 10, sticky: 7, spilled_in: 3, ..Default::default() },
+                ServerReport { address: "10.0.0.1:7070".into(), server: "10.0.0.1:7070".into(), weight: 1, state: "up", load_slot: true, in_flight: 2, requests: 10, sticky: 7, spilled_in: 3, ..Default::default() },
                 ServerReport { address: "10.0.0.2:7070".into(), server: "kylin2:7070".into(), weight: 1, state: "failed", learned: 4, spilled_out: 3, failures: 1, ..Default::default() },
             ],
             routes: Some(TableReport { zone: "kylin_session_routes".into(), entries: 4, capacity: 100, ..Default::default() }),
@@ -315,7 +353,7 @@ mod tests {
 
     #[test]
     fn json_document() {
-        let text = to_json("1.28.3", 1_700_000_000, &[sample()]);
+        let text = to_json("1.28.3", 1_700_000_000, &[sample()], Some(&load_zone()));
         assert!(text.ends_with('\n'));
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["version"], 1);
@@ -329,13 +367,25 @@ mod tests {
         assert_eq!(u["session_routes"]["capacity"], 100);
         assert_eq!(u["session_store"]["breaker"], "open");
         assert_eq!(u["session_store"]["urls"][0], "redis://***@h:1");
+        assert_eq!(u["servers"][0]["load_slot"], true);
+        assert_eq!(u["servers"][1]["load_slot"], false);
+        assert_eq!(v["load_zone"]["zone"], "kylin_load");
+        assert_eq!(v["load_zone"]["slots_used"], 5);
+        assert_eq!(v["load_zone"]["capacity"], 8);
+        assert_eq!(v["load_zone"]["claims_failed"], 2);
+        assert_eq!(v["load_zone"]["reclaimed"], 3);
+        assert_eq!(v["load_zone"]["generation"], 4);
+    }
+
+    fn load_zone() -> LoadZoneReport {
+        LoadZoneReport { zone: "kylin_load".into(), capacity: 8, slots_used: 5, claims_failed: 2, reclaimed: 3, generation: 4 }
     }
 
     #[test]
     fn prometheus_text() {
         let mut u = sample();
         u.name = "kylin\"q\\".into();
-        let text = to_prometheus(&[u]);
+        let text = to_prometheus(&[u], Some(&load_zone()));
         // One HELP/TYPE per family, before its samples.
         assert_eq!(text.matches("# TYPE kylin_server_requests_total counter").count(), 1);
         assert!(text.contains("kylin_server_requests_total{upstream=\"kylin\\\"q\\\\\",server=\"10.0.0.1:7070\"} 10\n"), "{text}");
@@ -344,6 +394,11 @@ mod tests {
         assert!(text.contains("state=\"failed\"} 1\n"));
         assert!(text.contains("kylin_session_store_lookup_seconds_total{upstream=\"kylin\\\"q\\\\\"} 0.5\n"));
         assert!(text.contains("kylin_session_store_breaker_state{upstream=\"kylin\\\"q\\\\\",state=\"open\"} 1\n"));
+        assert!(text.contains("kylin_load_zone_slots{zone=\"kylin_load\"} 8\n"));
+        assert!(text.contains("kylin_load_zone_slots_used{zone=\"kylin_load\"} 5\n"));
+        assert!(text.contains("kylin_load_zone_claims_failed_total{zone=\"kylin_load\"} 2\n"));
+        assert!(text.contains("kylin_load_zone_reclaimed_total{zone=\"kylin_load\"} 3\n"));
+        assert!(text.contains("kylin_server_load_slot{upstream=\"kylin\\\"q\\\\\",server=\"10.0.0.2:7070\"} 0\n"), "{text}");
         // Every sample line: name{labels} value; counters end in _total.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, _) = line.split_once(['{', ' ']).unwrap();
@@ -361,8 +416,9 @@ mod tests {
         u.balance_factor_milli = None;
         u.bound_per_weight = None;
         u.name = "a\"b".into();
-        let v: Value = serde_json::from_str(&to_json("1", 0, &[u])).unwrap();
+        let v: Value = serde_json::from_str(&to_json("1", 0, &[u], None)).unwrap();
         assert!(v["upstreams"]["a\"b"]["balance_factor"].is_null());
         assert!(v["upstreams"]["a\"b"]["bound_per_weight"].is_null());
+        assert!(v["load_zone"].is_null());
     }
 }

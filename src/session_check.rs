@@ -28,7 +28,7 @@ use ngx::ngx_log_error;
 
 use crate::balancer::SessionState;
 use crate::conf::{srv_conf, SrvConf};
-use crate::load::Slot;
+use crate::load::{Slot, Use};
 use crate::redis_lookup::{self, Answer, LookupError};
 use crate::session::{self, RequestSession};
 use crate::store::{self, cell, RedisStore, SharedBreaker, StoreMode, Verdict};
@@ -186,6 +186,18 @@ fn new_job(store: &RedisStore, kind: JobKind) -> Box<Job> {
     })
 }
 
+/// The load-zone key of the slot that remembers which Redis process a store is (its run id).
+fn identity_key(kcf: &SrvConf) -> u64 {
+    kcf.store_key ^ 0x5ed1
+}
+
+/// The load-zone slots of an upstream's session store (circuit breaker and statistics, Redis
+/// identity), claimed with the configuration.
+pub fn store_slot_keys(kcf: &SrvConf) -> impl Iterator<Item = (u64, Use)> {
+    let redis = matches!(kcf.store_mode(), Some(StoreMode::Redis(_)));
+    [kcf.store_key, identity_key(kcf)].into_iter().filter(move |_| redis).map(|k| (k, Use::State))
+}
+
 /// Whether learned routes of this upstream are shared through its session store.
 pub fn shares_routes(kcf: &SrvConf) -> bool {
     matches!(kcf.store_mode(), Some(StoreMode::Redis(s)) if s.share_routes)
@@ -206,7 +218,7 @@ pub unsafe fn share_route(kcf: &SrvConf, session_id: &[u8], server: &[u8]) {
         return;
     }
     // SAFETY: the load zone is valid for the cycle.
-    let breaker = unsafe { shm::load_table(kcf.load_zone) }.and_then(|t| t.slot(kcf.store_key));
+    let breaker = unsafe { shm::load_slot(kcf.load_zone, kcf.store_key, Use::State) };
     if let Some(slot) = breaker {
         if !breaker_of(slot).allow(ngx_time(), store.fail_backoff) {
             slot.cell(cell::SKIPPED).fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -477,7 +489,7 @@ unsafe extern "C" fn precontent(r: *mut ngx_http_request_t) -> ngx_int_t {
             return NGX_DECLINED as ngx_int_t;
         }
 
-        let breaker = shm::load_table(kcf.load_zone).and_then(|t| t.slot(kcf.store_key));
+        let breaker = shm::load_slot(kcf.load_zone, kcf.store_key, Use::State);
         if let Some(slot) = breaker {
             if !breaker_of(slot).allow(now, store.fail_backoff) {
                 slot.cell(cell::SKIPPED).fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -613,11 +625,10 @@ unsafe extern "C" fn health_tick(ev: *mut ngx_event_t) {
         }
         let kcf = &*h.kcf;
         if let Some(StoreMode::Redis(store)) = kcf.store_mode() {
-            let table = shm::load_table(kcf.load_zone);
             let kind = JobKind::Health {
                 upstream: kcf.name.clone(),
-                breaker: table.as_ref().and_then(|t| t.slot(kcf.store_key)),
-                identity: table.as_ref().and_then(|t| t.slot(kcf.store_key ^ 0x5ed1)),
+                breaker: shm::load_slot(kcf.load_zone, kcf.store_key, Use::State),
+                identity: shm::load_slot(kcf.load_zone, identity_key(kcf), Use::State),
             };
             post(new_job(store, kind));
         }

@@ -9,14 +9,15 @@ use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::ngx_log_error;
 
-use crate::load::{LoadTable, Slot};
+use crate::load::{self, LoadTable, Slot, Use};
 use crate::routes::{self, RouteTable};
 use crate::session::{KeyUse, SessionKeyer};
 
@@ -37,20 +38,38 @@ const LOAD_ZONE_MIN: usize = 1 << 20;
 /// The load zone of the configuration being parsed, and the slots it must hold.
 static LOAD_ZONE_PTR: AtomicPtr<ngx_shm_zone_t> = AtomicPtr::new(ptr::null_mut());
 static LOAD_SLOTS_NEEDED: AtomicUsize = AtomicUsize::new(0);
+/// The keys the configuration being parsed uses (collected by `init_upstream`, claimed and
+/// stamped when the zone is set up; see [`crate::load`] on generations).
+static LOAD_KEYS: Mutex<Vec<(u64, Use)>> = Mutex::new(Vec::new());
 
 #[repr(C)]
 struct LoadRegion {
     magic: u64,
     nslots: u64,
+    header: load::Header,
     // followed by `nslots` Slot
 }
 
-const LOAD_MAGIC: u64 = 0x6b796c_696e_6c64_01;
+/// Version 2: slots carry a generation stamp, the header generations and statistics.
+const LOAD_MAGIC: u64 = 0x6b796c_696e_6c64_02;
 
 /// Called at the start of each configuration's http block.
 pub fn reset_for_new_configuration() {
     LOAD_ZONE_PTR.store(ptr::null_mut(), Ordering::Relaxed);
     LOAD_SLOTS_NEEDED.store(0, Ordering::Relaxed);
+    load_keys().clear();
+}
+
+fn load_keys() -> std::sync::MutexGuard<'static, Vec<(u64, Use)>> {
+    // Only the master's configuration code uses it, one thread: a poisoned lock still holds
+    // a usable list.
+    LOAD_KEYS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Notes the keys of an upstream's slots: the zone setup claims them and stamps them with
+/// the configuration's generation, so that they are not reclaimed while it runs.
+pub fn note_load_keys(keys: impl IntoIterator<Item = (u64, Use)>) {
+    load_keys().extend(keys);
 }
 
 /// Declares the load zone (once per configuration) and reserves `slots` in it.
@@ -97,41 +116,138 @@ unsafe fn largest_alloc(shpool: *mut ngx_slab_pool_t) -> usize {
 }
 
 unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: nginx calls zone init with a valid zone; `data` is the previous cycle's data for
-    // a reused zone.
+    // SAFETY: nginx calls zone init (in the master, or the single process) with a valid zone;
+    // `data` is the previous cycle's data for a reused zone: a region allocated in an earlier
+    // cycle, which starts with `magic` in every version.
     unsafe {
         if !data.is_null() {
+            // A zone kept across a reload (same name, size and tag: this very build made it).
+            // Another layout would mean something else wrote it: refuse rather than guess,
+            // since the running workers keep using it.
+            if (*(data as *const LoadRegion)).magic != LOAD_MAGIC {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold load counters of this module version; restart nginx", (*zone).shm.name);
+                return NGX_ERROR as ngx_int_t;
+            }
             (*zone).data = data;
-            return NGX_OK as ngx_int_t;
+        } else {
+            let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+            let bytes = largest_alloc(shpool);
+            let nslots = bytes.saturating_sub(core::mem::size_of::<LoadRegion>()) / core::mem::size_of::<Slot>();
+            let p = ngx_slab_alloc(shpool, bytes) as *mut LoadRegion;
+            if p.is_null() || nslots == 0 {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate the \"{}\" zone", LOAD_ZONE);
+                return NGX_ERROR as ngx_int_t;
+            }
+            // All-zero bytes are a valid header and valid empty slots (atomics only).
+            ptr::write_bytes(p as *mut u8, 0, bytes);
+            (*p).magic = LOAD_MAGIC;
+            (*p).nslots = nslots as u64;
+            (*zone).data = p as *mut c_void;
         }
-        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        let bytes = largest_alloc(shpool);
-        let nslots = bytes.saturating_sub(core::mem::size_of::<LoadRegion>()) / core::mem::size_of::<Slot>();
-        let p = ngx_slab_alloc(shpool, bytes) as *mut LoadRegion;
-        if p.is_null() || nslots == 0 {
-            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate the \"{}\" zone", LOAD_ZONE);
+        // The new configuration's generation: stamp and claim its slots, reclaim unused ones.
+        let keys = core::mem::take(&mut *load_keys());
+        let Some(prepared) = with_load_claims(zone, |t| (t.prepare(&keys), t.capacity())) else {
             return NGX_ERROR as ngx_int_t;
+        };
+        let (p, capacity) = prepared;
+        if p.reclaimed > 0 {
+            ngx_log_error!(NGX_LOG_NOTICE, (*zone).shm.log, "kylin: zone \"{}\": {} slots of servers no longer configured reclaimed", LOAD_ZONE, p.reclaimed);
         }
-        ptr::write_bytes(p as *mut u8, 0, bytes);
-        (*p).magic = LOAD_MAGIC;
-        (*p).nslots = nslots as u64;
-        (*zone).data = p as *mut c_void;
+        if p.failed > 0 {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                (*zone).shm.log,
+                "kylin: zone \"{}\" is full ({} slots): {} load counters of this configuration have none, so the load of their servers is not counted and the bound does not apply to them; {}",
+                LOAD_ZONE,
+                capacity,
+                p.failed,
+                FULL_FIX
+            );
+        }
     }
     NGX_OK as ngx_int_t
 }
 
-/// The load table of a zone, once nginx has created it.
+/// What to do about a full load zone, for error messages.
+pub const FULL_FIX: &str = "slots of servers no longer configured are reclaimed at the second reload after their removal, once no request of an older configuration is in flight on them; restart nginx to start with an empty zone";
+
+/// The load table of a zone, once nginx has created it: for finding slots and counting,
+/// which need no lock. Claims go through [`with_load_claims`] or [`load_slot`].
 pub unsafe fn load_table(zone: *mut ngx_shm_zone_t) -> Option<LoadTable<'static>> {
     // SAFETY: zone is valid for the cycle; data points at a LoadRegion in shared memory that
-    // lives as long as the zone, followed by nslots zero-initialised (valid) Slots.
+    // lives as long as the zone (init_load_zone checked its magic), followed by nslots Slots
+    // formatted as all-zero bytes (valid atomics) and since only changed through atomics.
     unsafe {
         let r = zone.as_ref()?.data as *const LoadRegion;
         if r.is_null() || (*r).magic != LOAD_MAGIC {
             return None;
         }
         let slots = r.add(1) as *const Slot;
-        Some(LoadTable::new(core::slice::from_raw_parts(slots, (*r).nslots as usize)))
+        Some(LoadTable::new(&(*r).header, core::slice::from_raw_parts(slots, (*r).nslots as usize)))
     }
+}
+
+/// Runs `f` on the zone's load table with its mutex held, which serialises claims and
+/// sweeps (see [`crate::load`]). `None` if the zone is not ready.
+pub unsafe fn with_load_claims<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&LoadTable<'static>) -> R) -> Option<R> {
+    // SAFETY: as in load_table; the zone's slab pool header (with its mutex) is at shm.addr,
+    // initialised by nginx when it created the zone and inherited by every worker.
+    unsafe {
+        let t = load_table(zone)?;
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        ngx_shmtx_lock(ptr::addr_of_mut!((*shpool).mutex));
+        let out = f(&t);
+        ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
+        Some(out)
+    }
+}
+
+/// The slot of `key`: found without a lock (the usual case: the configuration's keys are
+/// claimed when nginx sets it up), else claimed with the zone's mutex held and stamped with
+/// the running configuration's generation. `None` if the zone is not ready or full.
+pub unsafe fn load_slot(zone: *mut ngx_shm_zone_t, key: u64, use_: Use) -> Option<&'static Slot> {
+    // SAFETY: zone is valid for the cycle (the caller's contract).
+    unsafe {
+        load_table(zone)?
+            .find(key)
+            .or_else(|| with_load_claims(zone, |t| t.claim(key, use_, t.committed())).flatten())
+    }
+}
+
+/// Records that the configuration nginx just set up runs (`init_module`, reached only by a
+/// cycle that is committed): its generation becomes the one slots are kept for.
+pub unsafe fn commit_load_zone(cycle: *mut ngx::ffi::ngx_cycle_t) {
+    // SAFETY: cycle is the new cycle; its shared_memory list holds ngx_shm_zone_t elements,
+    // every one set up (zone init ran) before init_module.
+    unsafe {
+        let mut part: *const ngx::ffi::ngx_list_part_t = ptr::addr_of!((*cycle).shared_memory.part);
+        while let Some(p) = part.as_ref() {
+            let zones = core::slice::from_raw_parts(p.elts as *const ngx_shm_zone_t, p.nelts);
+            for z in zones {
+                if z.tag == tag() && z.shm.name.as_bytes() == LOAD_ZONE.as_bytes() {
+                    if let Some(t) = load_table(z as *const ngx_shm_zone_t as *mut ngx_shm_zone_t) {
+                        // Only the master begins generations, so the newest is this cycle's.
+                        t.commit(t.generation());
+                    }
+                }
+            }
+            part = p.next;
+        }
+    }
+}
+
+/// The load zone's statistics, for the status page.
+pub unsafe fn load_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::LoadZoneReport> {
+    // SAFETY: zone is valid for the cycle.
+    let t = unsafe { load_table(zone)? };
+    Some(crate::report::LoadZoneReport {
+        zone: LOAD_ZONE.to_string(),
+        capacity: t.capacity() as u64,
+        slots_used: t.used() as u64,
+        claims_failed: t.claims_failed(),
+        reclaimed: t.reclaimed(),
+        generation: t.committed(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,8 +303,7 @@ fn random_secret() -> [u64; 2] {
 }
 
 unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: as in init_load_zone; a reused zone's data is a region allocated in an earlier
-    // cycle, which starts with `magic` in every version.
+    // SAFETY: as in init_load_zone.
     unsafe {
         if !data.is_null() {
             // A zone kept across a reload. nginx keeps a zone only for the same tag (the

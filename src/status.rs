@@ -66,6 +66,7 @@ unsafe fn servers_of(
                 weight: peer.weight.max(1) as u64,
                 backup,
                 state,
+                load_slot: slot.is_some(),
                 in_flight: slot.map_or(0, |s| s.inflight()),
                 requests: [Counter::Sticky, Counter::Learned, Counter::SpilledIn, Counter::Failover, Counter::Backup]
                     .into_iter()
@@ -140,12 +141,17 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let now = ngx_time();
         let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
         let mut reports = Vec::new();
+        let mut load_zone = None;
         if let Some(umcf) = umcf.as_ref() {
             let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
             for &uscf in ups {
                 if let Some(kcf) = srv_conf(uscf) {
                     if kcf.enabled && kcf.init_upstream_ran {
                         reports.push(upstream_report(uscf, kcf, now));
+                        // One module-wide zone.
+                        if load_zone.is_none() {
+                            load_zone = shm::load_report(kcf.load_zone);
+                        }
                     }
                 }
             }
@@ -153,9 +159,9 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         let version = NGINX_VERSION.to_str().unwrap_or("");
         let prometheus = (*r).args.as_bytes().split(|&b| b == b'&').any(|a| a == b"format=prometheus");
         let (body, ct) = if prometheus {
-            (report::to_prometheus(&reports), "text/plain; version=0.0.4; charset=utf-8")
+            (report::to_prometheus(&reports, load_zone.as_ref()), "text/plain; version=0.0.4; charset=utf-8")
         } else {
-            (report::to_json(version, now, &reports), "application/json")
+            (report::to_json(version, now, &reports, load_zone.as_ref()), "application/json")
         };
 
         (*r).headers_out.status = 200;

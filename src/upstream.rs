@@ -32,7 +32,7 @@ use crate::balancer::{self, Bound, Choice, Group as Pick, Request, Route, Server
 use crate::conf::{srv_conf, SrvConf};
 use ngx::http::HttpModule;
 use crate::key::client_key;
-use crate::load::{self, Counter, Slot};
+use crate::load::{self, Counter, Slot, Use};
 use crate::ring::{key_hash, Ring};
 use crate::session::{self, RequestSession, SetSession};
 use crate::shm;
@@ -152,6 +152,16 @@ unsafe fn server_count(peers: *mut ngx_http_upstream_rr_peers_t) -> usize {
     unsafe { (*peers).number + (*peers).next.as_ref().map_or(0, |b| b.number) }
 }
 
+/// Addresses of the servers (primary and backup) of a peer list.
+unsafe fn server_names<'a>(peers: *mut ngx_http_upstream_rr_peers_t) -> impl Iterator<Item = &'a [u8]> {
+    // SAFETY: peers is a valid list (its backups in `next`), whose peers live as long as it.
+    let lists = unsafe { [peers.as_ref(), peers.as_ref().and_then(|p| p.next.as_ref())] };
+    lists.into_iter().flatten().flat_map(|l| {
+        // SAFETY: as above.
+        core::iter::successors(unsafe { l.peer.as_ref() }, |p| unsafe { p.next.as_ref() }).map(|p| p.name.as_bytes())
+    })
+}
+
 /// `peer.init_upstream`: round robin's setup, then our rings and shared zones.
 pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes valid cf and us.
@@ -180,6 +190,13 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
             Some(z) => kcf.load_zone = z,
             None => return NGX_ERROR as ngx_int_t,
         }
+        // The slots this configuration uses, claimed and stamped when the zone is set up.
+        shm::note_load_keys(
+            server_names(peers)
+                .map(|n| (load::server_key(&kcf.name, n), Use::Counts))
+                .chain([(load::upstream_key(&kcf.name), Use::Counts)])
+                .chain(crate::session_check::store_slot_keys(kcf)),
+        );
         if kcf.routes_zone.is_none() {
             let mut name = ngx_str_t { len: shm::DEFAULT_ROUTES_ZONE.len(), data: shm::DEFAULT_ROUTES_ZONE.as_ptr() as *mut u8 };
             match shm::routes_zone(cf, &mut name, shm::DEFAULT_ROUTES_SIZE) {
@@ -528,7 +545,9 @@ impl Drop for PeersLock {
 /// `resolve` changed the zone's peers) and point at the shared counters. Called with the
 /// peers lock held.
 unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers_t) -> Result<&mut UpstreamState, String> {
-    // SAFETY: peers is the valid primary list.
+    // SAFETY: peers is the valid primary list; its peers (and their names) stay valid while
+    // the caller holds its lock; the zones are valid for the cycle; in a worker, ngx_cycle is
+    // the running cycle and its log is valid.
     unsafe {
         let config = peers_config(peers);
         let fresh = matches!(&kcf.state, Some(s) if s.source == peers && s.config == config);
@@ -537,16 +556,35 @@ unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers
         }
         let Some(state) = kcf.state.as_deref_mut() else { return Err("no state".into()) };
         if !state.slots_ready {
-            if let Some(table) = shm::load_table(kcf.load_zone) {
-                let name = &kcf.name;
-                state.total = table.slot(load::upstream_key(name));
+            // Claims are serialised with the zone's mutex; this runs once per table build.
+            let name = &kcf.name;
+            let claimed = shm::with_load_claims(kcf.load_zone, |table| {
+                let generation = table.committed();
+                state.total = table.claim(load::upstream_key(name), Use::Counts, generation);
+                let mut missing = usize::from(state.total.is_none());
                 let groups = core::iter::once(&mut state.primary).chain(state.backup.as_mut());
                 for g in groups {
                     for (i, &p) in g.peers.iter().enumerate() {
-                        g.slots[i] = table.slot(load::server_key(name, (*p).name.as_bytes()));
+                        g.slots[i] = table.claim(load::server_key(name, (*p).name.as_bytes()), Use::Counts, generation);
+                        missing += usize::from(g.slots[i].is_none());
                     }
                 }
+                (missing, table.capacity())
+            });
+            if let Some((missing, capacity)) = claimed {
                 state.slots_ready = true;
+                if missing > 0 {
+                    ngx_log_error!(
+                        NGX_LOG_ERR,
+                        (*ngx::ffi::ngx_cycle).log,
+                        "kylin: upstream \"{}\": zone \"{}\" is full ({} slots): {} of its load counters have none, so the load of those servers is not counted and the bound does not apply to them; {}",
+                        String::from_utf8_lossy(name),
+                        shm::LOAD_ZONE,
+                        capacity,
+                        missing,
+                        shm::FULL_FIX
+                    );
+                }
             }
         }
         Ok(state)

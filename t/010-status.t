@@ -60,8 +60,9 @@ GET /t
 --- response_body_like eval
 qr/\An1\nn1n1n1\nn1n1n1n1\n\{(?x)
     (?=.*"version":1)
+    (?=.*"load_zone":\{"capacity":\d+,"claims_failed":0,"generation":\d+,"reclaimed":\d+,"slots_used":\d+,"zone":"kylin_load"\})
     (?=.*"kylin_nodes":\{"balance_factor":1\.5,"bound_per_weight":\d+,"decisions":\{"backup":0,"failover":0,"learned":3,"spilled":0,"sticky":5\},"in_flight":0,"live_weight":2,)
-    (?=.*"servers":\[\{"address":"127\.0\.0\.1:\d+","backup":false,"backup_requests":0,"failover":0,"failures":0,"in_flight":0,"learned":3,"requests":8,"server":"127\.0\.0\.1:\d+","spilled_in":0,"spilled_out":0,"state":"up","sticky":5,"weight":2\},
+    (?=.*"servers":\[\{"address":"127\.0\.0\.1:\d+","backup":false,"backup_requests":0,"failover":0,"failures":0,"in_flight":0,"learned":3,"load_slot":true,"requests":8,"server":"127\.0\.0\.1:\d+","spilled_in":0,"spilled_out":0,"state":"up","sticky":5,"weight":2\},
         \{"address":"127\.0\.0\.1:\d+","backup":false,[^}]*"requests":0,[^}]*"state":"down","sticky":0,"weight":1\},
         \{"address":"127\.0\.0\.1:\d+","backup":true,[^}]*"requests":0,[^}]*"state":"up",[^}]*\}\])
     (?=.*"session_cookie":"JSESSIONID")
@@ -89,6 +90,9 @@ qr/\An1\nn1n1n1\nn1n1n1n1\n(?x)
     (?=.*^kylin_server_weight\{upstream="kylin_nodes",server="127\.0\.0\.1:\d+"\}\ 2$)
     (?=.*^kylin_upstream_balance_factor\{upstream="kylin_nodes"\}\ 1\.5$)
     (?=.*^kylin_upstream_in_flight_requests\{upstream="kylin_nodes"\}\ 0$)
+    (?=.*^kylin_server_load_slot\{upstream="kylin_nodes",server="127\.0\.0\.1:\d+"\}\ 1$)
+    (?=.*^kylin_load_zone_slots_used\{zone="kylin_load"\}\ [1-9]\d*$)
+    (?=.*^kylin_load_zone_claims_failed_total\{zone="kylin_load"\}\ 0$)
     (?=.*^kylin_session_routes_inserts_total\{upstream="kylin_nodes",zone="kylin_session_routes"\}\ 1$)
     (?!.*^kylin_session_store_)
 /sm
