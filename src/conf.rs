@@ -491,6 +491,12 @@ unsafe extern "C" fn kylin_directive(
     CONF_OK
 }
 
+/// nginx's other load balancing methods, for messages.
+#[cfg(not(nginx1_31_0))]
+const OTHER_METHODS: &str = "\"ip_hash\", \"hash\", \"least_conn\", \"random\"";
+#[cfg(nginx1_31_0)]
+const OTHER_METHODS: &str = "\"ip_hash\", \"hash\", \"least_conn\", \"least_time\", \"random\"";
+
 /// Fails the configuration when another balancing directive replaced the kylin balancer.
 /// Runs after every upstream's `init_upstream` (init_main_conf precedes postconfiguration).
 unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
@@ -531,8 +537,9 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 NGX_LOG_EMERG,
                 // SAFETY: cf is the http block's configuration; its log lives as long as cf.
                 unsafe { (*cf).log },
-                "another load balancing method replaces \"kylin\" in upstream \"{}\": use only one of \"kylin\", \"ip_hash\", \"hash\", \"least_conn\", \"random\" in {}:{}",
+                "another load balancing method replaces \"kylin\" in upstream \"{}\": use only one of \"kylin\", {} in {}:{}",
                 host,
+                OTHER_METHODS,
                 file,
                 kcf.line
             );

@@ -204,3 +204,33 @@ the message hides the credentials.
 [qr/\[emerg\] .*invalid "kylin_session_store": host not found in "redis:\/\/\*\*\*\@no-such-host\.invalid:6379".* in \S+nginx\.conf:\d+/]
 --- no_error_log
 hunter2
+
+
+
+=== TEST 16: least_time after kylin (nginx 1.31+) replaces it: refused
+--- skip_nginx: 2: < 1.31.0
+--- http_config
+    upstream kylin_nodes {
+        kylin;
+        least_time header;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*another load balancing method replaces "kylin" in upstream "kylin_nodes": use only one of "kylin", "ip_hash", "hash", "least_conn", "least_time", "random" in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 17: kylin after least_time (nginx 1.31+): refused
+--- skip_nginx: 2: < 1.31.0
+--- http_config
+    upstream kylin_nodes {
+        least_time header;
+        kylin;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*"kylin" cannot be combined with another load balancing method \("ip_hash", "hash", "least_conn", "least_time", "random"\).* in \S+nginx\.conf:\d+/
