@@ -152,15 +152,16 @@ build_module_debian() {
     export DEBIAN_NGINX_BIN DEBIAN_KYLIN_MODULE
 }
 
-# Builds the module against a configured external nginx tree ($1, with $1/objs) in target
-# directory $2; prints the path of the module (ngx_http_kylin_upstream_module.so). $3 names
-# the nginx in error messages.
+# Builds the module against a configured external nginx tree ($1, with $1/objs) and copies
+# it to directory $2 as ngx_http_kylin_upstream_module.so; prints that path. $3 names the
+# nginx in error messages. Every external nginx shares one cargo target directory
+# (target/external): the crates that do not depend on nginx are built once for all of them.
 build_module_external() {
-    local tree="$1" target="$2" what="$3" msgs cdylib so
+    local tree="$1" dest="$2" what="$3" msgs cdylib so
     msgs="$(mktemp)"
     ( cd "$ROOT" && NGINX_SOURCE_DIR="$tree" NGINX_BUILD_DIR="$tree/objs" \
         cargo build --release --lib --no-default-features --features export-modules \
-        --target-dir "$target" --message-format=json-render-diagnostics ) >"$msgs" \
+        --target-dir "$ROOT/target/external" --message-format=json-render-diagnostics ) >"$msgs" \
         || { rm -f "$msgs"; die "cargo build for $what failed"; }
     cdylib="$(python3 -c '
 import json, sys
@@ -176,7 +177,8 @@ for line in open(sys.argv[1]):
 ' "$msgs")"
     rm -f "$msgs"
     [ -n "$cdylib" ] || die "could not find the module built for $what"
-    so="$(dirname "$cdylib")/ngx_http_kylin_upstream_module.so"
+    mkdir -p "$dest"
+    so="$dest/ngx_http_kylin_upstream_module.so"
     cp -f "$cdylib" "$so.tmp" && mv -f "$so.tmp" "$so"
     echo "$so"
 }
@@ -235,7 +237,7 @@ build_module_nginx_org() {
         ) || die "building nginx $v failed (see $top/src/configure.log and make.log)"
         echo "$stamp" >"$top/.kylin-stamp"
     fi
-    NGINX_ORG_MODULE="$(build_module_external "$top/src" "$top/cargo" "nginx $v")" || exit 1
+    NGINX_ORG_MODULE="$(build_module_external "$top/src" "$top" "nginx $v")" || exit 1
     NGINX_ORG_BIN="$top/src/objs/nginx"
     export NGINX_ORG_BIN NGINX_ORG_MODULE
 }
