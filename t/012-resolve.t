@@ -105,7 +105,7 @@ sub page {
 _EOC_
 }
 
-our $HTTP_CONFIG = <<'_EOC_';
+our $HTTP_CONFIG = main::client_server() . <<'_EOC_';
     map $arg_login $login_cookie { "" ""; default "JSESSIONID=$arg_login; Path=/"; }
     kylin_upstream kylin_nodes {
         zone kylin_nodes 256k;
@@ -126,13 +126,6 @@ our $HTTP_CONFIG = <<'_EOC_';
             add_header Set-Cookie $login_cookie;
             return 200 "$server_addr:$server_port";
         }
-    }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
-        set_real_ip_from 127.0.0.1;
-        real_ip_header X-Real-IP;
-        location / { proxy_pass http://kylin_nodes; }
-        location = /status { kylin_status; }
     }
 _EOC_
 
@@ -187,6 +180,21 @@ add_response_body_check(sub {
     }
 });
 
+# What every block has besides its page and its own checks.
+add_block_preprocessor(sub {
+    my $block = shift;
+    my %default = (
+        http_config => $HTTP_CONFIG,
+        request => "GET /t",
+        response_body_like => '^C0 \nL1 127\.0\.0\.',
+        no_error_log => "[error]\n[alert]\n[crit]\nexited on signal\n",
+        timeout => 60,
+    );
+    for my $k (sort keys %default) {
+        $block->set_value($k, $default{$k}) unless defined $block->$k;
+    }
+});
+
 master_on();
 workers(2);
 # Each include of the page holds up to five connections (page, client server, backend).
@@ -198,7 +206,6 @@ run_tests();
 __DATA__
 
 === TEST 1: servers change three times under traffic (sessions and session-less requests)
---- http_config eval: $main::HTTP_CONFIG
 --- config eval
 main::page(
     main::change("C0", "127.0.0.2,127.0.0.3"),
@@ -215,20 +222,11 @@ main::page(
     main::change("C3", "127.0.0.2,127.0.0.7,127.0.0.8"),
     main::round("F3", 1),
 )
---- request
-GET /t
 --- final
 F1 127.0.0.3 127.0.0.4 127.0.0.5
 F2 127.0.0.6
 F3 127.0.0.2 127.0.0.7 127.0.0.8
 --- status_servers: 127.0.0.2 127.0.0.7 127.0.0.8
---- response_body_like: ^C0 \nL1 127\.0\.0\.
---- no_error_log
-[error]
-[alert]
-[crit]
-exited on signal
---- timeout: 60
 
 
 
@@ -237,7 +235,6 @@ Every server is replaced while no request runs, once the sessions' routes are du
 written to Redis again (half the routes' timeout): the first session request of each worker
 after the change re-shares its route from tables built before it. Before the fix those tables
 pointed at the freed peers, whose memory the new peers reuse: Redis got the new servers' names.
---- http_config eval: $main::HTTP_CONFIG
 --- config eval
 main::page(
     main::change("C0", "127.0.0.2,127.0.0.3,127.0.0.4"),
@@ -247,16 +244,7 @@ main::page(
     main::round("F1"),
     main::round("F1"),
 )
---- request
-GET /t
 --- final
 F1 127.0.0.5 127.0.0.6 127.0.0.7
 --- status_servers: 127.0.0.5 127.0.0.6 127.0.0.7
 --- check_routes: 1
---- response_body_like: ^C0 \nL1 127\.0\.0\.
---- no_error_log
-[error]
-[alert]
-[crit]
-exited on signal
---- timeout: 60
