@@ -540,6 +540,8 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
 const SHARE_EVERY: i64 = 300;
 
 /// Writes a learned route to the session store again (see `SHARE_EVERY`).
+#[cold]
+#[inline(never)]
 unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64, key: u128) {
     let Some(state) = kcf.state.as_deref() else { return };
     let Some(name) = state.index_of(peer_id).and_then(|i| state.primary.names.get(i)) else { return };
@@ -682,7 +684,7 @@ fn failed(p: &ngx_http_upstream_rr_peer_t, now: i64) -> bool {
 /// round-robin and hash balancers.
 struct NginxServers<'a, 'g> {
     group: &'a Group,
-    peers: &'a Peers<'g>,
+    peers: Peers<'g>,
     tried: *mut usize,
     now: i64,
     /// A single server without backups is always tried (as round robin does).
@@ -725,49 +727,60 @@ impl Servers for NginxServers<'_, '_> {
 /// How many times `get` rebuilds the tables when the servers keep changing meanwhile.
 const REBUILD_TRIES: usize = 3;
 
-/// Whether the state describes the locked primary list as it is now (and its backups at the
-/// same generation).
-fn current(state: &UpstreamState, primary: &Locked<Primary>) -> bool {
-    primary.current(&state.primary_peers)
-        && state.backup_peers.as_ref().map_or(true, |b| b.config == state.primary_peers.config)
-}
-
 /// Makes sure the per-process tables describe the primary list as it is now (built lazily
 /// with a zone, rebuilt when `resolve` changed the zone's peers) and point at the shared
 /// counters. Takes the list's guard and gives it back. A rebuild copies the peers under their
 /// locks (one list at a time), then builds and installs the tables with no lock held (ring
 /// allocation and sort, the counters' lookup, dropping the old tables), then locks again and
 /// checks that nothing changed meanwhile. `Err` with nothing locked.
-unsafe fn ensure_state(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
+#[inline(always)]
+unsafe fn ensure_state(kcf: &mut SrvConf, guard: Locked<Primary>) -> Result<(Locked<Primary>, &UpstreamState), String> {
+    let guard = if kcf.state.as_deref().is_some_and(|s| guard.current(&s.primary_peers)) {
+        guard
+    } else {
+        // SAFETY: as this function requires.
+        unsafe { rebuild(kcf, guard)? }
+    };
+    let Some(state) = kcf.state.as_deref_mut() else { return Err("no tables".into()) };
+    if !state.slots_ready {
+        // The tables built at configuration time, used as they are without a zone (where
+        // there is no lock).
+        // SAFETY: the load zone is valid for the cycle.
+        unsafe { point_at_counters(kcf.load_zone, &kcf.name, state) };
+    }
+    Ok((guard, state))
+}
+
+/// [`ensure_state`]'s rebuild, until the tables describe the list as it is when locked again.
+#[cold]
+#[inline(never)]
+unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
     let list = guard.list;
     let mut tries = 0;
-    while !kcf.state.as_deref().is_some_and(|s| current(s, &guard)) {
+    while !kcf.state.as_deref().is_some_and(|s| guard.current(&s.primary_peers)) {
         if tries == REBUILD_TRIES {
             drop(guard);
             return Err("the servers changed during every rebuild of the tables".into());
         }
         tries += 1;
         let (primary, backup) = snapshot_lists(guard)?;
-        let mut state = build_state(primary, backup)?;
-        // SAFETY: the load zone is valid for the cycle.
-        unsafe { point_at_counters(kcf.load_zone, &kcf.name, &mut state) };
-        kcf.state = Some(Box::new(state));
+        // The two lists share one generation: copies of different ones are not installed.
+        if backup.as_ref().map_or(true, |b| b.refs.config == primary.refs.config) {
+            let mut state = build_state(primary, backup)?;
+            // SAFETY: the load zone is valid for the cycle.
+            unsafe { point_at_counters(kcf.load_zone, &kcf.name, &mut state) };
+            kcf.state = Some(Box::new(state));
+        }
         // SAFETY: list is the primary list the caller locked.
         guard = unsafe { Locked::primary(list) };
-    }
-    if let Some(state) = kcf.state.as_deref_mut() {
-        if !state.slots_ready {
-            // The tables built at configuration time, used as they are without a zone (where
-            // there is no lock).
-            // SAFETY: the load zone is valid for the cycle.
-            unsafe { point_at_counters(kcf.load_zone, &kcf.name, state) };
-        }
     }
     Ok(guard)
 }
 
 /// Points the state's servers at their shared counters (slots claimed by name in the load
 /// zone: no peer is read).
+#[cold]
+#[inline(never)]
 unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], state: &mut UpstreamState) {
     // SAFETY: the caller passes the configuration's load zone, valid for the cycle.
     if let Some(table) = unsafe { shm::load_table(load_zone) } {
@@ -812,12 +825,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let Some(key) = request_key(pd.r, kcf) else { return NGX_ERROR as ngx_int_t };
         let now = ngx_time();
         // `rrp.peers` is the primary list, or the backup list once a backup was chosen (then
-        // this request stays on backups, as with round robin). Its `name` is the upstream's,
-        // valid for the cycle (in the zone with one).
-        let upstream_name = (*pd.rrp.peers).name;
+        // this request stays on backups, as with round robin).
         let picked = if pd.on_backup {
-            // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
-            get_backup(pd, pc, kcf, Locked::backup(pd.rrp.peers), key, now)
+            match kcf.state.as_deref() {
+                // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
+                Some(state) => get_backup(pd, pc, state, Locked::backup(pd.rrp.peers), key, now),
+                None => Err(NGX_ERROR as ngx_int_t),
+            }
         } else {
             get_primary(pd, pc, kcf, key, now)
         };
@@ -825,7 +839,9 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let choice = match picked {
             Ok(c) => c,
             Err(rc) => {
-                (*pc).name = upstream_name;
+                // Both lists' `name` is the upstream's, valid for the cycle (in the zone with
+                // one); rrp.peers changes only when a backup is taken.
+                (*pc).name = (*pd.rrp.peers).name;
                 return rc;
             }
         };
@@ -847,11 +863,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
 /// The choice among the primary servers, under the primary list's lock, then among the
 /// backups (see [`get_backup`]) if no primary server is usable. `Err` is `get`'s return code.
+#[inline(always)]
 unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &mut SrvConf, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+    let factor = kcf.balance_factor();
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
-    let mut guard = match unsafe { ensure_state(kcf, guard) } {
+    let (mut guard, state) = match unsafe { ensure_state(kcf, guard) } {
         Ok(g) => g,
         Err(e) => {
             // SAFETY: the request and its log are live.
@@ -864,11 +882,8 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     if guard.changed_since(&pd.rrp) {
         return Err(NGX_BUSY as ngx_int_t);
     }
-    let factor = kcf.balance_factor();
-    let kcf: &SrvConf = kcf;
-    let Some(state) = kcf.state.as_deref() else { return Err(NGX_ERROR as ngx_int_t) };
     let single = guard.single();
-    let Some(mut peers) = guard.peers(&state.primary_peers) else { return Err(NGX_ERROR as ngx_int_t) };
+    let Some(peers) = guard.peers(&state.primary_peers) else { return Err(NGX_ERROR as ngx_int_t) };
     if state.live_at.get() != now {
         state.live_weight.set(live_weight(&state.primary, &peers, now));
         state.live_at.set(now);
@@ -883,10 +898,10 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         total: state.total.map_or(0, |t| t.inflight()),
         live_weight: state.live_weight.get(),
     };
-    let mut ps = NginxServers { group: &state.primary, peers: &peers, tried: pd.rrp.tried, now, single };
+    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single };
     if let Some(choice) = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }) {
         // SAFETY: pc is the request's peer connection.
-        return match unsafe { take(pd, pc, &mut peers, &state.primary, state.total, &choice, now) } {
+        return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
             true => Ok(choice),
             false => Err(NGX_ERROR as ngx_int_t),
         };
@@ -894,7 +909,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     // No primary server is usable: as round robin, release the primary list, then lock the
     // backup list.
     match guard.into_backup() {
-        Some(b) => get_backup(pd, pc, kcf, b, key, now),
+        Some(b) => get_backup(pd, pc, state, b, key, now),
         None => Err(NGX_BUSY as ngx_int_t),
     }
 }
@@ -902,11 +917,11 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
 /// The choice among the backup servers, under the backup list's lock: for a request no
 /// primary server can take (it then moves to the backup list, as with round robin), or one
 /// already on it.
-unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &SrvConf, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+#[inline(never)]
+unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
     if guard.changed_since(&pd.rrp) {
         return Err(NGX_BUSY as ngx_int_t);
     }
-    let Some(state) = kcf.state.as_deref() else { return Err(NGX_ERROR as ngx_int_t) };
     let (Some(group), Some(refs)) = (state.backup.as_ref(), state.backup_peers.as_ref()) else {
         return Err(NGX_BUSY as ngx_int_t);
     };
@@ -915,10 +930,10 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &Sr
     let list = guard.list;
     // Current when the generation did not change since the request's start (checked above):
     // the tables were built at that generation.
-    let Some(mut peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
+    let Some(peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
     // Backups start with a clean tried bitmap when the request moves to them.
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
-    let mut bs = NginxServers { group, peers: &peers, tried, now, single: false };
+    let mut bs = NginxServers { group, peers, tried, now, single: false };
     let req = Request { key, learned: None, movable: pd.movable };
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(NGX_BUSY as ngx_int_t);
@@ -934,7 +949,7 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &Sr
         pd.on_backup = true;
     }
     // SAFETY: pc is the request's peer connection.
-    match unsafe { take(pd, pc, &mut peers, group, None, &choice, now) } {
+    match unsafe { take(pd, pc, &mut bs.peers, group, None, &choice, now) } {
         true => Ok(choice),
         false => Err(NGX_ERROR as ngx_int_t),
     }
@@ -942,7 +957,7 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &Sr
 
 /// Round robin's bookkeeping for the chosen peer, under its list's lock, and the try counted
 /// in flight until `free`. `false` if `choice` names no peer of the list.
-#[inline]
+#[inline(always)]
 unsafe fn take(
     pd: &mut PeerData,
     pc: *mut ngx_peer_connection_t,
@@ -1009,6 +1024,8 @@ unsafe fn session_id<'a>(kcf: &SrvConf, pd: &PeerData) -> Option<&'a [u8]> {
 
 /// Records that the request's session now lives on server `id`, called `server` (locally
 /// and, when routes are shared, in Redis). Called with no peer list locked.
+#[cold]
+#[inline(never)]
 unsafe fn move_route(kcf: &SrvConf, pd: &PeerData, id: u64, server: &[u8]) {
     let (Some(zone), Some(sd)) = (kcf.routes_zone, pd.session()) else { return };
     let k = session_key_of(sd);
