@@ -5,8 +5,10 @@
 //! unchanged and replace only the choice:
 //! - `init_upstream` builds the consistent-hash rings and declares the shared zones;
 //! - `init_peer` computes the request's key and reads its session cookie and learned route;
-//! - `get` gathers loads and asks [`crate::balancer::choose`], then does the same bookkeeping
-//!   as nginx's own `hash ... consistent` balancer and counts the request in flight;
+//! - `get` gathers loads and asks [`crate::balancer::choose_primary`] under the primary list's
+//!   lock, then, only if no primary server is usable, [`crate::balancer::choose_backup`] under
+//!   the backup list's (see [`Locked`]); it does the same bookkeeping as nginx's own
+//!   `hash ... consistent` balancer and counts the request in flight;
 //! - `free` uncounts it, learns the session a response created, and calls round robin's free.
 
 use core::cell::Cell;
@@ -733,15 +735,21 @@ const REBUILD_TRIES: usize = 3;
 /// locks (one list at a time), then builds and installs the tables with no lock held (ring
 /// allocation and sort, the counters' lookup, dropping the old tables), then locks again and
 /// checks that nothing changed meanwhile. `Err` with nothing locked.
+///
+/// # Safety
+/// `guard` holds the primary list of the upstream `kcf` configures.
 #[inline(always)]
 unsafe fn ensure_state(kcf: &mut SrvConf, guard: Locked<Primary>) -> Result<(Locked<Primary>, &UpstreamState), String> {
     let guard = if kcf.state.as_deref().is_some_and(|s| guard.current(&s.primary_peers)) {
         guard
     } else {
-        // SAFETY: as this function requires.
+        // SAFETY: guard holds kcf's upstream's primary list (this function's contract).
         unsafe { rebuild(kcf, guard)? }
     };
-    let Some(state) = kcf.state.as_deref_mut() else { return Err("no tables".into()) };
+    let Some(state) = kcf.state.as_deref_mut() else {
+        drop(guard);
+        return Err("no tables".into());
+    };
     if !state.slots_ready {
         // The tables built at configuration time, used as they are without a zone (where
         // there is no lock).
@@ -752,6 +760,9 @@ unsafe fn ensure_state(kcf: &mut SrvConf, guard: Locked<Primary>) -> Result<(Loc
 }
 
 /// [`ensure_state`]'s rebuild, until the tables describe the list as it is when locked again.
+///
+/// # Safety
+/// As for [`ensure_state`].
 #[cold]
 #[inline(never)]
 unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
@@ -771,7 +782,7 @@ unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locke
             unsafe { point_at_counters(kcf.load_zone, &kcf.name, &mut state) };
             kcf.state = Some(Box::new(state));
         }
-        // SAFETY: list is the primary list the caller locked.
+        // SAFETY: list is the primary list the caller's guard held (this function's contract).
         guard = unsafe { Locked::primary(list) };
     }
     Ok(guard)
