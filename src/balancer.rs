@@ -263,16 +263,27 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
 }
 
 /// Chooses the server for a request. Returns `None` when no server in either group is usable.
-pub fn choose<P, B>(req: &Request, mut primary: Group<'_, P>, backup: Option<Group<'_, B>>) -> Option<Choice>
+///
+/// The same as [`choose_primary`], then [`choose_backup`] if no primary server is usable. The
+/// glue calls the two steps itself, because nginx's peer lists are locked one at a time: the
+/// backup list only after the primary list is released, as round robin does.
+pub fn choose<P, B>(req: &Request, primary: Group<'_, P>, backup: Option<Group<'_, B>>) -> Option<Choice>
 where
     P: Servers,
     B: Servers,
 {
-    if let Some((server, route, from)) = within(&mut primary, req, req.learned) {
-        return Some(Choice { server, backup: false, route, from });
-    }
-    let mut b = backup?;
-    within(&mut b, req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
+    choose_primary(req, primary).or_else(|| choose_backup(req, backup?))
+}
+
+/// Steps 1 to 4: the choice among the primary servers; `None` when none is usable.
+pub fn choose_primary<P: Servers>(req: &Request, mut primary: Group<'_, P>) -> Option<Choice> {
+    within(&mut primary, req, req.learned).map(|(server, route, from)| Choice { server, backup: false, route, from })
+}
+
+/// Step 5: the choice among the backup servers, for a request no primary server can take.
+/// Learned routes name primary servers, so they play no part here.
+pub fn choose_backup<B: Servers>(req: &Request, mut backup: Group<'_, B>) -> Option<Choice> {
+    within(&mut backup, req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
 }
 
 #[cfg(test)]
@@ -374,6 +385,19 @@ mod tests {
         bs.up = vec![false; 2];
         assert_eq!(choose(&req(h), Group { ring: &r, servers: &mut p, bound: Bound::OFF }, Some(Group { ring: &b, servers: &mut bs, bound: Bound::OFF })), None);
         assert_eq!(pick(&r, &mut p, req(h), 0), None);
+    }
+
+    #[test]
+    fn the_backup_step_alone_ignores_learned_routes() {
+        let b = ring(3);
+        let h = key_hash(b"client");
+        let mut bs = Set::up(3);
+        // A learned index names a primary server: on the backups it means nothing.
+        let r = Request { key: h, learned: Some(b.order(h).nth(2).unwrap()), movable: false };
+        let c = choose_backup(&r, Group { ring: &b, servers: &mut bs, bound: Bound::OFF }).unwrap();
+        assert_eq!(c, Choice { server: b.owner(h).unwrap(), backup: true, route: Route::Backup, from: None });
+        bs.up = vec![false; 3];
+        assert_eq!(choose_backup(&r, Group { ring: &b, servers: &mut bs, bound: Bound::OFF }), None);
     }
 
     #[test]

@@ -86,6 +86,24 @@ unsafe fn servers_of(
     live_weight
 }
 
+/// Runs `f` with the read lock of a peer list held (a list in a `zone`; nothing to lock
+/// without one).
+unsafe fn read_locked<R>(peers: *mut ngx_http_upstream_rr_peers_t, f: impl FnOnce() -> R) -> R {
+    // SAFETY: peers is a valid list; its rwlock lives in the same (shared) memory, and `f`
+    // runs between taking and releasing it.
+    unsafe {
+        let shared = !(*peers).shpool.is_null();
+        if shared {
+            ngx_rwlock_rlock(ptr::addr_of_mut!((*peers).rwlock));
+        }
+        let r = f();
+        if shared {
+            ngx_rwlock_unlock(ptr::addr_of_mut!((*peers).rwlock));
+        }
+        r
+    }
+}
+
 /// The report of one kylin upstream.
 unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf, now: i64) -> UpstreamReport {
     // SAFETY: uscf is a valid upstream; in a worker its peer.data is the (zone) peer list; the
@@ -96,16 +114,11 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let mut servers = Vec::new();
         let mut live_weight = 0;
         if !peers.is_null() {
-            let shared = !(*peers).shpool.is_null();
-            if shared {
-                ngx_rwlock_rlock(ptr::addr_of_mut!((*peers).rwlock));
-            }
-            live_weight = servers_of(peers, false, &kcf.name, table.as_ref(), now, &mut servers);
-            if let Some(b) = (*peers).next.as_mut() {
-                servers_of(b, true, &kcf.name, table.as_ref(), now, &mut servers);
-            }
-            if shared {
-                ngx_rwlock_unlock(ptr::addr_of_mut!((*peers).rwlock));
+            live_weight = read_locked(peers, || servers_of(peers, false, &kcf.name, table.as_ref(), now, &mut servers));
+            // The backup list has a lock of its own, taken once the primary one is released.
+            let backup = (*peers).next;
+            if !backup.is_null() {
+                read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, &mut servers));
             }
         }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());

@@ -5,11 +5,15 @@
 //! unchanged and replace only the choice:
 //! - `init_upstream` builds the consistent-hash rings and declares the shared zones;
 //! - `init_peer` computes the request's key and reads its session cookie and learned route;
-//! - `get` gathers loads and asks [`crate::balancer::choose`], then does the same bookkeeping
-//!   as nginx's own `hash ... consistent` balancer and counts the request in flight;
+//! - `get` gathers loads and asks [`crate::balancer::choose_primary`] under the primary list's
+//!   lock, then, only if no primary server is usable, [`crate::balancer::choose_backup`] under
+//!   the backup list's (see [`Locked`]); it does the same bookkeeping as nginx's own
+//!   `hash ... consistent` balancer and counts the request in flight;
 //! - `free` uncounts it, learns the session a response created, and calls round robin's free.
 
+use core::cell::Cell;
 use core::ffi::c_void;
+use core::marker::PhantomData;
 use core::ptr;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -41,25 +45,243 @@ use crate::shm;
 /// to learn from.
 const NGX_PEER_NEXT: ngx_uint_t = 2;
 
-/// One group of servers (primary or backup) as the balancer sees it.
+/// Server addresses of one group, in list order, in one buffer (copied from nginx's peers, so
+/// that nothing outside `get` and `free` reads a peer: with `resolve`, nginx frees the peers a
+/// DNS change removes).
+#[derive(Debug, Default)]
+struct Names {
+    bytes: Vec<u8>,
+    /// Name `i` is `bytes[ends[i - 1]..ends[i]]`.
+    ends: Vec<usize>,
+}
+
+impl Names {
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { *self.ends.get(i - 1)? };
+        self.bytes.get(start..end)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.ends.len()).filter_map(|i| self.get(i))
+    }
+}
+
+/// One group of servers (primary or backup) as the balancer sees it: per-process copies only.
+/// nginx's peers themselves are reached through a [`Locked`] guard of their list.
 #[derive(Debug)]
 pub struct Group {
     ring: Ring,
-    /// Ring index -> nginx peer, in list order.
-    peers: Vec<*mut ngx_http_upstream_rr_peer_t>,
+    /// Ring index -> the server's address as nginx prints it.
+    names: Names,
+    /// Ring index -> the server's `weight` (at least 1).
+    weights: Vec<u32>,
     /// Ring index -> hash of the server's address: its identity in the route table.
     ids: Vec<u64>,
     /// Ring index -> the server's shared counters (resolved in each worker).
     slots: Vec<Option<&'static Slot>>,
 }
 
+/// The kind of peer list a [`Locked`] guard or a [`PeerRefs`] belongs to: the primary
+/// servers. In a `zone`, each list (primary, backup) has its own lock.
+#[derive(Debug)]
+pub enum Primary {}
+
+/// ... the `backup` servers (the primary list's `next`).
+#[derive(Debug)]
+pub enum Backup {}
+
+/// nginx's peers of one list, as they were when the per-process tables were built, and the
+/// list's generation then. Only a [`Locked`] guard of the same list hands them out, and only
+/// while the generation is unchanged: `resolve` (1.27.3+) frees the peers a DNS change
+/// removes, and bumps the generation (shared by the primary and backup lists).
+#[derive(Debug)]
+pub struct PeerRefs<K> {
+    list: *mut ngx_http_upstream_rr_peers_t,
+    config: ngx_uint_t,
+    peers: Vec<*mut ngx_http_upstream_rr_peer_t>,
+    kind: PhantomData<K>,
+}
+
+/// What the tables of one group are built from, copied under the list's lock.
+struct Snapshot<K> {
+    refs: PeerRefs<K>,
+    names: Names,
+    weights: Vec<u32>,
+}
+
+/// A peer list with its lock held: the write lock with a `zone`, as round robin's `get` takes
+/// it (without a zone each worker has its own peers and there is nothing to lock). Peers are
+/// reached only through the guard, by borrows that cannot outlive it ([`Locked::peers`]).
+/// The primary guard turns into the backup one only by releasing the primary list first
+/// ([`Locked::into_backup`]), as round robin does: the two locks are never held together, and
+/// backup peers are never read or changed under the primary list's lock.
+pub struct Locked<K> {
+    list: *mut ngx_http_upstream_rr_peers_t,
+    kind: PhantomData<K>,
+}
+
+impl Locked<Primary> {
+    /// Locks an upstream's primary peer list.
+    ///
+    /// # Safety
+    /// `list` is a valid primary peer list (the upstream's `peer.data`, its zone copy in a
+    /// worker), valid for the cycle.
+    unsafe fn primary(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<Primary> {
+        // SAFETY: as this function requires.
+        unsafe { Locked::wlock(list) }
+    }
+
+    /// Releases the primary list, then locks its backup list (`None`, with nothing locked,
+    /// when there are no backup servers).
+    fn into_backup(self) -> Option<Locked<Backup>> {
+        // SAFETY: the list is valid (see `primary`); `next` is set before the workers start and
+        // never changes.
+        let next = unsafe { (*self.list).next };
+        drop(self);
+        // SAFETY: a primary list's `next` is its valid backup list, valid as long as it.
+        (!next.is_null()).then(|| unsafe { Locked::backup(next) })
+    }
+}
+
+impl Locked<Backup> {
+    /// Locks a backup peer list.
+    ///
+    /// # Safety
+    /// `list` is a valid backup list (a primary list's `next`), valid for the cycle.
+    unsafe fn backup(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<Backup> {
+        // SAFETY: as this function requires.
+        unsafe { Locked::wlock(list) }
+    }
+}
+
+impl<K> Locked<K> {
+    /// # Safety
+    /// `list` is a valid peer list of kind `K`, valid for the cycle.
+    unsafe fn wlock(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<K> {
+        // SAFETY: list is valid; its rwlock lives in the same (shared) memory.
+        unsafe {
+            if !(*list).shpool.is_null() {
+                ngx_rwlock_wlock(ptr::addr_of_mut!((*list).rwlock));
+            }
+        }
+        Locked { list, kind: PhantomData }
+    }
+
+    /// The list's generation (0 without `resolve`).
+    #[inline]
+    fn config(&self) -> ngx_uint_t {
+        // SAFETY: the list is valid and locked.
+        unsafe { peers_config(self.list) }
+    }
+
+    /// Whether the zone's peers changed since this request's round-robin data was set up
+    /// (round robin answers NGX_BUSY then, and so do we).
+    #[inline]
+    fn changed_since(&self, rrp: &ngx_http_upstream_rr_peer_data_t) -> bool {
+        // SAFETY: the list is valid and locked.
+        unsafe { config_changed(rrp, self.list) }
+    }
+
+    /// Number of peers in the list.
+    fn number(&self) -> usize {
+        // SAFETY: the list is valid and locked.
+        unsafe { (*self.list).number }
+    }
+
+    /// A single server and no backups: round robin always tries it.
+    fn single(&self) -> bool {
+        // SAFETY: the list is valid and locked.
+        unsafe { (*self.list).single() != 0 }
+    }
+
+    /// Whether `refs` are this list's peers at its current generation.
+    #[inline]
+    fn current(&self, refs: &PeerRefs<K>) -> bool {
+        ptr::eq(refs.list, self.list) && refs.config == self.config()
+    }
+
+    /// The peers of `refs`, while the lock is held; `None` if they are not this list's peers
+    /// at its current generation (then some may have been freed).
+    #[inline]
+    fn peers<'g>(&'g mut self, refs: &'g PeerRefs<K>) -> Option<Peers<'g>> {
+        self.current(refs).then_some(Peers { peers: &refs.peers, lock: PhantomData })
+    }
+
+    /// Copies what the per-process tables need: the peers' addresses, names and weights, and
+    /// the generation. Allocates only with `try_reserve` (no abort while other workers wait
+    /// for the lock); `None` if memory is short.
+    fn snapshot(&self) -> Option<Snapshot<K>> {
+        let mut refs = PeerRefs { list: self.list, config: self.config(), peers: Vec::new(), kind: PhantomData };
+        let mut names = Names::default();
+        let mut weights = Vec::new();
+        // SAFETY: the lock is held: the list's peers are live and nobody changes them.
+        unsafe {
+            let mut count = 0;
+            let mut bytes = 0;
+            let mut p = (*self.list).peer;
+            while !p.is_null() {
+                count += 1;
+                bytes += (*p).name.len;
+                p = (*p).next;
+            }
+            refs.peers.try_reserve_exact(count).ok()?;
+            names.ends.try_reserve_exact(count).ok()?;
+            names.bytes.try_reserve_exact(bytes).ok()?;
+            weights.try_reserve_exact(count).ok()?;
+            let mut p = (*self.list).peer;
+            while !p.is_null() {
+                refs.peers.push(p);
+                names.bytes.extend_from_slice((*p).name.as_bytes());
+                names.ends.push(names.bytes.len());
+                weights.push((*p).weight.clamp(1, u32::MAX as ngx_int_t) as u32);
+                p = (*p).next;
+            }
+        }
+        Some(Snapshot { refs, names, weights })
+    }
+}
+
+impl<K> Drop for Locked<K> {
+    fn drop(&mut self) {
+        // SAFETY: we took this lock in `wlock`.
+        unsafe {
+            if !(*self.list).shpool.is_null() {
+                ngx_rwlock_unlock(ptr::addr_of_mut!((*self.list).rwlock));
+            }
+        }
+    }
+}
+
+/// The peers of a locked list, borrowed from its [`Locked`] guard: a peer reference cannot
+/// outlive the lock.
+pub struct Peers<'g> {
+    peers: &'g [*mut ngx_http_upstream_rr_peer_t],
+    lock: PhantomData<&'g mut ()>,
+}
+
+impl Peers<'_> {
+    #[inline]
+    fn get(&self, i: usize) -> Option<&ngx_http_upstream_rr_peer_t> {
+        // SAFETY: the guard these are borrowed from holds the list's lock and checked that they
+        // are its peers at its current generation: live, and changed by nobody else meanwhile.
+        self.peers.get(i).map(|&p| unsafe { &*p })
+    }
+
+    #[inline]
+    fn get_mut(&mut self, i: usize) -> Option<&mut ngx_http_upstream_rr_peer_t> {
+        // SAFETY: as in `get`; `&mut self` borrows the guard exclusively.
+        self.peers.get(i).map(|&p| unsafe { &mut *p })
+    }
+}
+
 /// The per-process view of one upstream's servers.
 #[derive(Debug)]
 pub struct UpstreamState {
-    /// The peer list the tables were built from (the zone copy differs from the config one).
-    source: *mut ngx_http_upstream_rr_peers_t,
-    /// `*peers->config` when built (changes when `resolve` updates a zone's peers).
-    config: ngx_uint_t,
+    /// The primary peers the tables were built from (the zone copy differs from the
+    /// configuration's), and their generation.
+    primary_peers: PeerRefs<Primary>,
+    backup_peers: Option<PeerRefs<Backup>>,
     primary: Group,
     backup: Option<Group>,
     /// (server identity, primary ring index), sorted, for learned routes.
@@ -68,8 +290,8 @@ pub struct UpstreamState {
     total: Option<&'static Slot>,
     slots_ready: bool,
     /// Sum of the weights of live primary servers, refreshed once a second.
-    live_weight: u64,
-    live_at: i64,
+    live_weight: Cell<u64>,
+    live_at: Cell<i64>,
 }
 
 impl UpstreamState {
@@ -91,8 +313,7 @@ unsafe fn peers_config(_peers: *mut ngx_http_upstream_rr_peers_t) -> ngx_uint_t 
     0
 }
 
-/// Whether the zone's peers changed since this request's round-robin data was set up
-/// (round robin answers NGX_BUSY then, and so do we).
+/// See [`Locked::changed_since`].
 #[cfg(nginx1_27_3)]
 unsafe fn config_changed(rrp: &ngx_http_upstream_rr_peer_data_t, peers: *mut ngx_http_upstream_rr_peers_t) -> bool {
     // SAFETY: peers is valid; config is NULL or points into the same zone.
@@ -104,46 +325,55 @@ unsafe fn config_changed(_rrp: &ngx_http_upstream_rr_peer_data_t, _peers: *mut n
     false
 }
 
-/// Builds a group from an nginx peer list. The caller holds the list's lock if it is shared.
-unsafe fn build_group(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<Group, String> {
-    let mut list = Vec::new();
-    let mut names: Vec<(&[u8], u32)> = Vec::new();
-    // SAFETY: peers is a valid list; its peers live as long as the list.
-    unsafe {
-        let mut p = (*peers).peer;
-        while !p.is_null() {
-            list.push(p);
-            names.push(((*p).name.as_bytes(), (*p).weight.clamp(1, u32::MAX as ngx_int_t) as u32));
-            p = (*p).next;
-        }
-    }
-    let ids = names.iter().map(|(n, _)| key_hash(n)).collect();
-    let ring = Ring::new(names).map_err(|e| e.to_string())?;
-    let slots = vec![None; list.len()];
-    Ok(Group { ring, peers: list, ids, slots })
+/// Builds a group's tables (ring allocation and sort: no lock is held).
+fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
+    let ids = s.names.iter().map(key_hash).collect();
+    let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
+    let slots = vec![None; s.weights.len()];
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots }, s.refs))
 }
 
-/// Builds the state for `peers` (primary list, with backups in `peers->next`).
-unsafe fn build_state(peers: *mut ngx_http_upstream_rr_peers_t) -> Result<UpstreamState, String> {
-    // SAFETY: peers is a valid round-robin peer list.
-    unsafe {
-        let primary = build_group(peers)?;
-        let next = (*peers).next;
-        let backup = if next.is_null() { None } else { Some(build_group(next)?) };
-        let mut by_id: Vec<(u64, usize)> = primary.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        by_id.sort_unstable();
-        Ok(UpstreamState {
-            source: peers,
-            config: peers_config(peers),
-            primary,
-            backup,
-            by_id,
-            total: None,
-            slots_ready: false,
-            live_weight: 0,
-            live_at: i64::MIN,
-        })
-    }
+/// Builds the state from snapshots of the primary list and its backup list.
+fn build_state(primary: Snapshot<Primary>, backup: Option<Snapshot<Backup>>) -> Result<UpstreamState, String> {
+    let (primary, primary_peers) = build_group(primary)?;
+    let (backup, backup_peers) = match backup {
+        Some(b) => build_group(b).map(|(g, r)| (Some(g), Some(r)))?,
+        None => (None, None),
+    };
+    let mut by_id: Vec<(u64, usize)> = primary.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    by_id.sort_unstable();
+    Ok(UpstreamState {
+        primary_peers,
+        backup_peers,
+        primary,
+        backup,
+        by_id,
+        total: None,
+        slots_ready: false,
+        live_weight: Cell::new(0),
+        live_at: Cell::new(i64::MIN),
+    })
+}
+
+/// Snapshots an upstream's lists, locking one at a time (primary, then backup), as round
+/// robin does. `Err` with nothing locked.
+fn snapshot_lists(primary: Locked<Primary>) -> Result<(Snapshot<Primary>, Option<Snapshot<Backup>>), String> {
+    const SHORT: &str = "out of memory copying the servers";
+    let Some(p) = primary.snapshot() else {
+        drop(primary);
+        return Err(SHORT.into());
+    };
+    let backup = match primary.into_backup() {
+        Some(b) => match b.snapshot() {
+            Some(s) => Some(s),
+            None => {
+                drop(b);
+                return Err(SHORT.into());
+            }
+        },
+        None => None,
+    };
+    Ok((p, backup))
 }
 
 /// Number of servers (primary and backup) of a peer list.
@@ -208,7 +438,8 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         // With a zone, peers are copied to shared memory after this point: each worker builds
         // its tables from that copy on first use. Building them now as well shows a
         // configuration error in `nginx -t`, and workers without a zone inherit them.
-        match build_state(peers) {
+        // SAFETY: peers is the upstream's primary list (nothing is shared yet: no lock taken).
+        match snapshot_lists(Locked::primary(peers)).and_then(|(p, b)| build_state(p, b)) {
             Ok(state) => kcf.state = Some(Box::new(state)),
             Err(e) => {
                 ngx_log_error!(
@@ -329,11 +560,11 @@ unsafe fn client_address_key(r: *mut ngx_http_request_t) -> u64 {
 const SHARE_EVERY: i64 = 300;
 
 /// Writes a learned route to the session store again (see `SHARE_EVERY`).
+#[cold]
+#[inline(never)]
 unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64) {
     let Some(state) = kcf.state.as_deref() else { return };
-    let Some(i) = state.index_of(peer_id) else { return };
-    // SAFETY: config-time and zone peers both stay valid for the cycle; only the name is read.
-    let name = unsafe { (*state.primary.peers[i]).name.as_bytes() };
+    let Some(name) = state.index_of(peer_id).and_then(|i| state.primary.names.get(i)) else { return };
     // SAFETY: called from the event loop.
     unsafe { crate::session_check::share_route(kcf, session_id, name) };
 }
@@ -470,146 +701,169 @@ fn failed(p: &ngx_http_upstream_rr_peer_t, now: i64) -> bool {
 
 /// nginx's view of whether a peer may take this request: the same tests as its own
 /// round-robin and hash balancers.
-struct NginxServers<'a> {
+struct NginxServers<'a, 'g> {
     group: &'a Group,
+    peers: Peers<'g>,
     tried: *mut usize,
     now: i64,
     /// A single server without backups is always tried (as round robin does).
     single: bool,
 }
 
-impl Servers for NginxServers<'_> {
+impl Servers for NginxServers<'_, '_> {
     #[inline]
     fn usable(&mut self, i: usize) -> bool {
         let bits = usize::BITS as usize;
-        // SAFETY: the tried bitmap covers every peer of the group; the peer pointers are valid
-        // while the caller holds the peers lock.
-        unsafe {
-            if !self.tried.is_null() && *self.tried.add(i / bits) & (1 << (i % bits)) != 0 {
-                return false;
-            }
-            let p = &*self.group.peers[i];
-            if p.down != 0 {
-                return false;
-            }
-            if p.max_conns != 0 && p.conns >= p.max_conns {
-                return false;
-            }
-            if !self.single && failed(p, self.now) {
-                return false;
-            }
+        // SAFETY: the tried bitmap covers every peer of the group (round robin sized it for
+        // the larger list).
+        if !self.tried.is_null() && unsafe { *self.tried.add(i / bits) } & (1 << (i % bits)) != 0 {
+            return false;
+        }
+        let Some(p) = self.peers.get(i) else { return false };
+        if p.down != 0 {
+            return false;
+        }
+        if p.max_conns != 0 && p.conns >= p.max_conns {
+            return false;
+        }
+        if !self.single && failed(p, self.now) {
+            return false;
         }
         true
     }
 
     #[inline]
     fn load(&self, i: usize) -> u64 {
-        self.group.slots[i].map_or(0, |s| s.inflight())
+        self.group.slots.get(i).copied().flatten().map_or(0, |s| s.inflight())
     }
 
     #[inline]
     fn weight(&self, i: usize) -> u64 {
-        // SAFETY: as in `usable`.
-        unsafe { (*self.group.peers[i]).weight.max(1) as u64 }
+        self.group.weights.get(i).map_or(1, |&w| u64::from(w))
     }
 }
 
-struct PeersLock(*mut ngx_http_upstream_rr_peers_t);
+/// How many times `get` rebuilds the tables when the servers keep changing meanwhile.
+const REBUILD_TRIES: usize = 3;
 
-impl PeersLock {
-    /// Takes the write lock of a zone-shared peer list (no-op without a zone), as round robin
-    /// does in `get`.
-    unsafe fn wlock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersLock {
-        // SAFETY: peers is valid; rwlock lives in the same (shared) memory.
-        unsafe {
-            if !(*peers).shpool.is_null() {
-                ngx_rwlock_wlock(ptr::addr_of_mut!((*peers).rwlock));
-            }
-        }
-        PeersLock(peers)
+/// Makes sure the per-process tables describe the primary list as it is now (built lazily
+/// with a zone, rebuilt when `resolve` changed the zone's peers) and point at the shared
+/// counters. Takes the list's guard and gives it back. A rebuild copies the peers under their
+/// locks (one list at a time), then builds and installs the tables with no lock held (ring
+/// allocation and sort, the counters' lookup, dropping the old tables), then locks again and
+/// checks that nothing changed meanwhile. `Err` with nothing locked.
+///
+/// # Safety
+/// `guard` holds the primary list of the upstream `kcf` configures.
+#[inline(always)]
+unsafe fn ensure_state(kcf: &mut SrvConf, guard: Locked<Primary>) -> Result<(Locked<Primary>, &UpstreamState), String> {
+    let guard = if kcf.state.as_deref().is_some_and(|s| guard.current(&s.primary_peers)) {
+        guard
+    } else {
+        // SAFETY: guard holds kcf's upstream's primary list (this function's contract).
+        unsafe { rebuild(kcf, guard)? }
+    };
+    let Some(state) = kcf.state.as_deref_mut() else {
+        drop(guard);
+        return Err("no tables".into());
+    };
+    if !state.slots_ready {
+        // The tables built at configuration time, used as they are without a zone (where
+        // there is no lock).
+        // SAFETY: the load zone is valid for the cycle.
+        unsafe { point_at_counters(kcf.load_zone, &kcf.name, state) };
     }
+    Ok((guard, state))
 }
 
-impl Drop for PeersLock {
-    fn drop(&mut self) {
-        // SAFETY: we took this lock in `wlock`.
-        unsafe {
-            if !(*self.0).shpool.is_null() {
-                ngx_rwlock_unlock(ptr::addr_of_mut!((*self.0).rwlock));
-            }
+/// [`ensure_state`]'s rebuild, until the tables describe the list as it is when locked again.
+///
+/// # Safety
+/// As for [`ensure_state`].
+#[cold]
+#[inline(never)]
+unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
+    let list = guard.list;
+    let mut tries = 0;
+    while !kcf.state.as_deref().is_some_and(|s| guard.current(&s.primary_peers)) {
+        if tries == REBUILD_TRIES {
+            drop(guard);
+            return Err("the servers changed during every rebuild of the tables".into());
         }
+        tries += 1;
+        let (primary, backup) = snapshot_lists(guard)?;
+        // The two lists share one generation: copies of different ones are not installed.
+        if backup.as_ref().map_or(true, |b| b.refs.config == primary.refs.config) {
+            let mut state = build_state(primary, backup)?;
+            // SAFETY: the load zone is valid for the cycle.
+            unsafe { point_at_counters(kcf.load_zone, &kcf.name, &mut state) };
+            kcf.state = Some(Box::new(state));
+        }
+        // SAFETY: list is the primary list the caller's guard held (this function's contract).
+        guard = unsafe { Locked::primary(list) };
     }
+    Ok(guard)
 }
 
-/// Makes sure the per-process tables describe `peers` (built lazily with a zone, rebuilt when
-/// `resolve` changed the zone's peers) and point at the shared counters. Called with the
-/// peers lock held.
-unsafe fn ensure_state(kcf: &mut SrvConf, peers: *mut ngx_http_upstream_rr_peers_t) -> Result<&mut UpstreamState, String> {
-    // SAFETY: peers is the valid primary list; its peers (and their names) stay valid while
-    // the caller holds its lock; the zones are valid for the cycle; in a worker, ngx_cycle is
-    // the running cycle and its log is valid.
-    unsafe {
-        let config = peers_config(peers);
-        let fresh = matches!(&kcf.state, Some(s) if s.source == peers && s.config == config);
-        if !fresh {
-            kcf.state = Some(Box::new(build_state(peers)?));
-        }
-        let Some(state) = kcf.state.as_deref_mut() else { return Err("no state".into()) };
-        if !state.slots_ready {
-            // Claims are serialised with the zone's mutex; this runs once per table build.
-            let name = &kcf.name;
-            let claimed = shm::with_load_claims(kcf.load_zone, |table| {
-                let generation = table.committed();
-                state.total = table.claim(load::upstream_key(name), Use::Counts, generation);
-                let mut missing = usize::from(state.total.is_none());
-                let groups = core::iter::once(&mut state.primary).chain(state.backup.as_mut());
-                for g in groups {
-                    for (i, &p) in g.peers.iter().enumerate() {
-                        g.slots[i] = table.claim(load::server_key(name, (*p).name.as_bytes()), Use::Counts, generation);
-                        missing += usize::from(g.slots[i].is_none());
-                    }
+/// Points the state's servers at their shared counters (slots claimed by name in the load
+/// zone: no peer is read).
+#[cold]
+#[inline(never)]
+unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], state: &mut UpstreamState) {
+    // Claims are serialised with the zone's mutex; this runs once per table build.
+    // SAFETY: the caller passes the configuration's load zone, valid for the cycle.
+    let claimed = unsafe {
+        shm::with_load_claims(load_zone, |table| {
+            let generation = table.committed();
+            state.total = table.claim(load::upstream_key(name), Use::Counts, generation);
+            let mut missing = usize::from(state.total.is_none());
+            let groups = core::iter::once(&mut state.primary).chain(state.backup.as_mut());
+            for g in groups {
+                for (i, server) in g.names.iter().enumerate() {
+                    g.slots[i] = table.claim(load::server_key(name, server), Use::Counts, generation);
+                    missing += usize::from(g.slots[i].is_none());
                 }
-                (missing, table.capacity())
-            });
-            if let Some((missing, capacity)) = claimed {
-                state.slots_ready = true;
-                if missing > 0 {
-                    ngx_log_error!(
-                        NGX_LOG_ERR,
-                        (*ngx::ffi::ngx_cycle).log,
-                        "kylin: upstream \"{}\": zone \"{}\" is full ({} slots): {} of its load counters have none, so the load of those servers is not counted and the bound does not apply to them; {}",
-                        String::from_utf8_lossy(name),
-                        shm::LOAD_ZONE,
-                        capacity,
-                        missing,
-                        shm::FULL_FIX
-                    );
-                }
             }
+            (missing, table.capacity())
+        })
+    };
+    if let Some((missing, capacity)) = claimed {
+        state.slots_ready = true;
+        if missing > 0 {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                // SAFETY: in a worker ngx_cycle is the running cycle and its log is valid.
+                unsafe { (*ngx::ffi::ngx_cycle).log },
+                "kylin: upstream \"{}\": zone \"{}\" is full ({} slots): {} of its load counters have none, so the load of those servers is not counted and the bound does not apply to them; {}",
+                String::from_utf8_lossy(name),
+                shm::LOAD_ZONE,
+                capacity,
+                missing,
+                shm::FULL_FIX
+            );
         }
-        Ok(state)
     }
 }
 
-/// Refreshes the live weight (sum of weights of primary servers not down or failed) once per
-/// second: the denominator of the load bound.
-fn refresh_live_weight(state: &mut UpstreamState, now: i64) {
-    if state.live_at == now {
-        return;
-    }
-    state.live_weight = state
-        .primary
-        .peers
+/// The live weight (sum of weights of primary servers not down or failed): the denominator
+/// of the load bound.
+fn live_weight(group: &Group, peers: &Peers<'_>, now: i64) -> u64 {
+    group
+        .weights
         .iter()
-        // SAFETY: the peer pointers are valid while the caller holds the peers lock.
-        .map(|&p| unsafe { &*p })
-        .filter(|p| p.down == 0 && !failed(p, now))
-        .map(|p| p.weight.max(1) as u64)
-        .sum();
-    state.live_at = now;
+        .enumerate()
+        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)))
+        .map(|(_, &w)| u64::from(w))
+        .sum()
 }
 
 /// `peer.get`
+///
+/// The lock discipline is round robin's: the primary list is locked for the choice among the
+/// primary servers; only if none is usable is it released and the backup list locked for the
+/// choice among the backups. Anything that needs no peer happens outside the locks: the key
+/// (`kylin_hash` may evaluate variables) before, moving a spilled session's route (the
+/// routes zone's mutex, cookie parsing, posting a Redis write) after.
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: data is the PeerData set up in init_peer; pc is the request's peer connection.
     unsafe {
@@ -617,164 +871,221 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         (*pc).set_cached(0);
         (*pc).connection = ptr::null_mut();
 
-        // `rrp.peers` is the primary list, or the backup list once a backup was chosen (then
-        // this request stays on backups, as with round robin).
-        let peers = pd.rrp.peers;
-        let _lock = PeersLock::wlock(peers);
-
-        if config_changed(&pd.rrp, peers) {
-            (*pc).name = (*peers).name;
-            return NGX_BUSY as ngx_int_t;
-        }
-
         let Some(kcf) = pd.conf() else { return NGX_ERROR as ngx_int_t };
         let Some(key) = request_key(pd.r, kcf) else { return NGX_ERROR as ngx_int_t };
-        let factor = kcf.balance_factor();
         let now = ngx_time();
-        let state = if pd.on_backup {
-            kcf.state.as_deref_mut()
+        // `rrp.peers` is the primary list, or the backup list once a backup was chosen (then
+        // this request stays on backups, as with round robin).
+        let picked = if pd.on_backup {
+            match kcf.state.as_deref() {
+                // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
+                Some(state) => get_backup(pd, pc, state, Locked::backup(pd.rrp.peers), key, now),
+                None => Err(NGX_ERROR as ngx_int_t),
+            }
         } else {
-            match ensure_state(kcf, peers) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    ngx_log_error!(NGX_LOG_ERR, (*pc).log, "kylin: upstream \"{}\": {}", *(*peers).name, e);
-                    None
-                }
+            get_primary(pd, pc, kcf, key, now)
+        };
+        // No peer list is locked from here on.
+        let choice = match picked {
+            Ok(c) => c,
+            Err(rc) => {
+                // Both lists' `name` is the upstream's, valid for the cycle (in the zone with
+                // one); rrp.peers changes only when a backup is taken.
+                (*pc).name = (*pd.rrp.peers).name;
+                return rc;
             }
         };
-        let Some(state) = state else {
-            (*pc).name = (*peers).name;
-            return NGX_ERROR as ngx_int_t;
-        };
-        refresh_live_weight(state, now);
-        let state: &UpstreamState = state;
-        let tried = pd.rrp.tried;
-
-        let req = Request {
-            key,
-            learned: pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned)),
-            movable: pd.movable,
-        };
-        let choice = match (&state.backup, pd.on_backup) {
-            (Some(b), true) => {
-                let mut bs = NginxServers { group: b, tried, now, single: false };
-                let req = Request { learned: None, ..req };
-                balancer::choose(&req, Pick { ring: &b.ring, servers: &mut bs, bound: Bound::OFF }, None::<Pick<'_, NginxServers>>)
-                    .map(|c| Choice { backup: true, route: Route::Backup, ..c })
-            }
-            (None, true) => None,
-            (backup, false) => {
-                let single = (*peers).single() != 0;
-                let mut ps = NginxServers { group: &state.primary, tried, now, single };
-                let bound = Bound {
-                    factor_milli: factor,
-                    total: state.total.map_or(0, |t| t.inflight()),
-                    live_weight: state.live_weight,
-                };
-                // Backups start with a clean tried bitmap when the request moves to them.
-                let mut bs = backup.as_ref().map(|b| NginxServers { group: b, tried: ptr::null_mut(), now, single: false });
-                let b = backup
-                    .as_ref()
-                    .zip(bs.as_mut())
-                    .map(|(g, s)| Pick { ring: &g.ring, servers: s, bound: Bound::OFF });
-                balancer::choose(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }, b)
-            }
-        };
-
-        let Some(choice) = choice else {
-            (*pc).name = (*peers).name;
-            return NGX_BUSY as ngx_int_t;
-        };
-
-        let (group, list) = if choice.backup {
-            let Some(b) = state.backup.as_ref() else { return NGX_ERROR as ngx_int_t };
-            (b, if pd.on_backup { peers } else { (*peers).next })
-        } else {
-            (&state.primary, peers)
-        };
-        if choice.backup && !pd.on_backup {
-            // Move this request to the backup list, as round robin does.
-            let words = (*list).number.div_ceil(usize::BITS as usize);
-            for w in 0..words {
-                *tried.add(w) = 0;
-            }
-            pd.rrp.peers = list;
-            pd.on_backup = true;
-        }
-
-        let best = group.peers[choice.server];
-        pd.rrp.current = best;
-        #[cfg(nginx1_27_3)]
-        {
-            (*best).refs += 1;
-        }
-        (*pc).sockaddr = (*best).sockaddr;
-        (*pc).socklen = (*best).socklen;
-        (*pc).name = ptr::addr_of_mut!((*best).name);
-        (*best).conns += 1;
-        if now - (*best).checked > (*best).fail_timeout {
-            (*best).checked = now;
-        }
-        let bits = usize::BITS as usize;
-        *tried.add(choice.server / bits) |= 1 << (choice.server % bits);
-
-        // Count the try in flight until `free`.
-        pd.counted = group.slots[choice.server];
-        let total = if choice.backup { None } else { state.total };
-        pd.counted_total = total.is_some();
-        if let Some(s) = pd.counted {
-            s.start();
-            s.count(match choice.route {
-                Route::Sticky => Counter::Sticky,
-                Route::Learned => Counter::Learned,
-                Route::Spilled => Counter::SpilledIn,
-                Route::Failover => Counter::Failover,
-                Route::Backup => Counter::Backup,
-            });
-        }
-        if let Some(t) = total {
-            t.start();
-        }
-        if let Some(home) = choice.from.and_then(|i| group.slots.get(i).copied().flatten()) {
-            home.count(Counter::SpilledOut);
-        }
         pd.ctx.route = Some(choice.route);
         // A shared session that moves takes its learned route along, so it stays on its new
-        // server instead of bouncing back.
+        // server instead of bouncing back. (Spills happen among primary servers only.)
         if choice.route == Route::Spilled && pd.session().is_some() {
-            move_route(pd, group.ids[choice.server], (*best).name.as_bytes());
+            let kcf: &SrvConf = kcf;
+            let g = kcf.state.as_deref().map(|s| &s.primary);
+            if let Some((id, name)) = g.and_then(|g| Some((*g.ids.get(choice.server)?, g.names.get(choice.server)?))) {
+                move_route(kcf, pd, id, name);
+            }
         }
 
-        ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "kylin peer: {} route: {}", (*best).name, choice.route.as_str());
+        ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "kylin peer: {} route: {}", *(*pc).name, choice.route.as_str());
     }
     NGX_OK as ngx_int_t
 }
 
-/// The request's session id, if it carries one (found again in its `Cookie` headers: rarely
-/// needed, so not kept per request).
-unsafe fn session_id<'a>(pd: &PeerData) -> Option<&'a [u8]> {
-    // SAFETY: pd.r is the live request.
-    unsafe {
-        let kcf = pd.conf()?;
-        match session::request_session(request_cookies(pd.r), kcf.session_cookie()) {
-            RequestSession::Id(id) => Some(id),
-            RequestSession::None => None,
+/// The choice among the primary servers, under the primary list's lock, then among the
+/// backups (see [`get_backup`]) if no primary server is usable. `Err` is `get`'s return code.
+#[inline(always)]
+unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &mut SrvConf, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+    let factor = kcf.balance_factor();
+    // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
+    let guard = unsafe { Locked::primary(pd.rrp.peers) };
+    // SAFETY: the guard is of the upstream's primary list.
+    let (mut guard, state) = match unsafe { ensure_state(kcf, guard) } {
+        Ok(g) => g,
+        Err(e) => {
+            // SAFETY: the request and its log are live.
+            unsafe {
+                ngx_log_error!(NGX_LOG_ERR, (*pc).log, "kylin: upstream \"{}\": {}", String::from_utf8_lossy(&kcf.name), e);
+            }
+            return Err(NGX_ERROR as ngx_int_t);
         }
+    };
+    if guard.changed_since(&pd.rrp) {
+        return Err(NGX_BUSY as ngx_int_t);
+    }
+    let single = guard.single();
+    let Some(peers) = guard.peers(&state.primary_peers) else { return Err(NGX_ERROR as ngx_int_t) };
+    if state.live_at.get() != now {
+        state.live_weight.set(live_weight(&state.primary, &peers, now));
+        state.live_at.set(now);
+    }
+    let req = Request {
+        key,
+        learned: pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned)),
+        movable: pd.movable,
+    };
+    let bound = Bound {
+        factor_milli: factor,
+        total: state.total.map_or(0, |t| t.inflight()),
+        live_weight: state.live_weight.get(),
+    };
+    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single };
+    if let Some(choice) = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }) {
+        // SAFETY: pc is the request's peer connection.
+        return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
+            true => Ok(choice),
+            false => Err(NGX_ERROR as ngx_int_t),
+        };
+    }
+    // No primary server is usable: as round robin, release the primary list, then lock the
+    // backup list.
+    match guard.into_backup() {
+        Some(b) => get_backup(pd, pc, state, b, key, now),
+        None => Err(NGX_BUSY as ngx_int_t),
     }
 }
 
-/// Records that the request's session now lives on the current server (locally and, when
-/// routes are shared, in Redis).
-unsafe fn move_route(pd: &PeerData, id: u64, server: &[u8]) {
-    // SAFETY: zones are valid for the cycle.
+/// The choice among the backup servers, under the backup list's lock: for a request no
+/// primary server can take (it then moves to the backup list, as with round robin), or one
+/// already on it.
+#[inline(never)]
+unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+    if guard.changed_since(&pd.rrp) {
+        return Err(NGX_BUSY as ngx_int_t);
+    }
+    let (Some(group), Some(refs)) = (state.backup.as_ref(), state.backup_peers.as_ref()) else {
+        return Err(NGX_BUSY as ngx_int_t);
+    };
+    let moving = !pd.on_backup;
+    let number = guard.number();
+    let list = guard.list;
+    // Current when the generation did not change since the request's start (checked above):
+    // the tables were built at that generation.
+    let Some(peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
+    // Backups start with a clean tried bitmap when the request moves to them.
+    let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
+    let mut bs = NginxServers { group, peers, tried, now, single: false };
+    let req = Request { key, learned: None, movable: pd.movable };
+    let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
+        return Err(NGX_BUSY as ngx_int_t);
+    };
+    if moving {
+        // Move this request to the backup list, as round robin does.
+        let words = number.div_ceil(usize::BITS as usize);
+        for w in 0..words {
+            // SAFETY: round robin sized the bitmap for the larger of the two lists.
+            unsafe { *pd.rrp.tried.add(w) = 0 };
+        }
+        pd.rrp.peers = list;
+        pd.on_backup = true;
+    }
+    // SAFETY: pc is the request's peer connection.
+    match unsafe { take(pd, pc, &mut bs.peers, group, None, &choice, now) } {
+        true => Ok(choice),
+        false => Err(NGX_ERROR as ngx_int_t),
+    }
+}
+
+/// Round robin's bookkeeping for the chosen peer, under its list's lock, and the try counted
+/// in flight until `free`. `false` if `choice` names no peer of the list.
+#[inline(always)]
+unsafe fn take(
+    pd: &mut PeerData,
+    pc: *mut ngx_peer_connection_t,
+    peers: &mut Peers<'_>,
+    group: &Group,
+    total: Option<&'static Slot>,
+    choice: &Choice,
+    now: i64,
+) -> bool {
+    let Some(best) = peers.get_mut(choice.server) else { return false };
+    // The pointers given to nginx outlive the lock, as round robin's do: the reference taken
+    // here (`refs`, 1.27.3+) keeps a peer that `resolve` removes alive until `free`, and
+    // before 1.27.3 peers are never freed during a cycle.
+    #[cfg(nginx1_27_3)]
+    {
+        best.refs += 1;
+    }
+    // SAFETY: pc is the request's peer connection.
     unsafe {
-        let Some(kcf) = pd.conf() else { return };
-        let (Some(zone), Some(sd)) = (kcf.routes_zone, pd.session()) else { return };
-        let k = session_key_of(sd);
-        let now = ngx_time();
-        let timeout = kcf.routes_timeout();
-        shm::with_routes(zone, |t| t.insert(k, id, now, timeout));
-        if let Some(sid) = session_id(pd) {
+        (*pc).sockaddr = best.sockaddr;
+        (*pc).socklen = best.socklen;
+        (*pc).name = ptr::addr_of_mut!(best.name);
+    }
+    best.conns += 1;
+    if now - best.checked > best.fail_timeout {
+        best.checked = now;
+    }
+    pd.rrp.current = best;
+    let bits = usize::BITS as usize;
+    // SAFETY: the bitmap covers every peer of the list (see `usable`).
+    unsafe { *pd.rrp.tried.add(choice.server / bits) |= 1 << (choice.server % bits) };
+
+    // Count the try in flight until `free`.
+    pd.counted = group.slots.get(choice.server).copied().flatten();
+    pd.counted_total = total.is_some();
+    if let Some(s) = pd.counted {
+        s.start();
+        s.count(match choice.route {
+            Route::Sticky => Counter::Sticky,
+            Route::Learned => Counter::Learned,
+            Route::Spilled => Counter::SpilledIn,
+            Route::Failover => Counter::Failover,
+            Route::Backup => Counter::Backup,
+        });
+    }
+    if let Some(t) = total {
+        t.start();
+    }
+    if let Some(home) = choice.from.and_then(|i| group.slots.get(i).copied().flatten()) {
+        home.count(Counter::SpilledOut);
+    }
+    true
+}
+
+/// The request's session id, if it carries one (found again in its `Cookie` headers: rarely
+/// needed, so not kept per request).
+unsafe fn session_id<'a>(kcf: &SrvConf, pd: &PeerData) -> Option<&'a [u8]> {
+    // SAFETY: pd.r is the live request.
+    match session::request_session(unsafe { request_cookies(pd.r) }, kcf.session_cookie()) {
+        RequestSession::Id(id) => Some(id),
+        RequestSession::None => None,
+    }
+}
+
+/// Records that the request's session now lives on server `id`, called `server` (locally
+/// and, when routes are shared, in Redis). Called with no peer list locked.
+#[cold]
+#[inline(never)]
+unsafe fn move_route(kcf: &SrvConf, pd: &PeerData, id: u64, server: &[u8]) {
+    let (Some(zone), Some(sd)) = (kcf.routes_zone, pd.session()) else { return };
+    let k = session_key_of(sd);
+    let now = ngx_time();
+    let timeout = kcf.routes_timeout();
+    // SAFETY: zones are valid for the cycle.
+    unsafe { shm::with_routes(zone, |t| t.insert(k, id, now, timeout)) };
+    // SAFETY: pd.r is the live request; called from the event loop.
+    unsafe {
+        if let Some(sid) = session_id(kcf, pd) {
             crate::session_check::share_route(kcf, sid, server);
         }
     }
@@ -782,24 +1093,25 @@ unsafe fn move_route(pd: &PeerData, id: u64, server: &[u8]) {
 
 /// Whether the server a session would go to (its learned server, else its sticky one) is
 /// near its load bound, so that knowing whether the session is shared can matter. Errs on
-/// the side of "yes" when the tables are not ready.
+/// the side of "yes" when the tables are not ready. Reads the per-process tables only (no
+/// peer: this runs before `get`, when the peers the tables were built from may be gone).
 pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Option<u64>) -> bool {
     let factor = kcf.balance_factor();
     let Some(state) = kcf.state.as_deref() else { return true };
     if factor == 0 {
         return false;
     }
-    if !state.slots_ready || state.live_weight == 0 {
+    let live_weight = state.live_weight.get();
+    if !state.slots_ready || live_weight == 0 {
         return true;
     }
     // SAFETY: r is live; the key computation reads its connection or variables.
     let Some(key) = (unsafe { request_key(r, kcf) }) else { return true };
     let home = learned.and_then(|id| state.index_of(id)).or_else(|| state.primary.ring.owner(key));
     let Some(home) = home else { return false };
-    let load = state.primary.slots[home].map_or(0, |s| s.inflight());
-    // SAFETY: config-time and zone peers are both valid for the cycle; only the weight is read.
-    let weight = unsafe { (*state.primary.peers[home]).weight.max(1) as u64 };
-    let bound = Bound { factor_milli: factor, total: state.total.map_or(0, |t| t.inflight()), live_weight: state.live_weight };
+    let load = state.primary.slots.get(home).copied().flatten().map_or(0, |s| s.inflight());
+    let weight = state.primary.weights.get(home).map_or(1, |&w| u64::from(w));
+    let bound = Bound { factor_milli: factor, total: state.total.map_or(0, |t| t.inflight()), live_weight };
     // "Near": within a quarter of the bound.
     (load + 1) * 4 >= bound.limit(weight) * 3
 }

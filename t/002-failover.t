@@ -207,3 +207,36 @@ qr/\A(?!(?:.*?n1){5})(?!(?:.*?n2){5})(?!(?:.*?n3){5})(?:\.+ n\d){12}\n\z/s
 --- no_error_log
 [error]
 --- timeout: 20
+
+
+
+=== TEST 8: with a zone: failover from the primary list to the backup list, and within it
+Each list is locked on its own (the backup list only after the primary one is released):
+the dead primary fails, then the request moves to the backups and stays on them, past the
+dead backup its key prefers (it holds nearly all of the backup ring); the next request skips
+both dead servers (their failures are in the zone) and goes straight to the live backup.
+--- http_config
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1\n"; }
+    kylin_upstream kylin_nodes {
+        zone kylin_nodes 64k;
+        server 127.0.0.1:$TEST_NGINX_DEAD_PORT max_fails=1 fail_timeout=60s;
+        server 127.0.0.1:$TEST_NGINX_DEAD_PORT backup weight=100 max_fails=1 fail_timeout=60s;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT backup;
+    }
+--- config
+    location / {
+        proxy_pass http://kylin_nodes;
+        add_header X-Upstream-Status $upstream_status always;
+        add_header X-Upstream $upstream_addr always;
+    }
+--- request eval
+["GET /first", "GET /second"]
+--- response_body eval
+["n1\n", "n1\n"]
+--- response_headers_like eval
+[
+    "X-Upstream: 127\\.0\\.0\\.1:$ENV{TEST_NGINX_DEAD_PORT}, 127\\.0\\.0\\.1:$ENV{TEST_NGINX_DEAD_PORT}, 127\\.0\\.0\\.1:$ENV{TEST_NGINX_B1_PORT}
+X-Upstream-Status: 502, 502, 200",
+    "X-Upstream: 127\\.0\\.0\\.1:$ENV{TEST_NGINX_B1_PORT}
+X-Upstream-Status: 200",
+]

@@ -84,7 +84,8 @@ qr/\A(?!(?:.*?n1){6})(?!(?:.*?n2){6})(?!(?:.*?n3){6})(?:\.+ n\d){12}\n\z/s
 
 === TEST 3: the status page after traffic: nothing in flight, every request counted once
 Ten sticky requests from one address, then the status page.
---- http_config
+--- http_config eval
+main::client_server() . <<'_EOC_'
     kylin_upstream kylin_nodes {
         zone kylin_nodes 64k;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
@@ -94,13 +95,7 @@ Ten sticky requests from one address, then the status page.
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1"; }
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; return 200 "n2"; }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; return 200 "n3"; }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
-        set_real_ip_from 127.0.0.1;
-        real_ip_header X-Real-IP;
-        location / { proxy_pass http://kylin_nodes; }
-        location = /status { kylin_status; }
-    }
+_EOC_
 --- config eval
 main::ssi_page(
     CORE::join("", map { q{<!--# include virtual="/via/10.8.8.8" wait="yes" -->} } 1 .. 10),

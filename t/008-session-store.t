@@ -42,17 +42,10 @@ sub warm_then_flood {
 }
 
 sub slow_nodes {
-    return <<'_EOC_';
+    return <<'_EOC_' . main::client_server();
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
-        set_real_ip_from 127.0.0.1;
-        real_ip_header X-Real-IP;
-        location / { proxy_pass http://kylin_nodes; }
-        location = /status { kylin_status; }
-    }
 _EOC_
 }
 

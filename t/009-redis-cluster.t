@@ -49,7 +49,8 @@ __DATA__
 For each of three shared sessions (keys on different masters) and one local session: two
 requests to learn the verdict (the second asks again if the first lookup failed), then
 twelve concurrent ones.
---- http_config
+--- http_config eval
+main::client_server() . <<'_EOC_'
     kylin_upstream kylin_nodes {
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_CLUSTER1_PORT redis://127.0.0.1:$TEST_NGINX_CLUSTER2_PORT redis://127.0.0.1:$TEST_NGINX_CLUSTER3_PORT format=tomcat timeout=1s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
@@ -59,13 +60,7 @@ twelve concurrent ones.
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
     server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
     server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
-        set_real_ip_from 127.0.0.1;
-        real_ip_header X-Real-IP;
-        location / { proxy_pass http://kylin_nodes; }
-        location = /status { kylin_status; }
-    }
+_EOC_
 --- config eval
 my @lines;
 for my $sid (@main::SHARED, "10CA110CA110CA110CA110CA110CA101") {

@@ -28,7 +28,7 @@ _EOC_
 }
 
 sub http_config {
-    return <<'_EOC_';
+    return main::client_server() . <<'_EOC_';
     map $cookie_JSESSIONID $login_cookie { "" "JSESSIONID=ST4TUS1D; Path=/"; default ""; }
     kylin_upstream kylin_nodes {
         kylin_balance_factor 1.5;
@@ -37,13 +37,6 @@ sub http_config {
         server 127.0.0.1:$TEST_NGINX_DEAD_PORT backup;
     }
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { add_header Set-Cookie $login_cookie; return 200 "n1"; } }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
-        set_real_ip_from 127.0.0.1;
-        real_ip_header X-Real-IP;
-        location / { proxy_pass http://kylin_nodes; }
-        location = /status { kylin_status; }
-    }
 _EOC_
 }
 

@@ -46,4 +46,18 @@ sub via_location {
 _EOC_
 }
 
+# The "client" server /via/ADDR proxies to: it trusts X-Real-IP, passes every request to the
+# upstream kylin_nodes and serves its status on /status.
+sub client_server {
+    return <<'_EOC_';
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+        location = /status { kylin_status; }
+    }
+_EOC_
+}
+
 1;
