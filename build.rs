@@ -61,7 +61,18 @@ fn main() {
 
     // The scripts read this from cargo's JSON output to find the nginx binary built with us.
     println!("cargo::rerun-if-env-changed=DEP_NGINX_BUILD_DIR");
+    println!("cargo::rustc-check-cfg=cfg(ngx_upstream_sid)");
     if let Ok(build_dir) = std::env::var("DEP_NGINX_BUILD_DIR") {
         println!("cargo::rustc-env=DEP_NGINX_BUILD_DIR={build_dir}");
+        // nginx 1.29.6+ with its sticky module (the default) gives round-robin peers a `sid`
+        // and the peer connection a `hint` and `sid` (NGX_HTTP_UPSTREAM_SID): the balancer
+        // then follows `sticky`'s hint and tells it which server it chose.
+        let auto_config = std::path::Path::new(&build_dir).join("ngx_auto_config.h");
+        println!("cargo::rerun-if-changed={}", auto_config.display());
+        if std::fs::read_to_string(&auto_config)
+            .is_ok_and(|c| c.lines().any(|l| l.split_whitespace().eq(["#define", "NGX_HTTP_UPSTREAM_SID", "1"])))
+        {
+            println!("cargo::rustc-cfg=ngx_upstream_sid");
+        }
     }
 }

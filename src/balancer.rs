@@ -5,8 +5,9 @@
 //! *which* server a request goes to lives in this file, so it can be tested without nginx.
 //!
 //! 1. **Learned route.** A request whose session was created by server L (the glue looked
-//!    the session up in the learned-routes table) goes to L while L is usable
-//!    ([`Route::Learned`]).
+//!    the session up in the learned-routes table, or nginx's own `sticky` named L) goes to L
+//!    while L is usable for its sessions ([`Route::Learned`]); a *draining* server is, for
+//!    these requests only ([`Servers::usable_for_session`]).
 //! 2. **Sticky server.** Otherwise the request walks its key's preference list on the ring
 //!    ([`Ring::order`]); the first server is its sticky server ([`Route::Sticky`]).
 //! 3. **Failover.** When that server is unusable (`down`, failed, at `max_conns`, already
@@ -87,6 +88,12 @@ pub fn may_move(session: SessionState) -> bool {
 pub trait Servers {
     /// Whether server `i` may take this request now (nginx's own availability tests).
     fn usable(&mut self, i: usize) -> bool;
+    /// Whether server `i` may take a request of a session that lives there (its learned
+    /// server, or the one nginx's `sticky` names): as [`Servers::usable`], except that a
+    /// *draining* server (`server ... drain`, nginx 1.29.6+) still serves its own sessions.
+    fn usable_for_session(&mut self, i: usize) -> bool {
+        self.usable(i)
+    }
     /// Requests in flight on server `i`, counted across all worker processes.
     fn load(&self, i: usize) -> u64;
     /// Server `i`'s `weight`.
@@ -225,7 +232,7 @@ fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize
     // Whether this request may leave an over-bound server at all.
     let bounded = req.movable && g.bound.is_on();
     if let Some(l) = learned {
-        if l < g.ring.peers() && g.servers.usable(l) {
+        if l < g.ring.peers() && g.servers.usable_for_session(l) {
             if bounded && over(g, l) {
                 if let Some(t) = spill(g, req.key, l) {
                     return Some((t, Route::Spilled, Some(l)));
@@ -333,6 +340,52 @@ mod tests {
 
     fn req(key: u64) -> Request {
         Request { key, learned: None, movable: true }
+    }
+
+    /// A view in which server `draining` takes only its own sessions.
+    struct Draining {
+        set: Set,
+        draining: usize,
+    }
+
+    impl Servers for Draining {
+        fn usable(&mut self, i: usize) -> bool {
+            i != self.draining && self.set.usable(i)
+        }
+        fn usable_for_session(&mut self, i: usize) -> bool {
+            self.set.usable(i)
+        }
+        fn load(&self, i: usize) -> u64 {
+            self.set.load(i)
+        }
+        fn weight(&self, i: usize) -> u64 {
+            self.set.weight(i)
+        }
+    }
+
+    #[test]
+    fn a_draining_server_keeps_its_sessions_and_takes_nothing_else() {
+        let r = ring(4);
+        for key in (0..400u64).map(|k| key_hash(&k.to_le_bytes())) {
+            let d = r.owner(key).unwrap();
+            let mut s = Draining { set: Set::up(4), draining: d };
+            let bound = s.set.bound(1250);
+            // Its own key: fails over, never the draining server.
+            let c = choose(&Request { key, learned: None, movable: true }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+            assert_ne!(c.server, d);
+            assert_eq!(c.route, Route::Failover);
+            // A session learned there still goes there (node-local or not).
+            for movable in [false, true] {
+                let c = choose(&Request { key, learned: Some(d), movable }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+                assert_eq!((c.server, c.route), (d, Route::Learned));
+            }
+            // A session learned elsewhere never spills onto it.
+            let other = (d + 1) % 4;
+            s.set.load[other] = 100;
+            let bound = s.set.bound(1250);
+            let c = choose(&Request { key, learned: Some(other), movable: true }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+            assert_ne!(c.server, d);
+        }
     }
 
     #[test]

@@ -471,10 +471,13 @@ unsafe extern "C" fn kylin_directive(
     if !uscf.is_null() && unsafe { (*uscf).peer.init_upstream.is_some() } {
         // Before 1.31 `keepalive` sets init_upstream too (its wrapper, which kylin would
         // replace); since 1.31 only balancing methods do.
-        #[cfg(not(nginx1_31_0))]
+        // Since 1.29.6 `sticky` wraps the balancer when it is read, too.
+        #[cfg(not(nginx1_29_6))]
         const WHY: &str = "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with \"ip_hash\", \"hash\", \"least_conn\" or \"random\", and \"keepalive\" must follow it";
+        #[cfg(all(nginx1_29_6, not(nginx1_31_0)))]
+        const WHY: &str = "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with \"ip_hash\", \"hash\", \"least_conn\" or \"random\", and \"keepalive\" and \"sticky\" must follow it";
         #[cfg(nginx1_31_0)]
-        const WHY: &str = "\"kylin\" cannot be combined with another load balancing method (\"ip_hash\", \"hash\", \"least_conn\", \"least_time\", \"random\"): use one of them";
+        const WHY: &str = "\"kylin\" cannot be combined with another load balancing method (\"ip_hash\", \"hash\", \"least_conn\", \"least_time\", \"random\"): use one of them; \"sticky\" must follow \"kylin\"";
         ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", WHY);
         return conf_error();
     }

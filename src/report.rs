@@ -278,9 +278,9 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
         for s in &u.servers {
             let srv = s.address.as_str();
             let base = [("upstream", up), ("server", srv)];
-            for state in ["up", "down", "failed"] {
+            for state in ["up", "down", "failed", "draining"] {
                 let l = [("upstream", up), ("server", srv), ("state", state)];
-                f.add("kylin_server_state", "gauge", "1 for the server's current state (up, down, failed).", &l, f64::from(u8::from(s.state == state)));
+                f.add("kylin_server_state", "gauge", "1 for the server's current state (up, down, failed, draining).", &l, f64::from(u8::from(s.state == state)));
             }
             f.add("kylin_server_backup", "gauge", "1 for backup servers.", &base, f64::from(u8::from(s.backup)));
             f.add("kylin_server_weight", "gauge", "The server's weight.", &base, s.weight as f64);

@@ -48,7 +48,9 @@ unsafe fn servers_of(
         while !p.is_null() {
             let peer = &*p;
             let failed = peer.max_fails != 0 && peer.fails >= peer.max_fails && now - peer.checked <= peer.fail_timeout;
-            let state = if peer.down != 0 {
+            let state = if peer.down != 0 && peer.down == crate::upstream::DRAINING {
+                "draining"
+            } else if peer.down != 0 {
                 "down"
             } else if failed {
                 "failed"

@@ -710,9 +710,17 @@ struct NginxServers<'a, 'g> {
     single: bool,
 }
 
-impl Servers for NginxServers<'_, '_> {
+/// The `down` value of a draining server (`server ... drain`, nginx 1.29.6+), which still
+/// serves its own sessions; 0 where nginx has no draining.
+#[cfg(nginx1_29_6)]
+pub const DRAINING: ngx_uint_t = ngx::ffi::NGX_HTTP_UPSTREAM_DRAINING as ngx_uint_t;
+#[cfg(not(nginx1_29_6))]
+pub const DRAINING: ngx_uint_t = 0;
+
+impl NginxServers<'_, '_> {
+    /// nginx's tests, with the `down` bits in `allowed` let through.
     #[inline]
-    fn usable(&mut self, i: usize) -> bool {
+    fn check(&mut self, i: usize, allowed: ngx_uint_t) -> bool {
         let bits = usize::BITS as usize;
         // SAFETY: the tried bitmap covers every peer of the group (round robin sized it for
         // the larger list).
@@ -720,7 +728,7 @@ impl Servers for NginxServers<'_, '_> {
             return false;
         }
         let Some(p) = self.peers.get(i) else { return false };
-        if p.down != 0 {
+        if p.down & !allowed != 0 {
             return false;
         }
         if p.max_conns != 0 && p.conns >= p.max_conns {
@@ -730,6 +738,18 @@ impl Servers for NginxServers<'_, '_> {
             return false;
         }
         true
+    }
+}
+
+impl Servers for NginxServers<'_, '_> {
+    #[inline]
+    fn usable(&mut self, i: usize) -> bool {
+        self.check(i, 0)
+    }
+
+    #[inline]
+    fn usable_for_session(&mut self, i: usize) -> bool {
+        self.check(i, DRAINING)
     }
 
     #[inline]
@@ -938,9 +958,13 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         state.live_weight.set(live_weight(&state.primary, &peers, now));
         state.live_at.set(now);
     }
+    // The server nginx's `sticky` names (its cookie, route or learned session), else the
+    // session's learned server.
+    // SAFETY: pc is the request's peer connection; the primary list is locked.
+    let hinted = unsafe { sticky_hint(pd, pc) };
     let req = Request {
         key,
-        learned: pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned)),
+        learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
         movable: pd.movable,
     };
     let bound = Bound {
@@ -962,6 +986,33 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         Some(b) => get_backup(pd, pc, state, b, key, now),
         None => Err(NGX_BUSY as ngx_int_t),
     }
+}
+
+/// The index in the request's peer list of the server that nginx's `sticky` (1.29.6+) names
+/// for this request, if that server may take it (nginx's own test: not tried, not down but
+/// for draining, not failed, not at max_conns); `None` without a hint.
+///
+/// # Safety
+/// pc is the request's peer connection; the caller holds the lock of `pd.rrp.peers`.
+#[cfg(ngx_upstream_sid)]
+#[inline]
+unsafe fn sticky_hint(pd: &mut PeerData, pc: *mut ngx_peer_connection_t) -> Option<usize> {
+    // SAFETY: pc is live; hint is NULL or a string sticky's init_peer/get set for this try.
+    let hint = unsafe { (*pc).hint };
+    if hint.is_null() {
+        return None;
+    }
+    let mut i: ngx_uint_t = 0;
+    // SAFETY: rrp is this request's round-robin data, its list locked by the caller (lock 0:
+    // nginx must not lock the peer again).
+    let peer = unsafe { ngx::ffi::ngx_http_upstream_get_rr_peer_by_sid(&mut pd.rrp, hint, &mut i, 0) };
+    (!peer.is_null()).then_some(i)
+}
+
+#[cfg(not(ngx_upstream_sid))]
+#[inline]
+unsafe fn sticky_hint(_pd: &mut PeerData, _pc: *mut ngx_peer_connection_t) -> Option<usize> {
+    None
 }
 
 /// The choice among the backup servers, under the backup list's lock: for a request no
@@ -1030,6 +1081,11 @@ unsafe fn take(
         (*pc).sockaddr = best.sockaddr;
         (*pc).socklen = best.socklen;
         (*pc).name = ptr::addr_of_mut!(best.name);
+        // nginx's `sticky` learns (or sets its cookie for) the server chosen.
+        #[cfg(ngx_upstream_sid)]
+        {
+            (*pc).sid = ptr::addr_of_mut!(best.sid);
+        }
     }
     best.conns += 1;
     if now - best.checked > best.fail_timeout {

@@ -234,3 +234,18 @@ qr/\[emerg\] .*another load balancing method replaces "kylin" in upstream "kylin
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*"kylin" cannot be combined with another load balancing method \("ip_hash", "hash", "least_conn", "least_time", "random"\).* in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 18: sticky before kylin (nginx 1.29.6+): refused, saying sticky must follow
+--- skip_nginx: 2: < 1.29.6
+--- http_config
+    upstream kylin_nodes {
+        sticky cookie srv_id;
+        kylin;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*"kylin" .*"sticky" must follow.* in \S+nginx\.conf:\d+/
