@@ -200,11 +200,14 @@ impl Placement {
     }
 
     /// Where `key` should be served: `order` is its ring order, `usable(i)` whether server `i`
-    /// may take a request now. `None` only when no server is usable.
-    pub fn place<I, U>(&mut self, key: u64, order: I, mut usable: U, now: u64) -> Option<(usize, Placed)>
+    /// may take a request now, `weight(i)` its `weight` (loads are compared per unit of
+    /// weight, so a server of weight 2 is hot at twice the in-flight count). `None` only when
+    /// no server is usable.
+    pub fn place<I, U, W>(&mut self, key: u64, order: I, mut usable: U, weight: W, now: u64) -> Option<(usize, Placed)>
     where
         I: IntoIterator<Item = usize>,
         U: FnMut(usize) -> bool,
+        W: Fn(usize) -> u64,
     {
         // The usable part of the key's order, on the stack for up to 64 servers.
         let mut buf = [0usize; 64];
@@ -223,14 +226,15 @@ impl Placement {
         let kl = e.load_at(now, p.tau_ms);
         let moved = e.moved.checked_sub(1).map(|m| m as usize).filter(|&m| m != home && order.contains(&m));
         let cur = moved.unwrap_or(home);
-        let load = |s: &Placement, i: usize| s.server_load(i, now);
+        // Load per unit of weight, with `extra` added first.
+        let per = |s: &Placement, i: usize, extra: u64| (s.server_load(i, now) + extra) / weight(i).max(1);
         let settled = now.saturating_sub(e.since_ms) >= p.residence_ms || e.since_ms == 0;
 
         // A moved key returns home when home, with it back, is not hot and not busier.
         if let Some(m) = moved {
             if settled {
-                let back = load(self, home) + kl;
-                if back < p.hot_milli && back <= load(self, m) {
+                let back = per(self, home, kl);
+                if back < p.hot_milli && back <= per(self, m, 0) {
                     let e = &mut self.keys[idx];
                     e.moved = 0;
                     e.since_ms = now.max(1);
@@ -243,20 +247,22 @@ impl Placement {
             self.keys[idx].moved = 0;
         }
 
-        let lc = load(self, cur);
+        let lc = per(self, cur, 0);
         let known = now.saturating_sub(e.first_ms) >= p.tau_ms;
-        let major = kl >= p.margin_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(lc);
+        let major = kl >= p.margin_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
         if settled && known && major && lc >= p.hot_milli {
-            let mean = order.iter().map(|&i| load(self, i)).sum::<u64>() / n as u64;
+            let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
+            let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
+            let mean = total / weights.max(1);
             let left = self.servers[cur].left_ms;
             let cooled = left == 0 || now.saturating_sub(left) >= p.cooldown_ms;
             if cooled && lc.saturating_mul(1000) >= p.rel_milli.saturating_mul(mean) {
                 // Servers where the move lowers the hot one's load by the margin at least: the
                 // first cool one of the key's order (a stable choice), else the least loaded.
-                let fits = |s: &Placement, t: usize| t != cur && load(s, t) + kl + p.margin_milli <= lc;
+                let fits = |s: &Placement, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
                 let cool = p.hot_milli / 2;
-                let target = order.iter().copied().find(|&t| fits(self, t) && load(self, t) <= cool).or_else(|| {
-                    order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| load(self, t))
+                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, 0) <= cool).or_else(|| {
+                    order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
                     let e = &mut self.keys[idx];
@@ -383,10 +389,10 @@ mod tests {
         key(&mut p, 9, 1_500, now);
         // Busiest server below `hot`, however uneven.
         levels(&mut p, &[1, 0, 0, 0], now);
-        assert_eq!(p.place(9, order(0, 4), |_| true, now), Some((0, Placed::Home)));
+        assert_eq!(p.place(9, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
         // Hot, but so is everyone (not above `rel` times the mean).
         levels(&mut p, &[5, 5, 5, 4], now);
-        assert_eq!(p.place(9, order(0, 4), |_| true, now), Some((0, Placed::Home)));
+        assert_eq!(p.place(9, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
     }
 
     #[test]
@@ -395,10 +401,10 @@ mod tests {
         let now = 100_000;
         levels(&mut p, &[8, 0, 0, 0], now);
         for _ in 0..20 {
-            p.key_done(5, 1_000, now);
+            p.key_done(5, 200, now);
         }
-        assert_eq!(p.place(5, order(0, 4), |_| true, now), Some((0, Placed::Home)));
-        assert!(matches!(p.place(5, order(0, 4), |_| true, now + D.tau_ms), Some((_, Placed::MovedNow))));
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
+        assert!(matches!(p.place(5, order(0, 4), |_| true, |_| 1, now + D.tau_ms), Some((_, Placed::MovedNow))));
     }
 
     #[test]
@@ -408,7 +414,7 @@ mod tests {
         key(&mut p, 5, 3_000, now);
         // Server 1 (next in order) is busy: 3 + 3 + 0.5 > 6; server 2 is cool.
         levels(&mut p, &[6, 3, 0, 0], now);
-        assert_eq!(p.place(5, order(0, 4), |_| true, now), Some((2, Placed::MovedNow)));
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
         // Its expected load moved with it.
         assert_eq!(p.server_load(0, now), 3_000);
         assert_eq!(p.server_load(2, now), 3_000);
@@ -416,7 +422,7 @@ mod tests {
         for _ in 0..5 {
             now += 1_000;
             levels(&mut p, &[3, 3, 3, 0], now);
-            assert_eq!(p.place(5, order(0, 4), |_| true, now), Some((2, Placed::Moved)));
+            assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::Moved)));
         }
         assert_eq!(p.moved_keys(), 1);
     }
@@ -427,12 +433,25 @@ mod tests {
         let now = 100_000;
         key(&mut p, 5, 3_000, now);
         levels(&mut p, &[9, 5, 3, 4], now);
-        assert_eq!(p.place(5, order(0, 4), |_| true, now), Some((2, Placed::MovedNow)));
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
         // Nothing relieves enough: stays.
         let mut p = Placement::new(2, 16, D);
         key(&mut p, 5, 3_000, now);
         levels(&mut p, &[6, 3], now);
-        assert_eq!(p.place(5, order(0, 2), |_| true, now), Some((0, Placed::Home)));
+        assert_eq!(p.place(5, order(0, 2), |_| true, |_| 1, now), Some((0, Placed::Home)));
+    }
+
+    #[test]
+    fn loads_are_compared_per_unit_of_weight() {
+        let mut p = Placement::new(3, 16, D);
+        let now = 100_000;
+        key(&mut p, 5, 2_000, now);
+        // Server 0 has weight 4: 6 in flight is 1.5 per unit, not hot.
+        levels(&mut p, &[6, 0, 0], now);
+        let w = |i: usize| if i == 0 { 4 } else { 1 };
+        assert_eq!(p.place(5, order(0, 3), |_| true, w, now), Some((0, Placed::Home)));
+        // Weight 1 everywhere: hot, moves.
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
     }
 
     #[test]
@@ -441,7 +460,7 @@ mod tests {
         let now = 100_000;
         key(&mut p, 3, 100, now);
         levels(&mut p, &[8, 0, 0, 0], now);
-        assert_eq!(p.place(3, order(0, 4), |_| true, now), Some((0, Placed::Home)));
+        assert_eq!(p.place(3, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
     }
 
     #[test]
@@ -451,20 +470,20 @@ mod tests {
         let start = 100_000;
         key(&mut p, 5, 1_500, start);
         levels(&mut p, &[5, 0, 0], start);
-        assert_eq!(p.place(5, order(0, 3), |_| true, start), Some((1, Placed::MovedNow)));
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, start), Some((1, Placed::MovedNow)));
         // Home cools down, but the residence is not over: stays.
         let now = start + D.residence_ms - 1;
         levels(&mut p, &[0, 2, 0], now);
         key(&mut p, 5, 1_500, now);
-        assert_eq!(p.place(5, order(0, 3), |_| true, now), Some((1, Placed::Moved)));
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::Moved)));
         // Residence over, but home would be hot with the key back: stays.
         let now = start + D.residence_ms;
         levels(&mut p, &[2, 2, 0], now);
         key(&mut p, 5, 1_500, now);
-        assert_eq!(p.place(5, order(0, 3), |_| true, now), Some((1, Placed::Moved)));
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::Moved)));
         // Home quiet: back.
         levels(&mut p, &[0, 2, 0], now);
-        assert_eq!(p.place(5, order(0, 3), |_| true, now), Some((0, Placed::Returned)));
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((0, Placed::Returned)));
         assert_eq!(p.moved_keys(), 0);
     }
 
@@ -475,12 +494,12 @@ mod tests {
         key(&mut p, 5, 3_000, now);
         key(&mut p, 6, 3_000, now);
         levels(&mut p, &[9, 0, 0, 0], now);
-        assert_eq!(p.place(5, order(0, 4), |_| true, now), Some((1, Placed::MovedNow)));
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
         levels(&mut p, &[9, 3, 0, 0], now + 1);
-        assert_eq!(p.place(6, order(0, 4), |_| true, now + 1), Some((0, Placed::Home)));
+        assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + 1), Some((0, Placed::Home)));
         levels(&mut p, &[9, 3, 0, 0], now + D.cooldown_ms);
         key(&mut p, 6, 3_000, now + D.cooldown_ms);
-        assert_eq!(p.place(6, order(0, 4), |_| true, now + D.cooldown_ms), Some((2, Placed::MovedNow)));
+        assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + D.cooldown_ms), Some((2, Placed::MovedNow)));
     }
 
     #[test]
@@ -489,11 +508,11 @@ mod tests {
         let now = 100_000;
         key(&mut p, 5, 3_000, now);
         levels(&mut p, &[6, 0, 0], now);
-        assert_eq!(p.place(5, order(0, 3), |_| true, now), Some((1, Placed::MovedNow)));
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
         // Server 1 goes down: never chosen; the key is home again (or moved on by the rule).
-        let r = p.place(5, order(0, 3), |i| i != 1, now + 1).unwrap();
+        let r = p.place(5, order(0, 3), |i| i != 1, |_| 1, now + 1).unwrap();
         assert_ne!(r.0, 1);
-        assert_eq!(p.place(5, order(0, 3), |_| false, now + 2), None);
+        assert_eq!(p.place(5, order(0, 3), |_| false, |_| 1, now + 2), None);
     }
 
     #[test]
@@ -503,12 +522,12 @@ mod tests {
         let now = 100_000;
         key(&mut p, 1, 3_000, now);
         levels(&mut p, &[9, 0, 0, 0], now);
-        assert_eq!(p.place(1, order(0, 4), |_| true, now).unwrap().1, Placed::MovedNow);
+        assert_eq!(p.place(1, order(0, 4), |_| true, |_| 1, now).unwrap().1, Placed::MovedNow);
         for k in 2..40 {
             p.key_done(k, 1, now);
         }
         assert_eq!(p.moved_keys(), 1);
-        assert_eq!(p.place(1, order(0, 4), |_| true, now + 1).unwrap().1, Placed::Moved);
+        assert_eq!(p.place(1, order(0, 4), |_| true, |_| 1, now + 1).unwrap().1, Placed::Moved);
     }
 
     proptest! {
@@ -532,7 +551,7 @@ mod tests {
                 }
                 let ord = order(key as usize % n, n);
                 let usable = |i: usize| i != down;
-                match p.place(key, ord.clone(), usable, now) {
+                match p.place(key, ord.clone(), usable, |_| 1, now) {
                     None => prop_assert!(ord.iter().all(|&i| i == down)),
                     Some((s, how)) => {
                         prop_assert!(s < n && s != down);
@@ -546,7 +565,7 @@ mod tests {
                             }
                             last_move.insert(key, now);
                         }
-                        let again = p.place(key, ord.clone(), usable, now).unwrap();
+                        let again = p.place(key, ord.clone(), usable, |_| 1, now).unwrap();
                         prop_assert_eq!(again.0, s);
                     }
                 }

@@ -281,7 +281,7 @@ impl Policy {
                     return l;
                 }
                 let pl = self.placement.as_mut().unwrap();
-                let (s, how) = pl.place(r.key, self.ring.order(r.key), |_| true, now).unwrap();
+                let (s, how) = pl.place(r.key, self.ring.order(r.key), |_| true, |_| 1, now).unwrap();
                 if how == Placed::MovedNow || how == Placed::Returned {
                     self.moves += 1;
                     if std::env::var_os("SIM_TRACE").is_some() {
