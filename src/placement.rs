@@ -12,21 +12,27 @@
 //!   4-slot Kylin node, queueing starts around 2-3) **and** at least `rel` times the mean
 //!   over usable servers (the rest of the cluster is not just as busy).
 //! - Only a **major** key moves: its own load (its average requests in flight, from its
-//!   response times by Little's law) is at least `margin` and at least `share` of the hot
-//!   server's load, and the key has been known for `tau` (its load is measured). Light
-//!   clients never move: moving them costs their cache and relieves nothing.
+//!   response times by Little's law) is above `margin` and at least `share` of the hot
+//!   server's load, and it is known (the key is `tau` old, or logins gave it an expected
+//!   load). Light clients never move: moving them costs their cache and relieves nothing.
 //! - Its target must relieve the hot server: after the move it carries less than the hot
-//!   server did, by `margin`: `L(t) + k + margin <= L(cur)`. Among those, the **first cool
-//!   server of the key's own ring order** (`L(t) <= hot / 2`), else the least loaded: the same
-//!   key, in the same situation, lands on the same server, and never joins another busy client
-//!   while an idle server exists.
+//!   server did, by `margin`: `L(t) + k + margin <= L(cur)`. Among those, the **first server
+//!   of the key's own ring order** that ends no busier than the hot one is left
+//!   (`L(t) + k <= L(cur) - k`), else the least loaded: the same key, in the same situation,
+//!   lands on the same server, and never joins another busy client while a server is free.
 //! - The key's expected load moves with it at once (subtracted from the hot server's average,
 //!   added to the target's), so the next decision sees the cluster as it will be: no second
-//!   client chases the same cool server before its average has risen.
+//!   client chases the same server before its average has risen.
+//! - **Logins bring expected load.** A new session is expected to bring `session` requests
+//!   in flight until its requests are measured: [`Placement::login`] adds that to its
+//!   server and its key at once. With node-local sessions the login is the only moment a
+//!   client's load can move, and a BI server opening its session pool logs in many times
+//!   within a second, long before any response time is known.
 //! - **Hysteresis**: a moved key stays for at least `residence` before it may move again or
 //!   return; it returns home only when home, with the key back, would not be hot
-//!   (`L(home) + k < hot`) and would not be busier than where it is. After a key leaves a
-//!   server, no other key leaves that server for `cooldown`.
+//!   (`L(home) + k < hot`) and would not be busier than where it is. Optionally, after a key
+//!   leaves a server, no other key leaves that server for `cooldown` (0 by default: the
+//!   expected-load transfer already prevents a herd).
 //!
 //! State: per server, a time-weighted average of its in-flight count (updated when the count
 //! changes); per key, in a bounded table, a decayed sum of its response times, the server it
@@ -53,10 +59,15 @@ pub struct Params {
     pub residence_ms: u64,
     /// After a key leaves a server, no other key leaves it for this long.
     pub cooldown_ms: u64,
+    /// Expected load of a new session until measured (thousandths of a request in flight):
+    /// a login adds it to its server and its key at once ([`Placement::login`]).
+    pub session_milli: u64,
 }
 
 impl Params {
-    /// Defaults chosen with `examples/factor_sim.rs cluster` (bench/placement-research.md).
+    /// Defaults chosen with `examples/factor_sim.rs cluster` (bench/placement-research.md):
+    /// the results hardly depend on `hot` (1 to 3), `share` or `residence`; `tau` of 1 s reacts
+    /// within a second; `session` matters for long node-local sessions (0 loses 0.3x there).
     pub const DEFAULT: Params = Params {
         tau_ms: 1_000,
         hot_milli: 2_000,
@@ -64,7 +75,8 @@ impl Params {
         share_milli: 250,
         margin_milli: 500,
         residence_ms: 30_000,
-        cooldown_ms: 2_000,
+        cooldown_ms: 0,
+        session_milli: 500,
     };
 }
 
@@ -122,8 +134,10 @@ struct KeyEntry {
     moved: u32,
     /// When the key last moved (or returned).
     since_ms: u64,
-    /// When the entry was made: a key's load is known once it is `tau` old.
+    /// When the entry was made: a key's load is known once it is `tau` old...
     first_ms: u64,
+    /// ... or once a login gave it an expected load.
+    expected: bool,
 }
 
 impl KeyEntry {
@@ -194,6 +208,27 @@ impl Placement {
         e.at_ms = now.max(e.at_ms);
     }
 
+    /// A login of `key` was placed on server `i` (a new session, which will stay there if
+    /// node-local). Until its requests are measured, the session is expected to bring
+    /// `session` requests in flight: that much is added to the server's average and to the
+    /// key's load at once (and decays with `tau` as measurements take over), so a burst of
+    /// logins, e.g. a BI server opening its session pool, sees its own load building up.
+    pub fn login(&mut self, key: u64, i: usize, now: u64) {
+        let p = self.params;
+        if p.session_milli == 0 || i >= self.servers.len() {
+            return;
+        }
+        let s = &mut self.servers[i];
+        s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(p.session_milli);
+        s.at_ms = now.max(s.at_ms);
+        let j = self.entry(key, now);
+        let e = &mut self.keys[j];
+        e.busy = decay(e.busy, now.saturating_sub(e.at_ms), p.tau_ms).saturating_add(p.session_milli.saturating_mul(p.tau_ms));
+        e.at_ms = now.max(e.at_ms);
+        // Its load is known now (an estimate that errs on the heavy side).
+        e.expected = true;
+    }
+
     /// The key's load as of `now` (0 if unknown), thousandths of a request in flight.
     pub fn key_load(&self, key: u64, now: u64) -> u64 {
         self.find(key).map_or(0, |i| self.keys[i].load_at(now, self.params.tau_ms))
@@ -248,8 +283,8 @@ impl Placement {
         }
 
         let lc = per(self, cur, 0);
-        let known = now.saturating_sub(e.first_ms) >= p.tau_ms;
-        let major = kl >= p.margin_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
+        let known = e.expected || now.saturating_sub(e.first_ms) >= p.tau_ms;
+        let major = kl > p.margin_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
         if settled && known && major && lc >= p.hot_milli {
             let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
             let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
@@ -258,10 +293,12 @@ impl Placement {
             let cooled = left == 0 || now.saturating_sub(left) >= p.cooldown_ms;
             if cooled && lc.saturating_mul(1000) >= p.rel_milli.saturating_mul(mean) {
                 // Servers where the move lowers the hot one's load by the margin at least: the
-                // first cool one of the key's order (a stable choice), else the least loaded.
+                // first of the key's order that ends no busier than the hot one is left (a
+                // stable choice that never piles two clients up while a server is free), else
+                // the least loaded.
                 let fits = |s: &Placement, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
-                let cool = p.hot_milli / 2;
-                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, 0) <= cool).or_else(|| {
+                let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
+                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
                     order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
@@ -326,7 +363,7 @@ impl Placement {
                     .min_by_key(|&i| (self.keys[i].moved != 0, self.keys[i].load_at(now, tau)))
                     .unwrap_or(s)
             });
-        self.keys[i] = KeyEntry { key, busy: 0, at_ms: now, moved: 0, since_ms: 0, first_ms: now };
+        self.keys[i] = KeyEntry { key, busy: 0, at_ms: now, moved: 0, since_ms: 0, first_ms: now, expected: false };
         i
     }
 }
@@ -355,7 +392,7 @@ mod tests {
         let e = &mut p.keys[i];
         e.busy = milli * p.params.tau_ms;
         e.at_ms = now;
-        e.first_ms = e.first_ms.min(now.saturating_sub(p.params.tau_ms));
+        e.expected = true;
     }
 
     #[test]
@@ -455,6 +492,44 @@ mod tests {
     }
 
     #[test]
+    fn a_login_burst_moves_a_client_before_anything_is_measured() {
+        // Three BI servers share home 0 and open their session pools at once: each login adds
+        // half a request in flight. The first client to be major on a hot server leaves, the
+        // next one goes elsewhere again, and one stays home.
+        let mut p = Placement::new(4, 64, D);
+        let orders = [vec![0, 1, 2, 3], vec![0, 2, 3, 1], vec![0, 3, 1, 2]];
+        let mut now = 1_000;
+        let mut at = [0usize; 3];
+        for round in 0..6 {
+            for c in 0..3 {
+                now += 5;
+                let (s, _) = p.place(10 + c as u64, orders[c].clone(), |_| true, |_| 1, now).unwrap();
+                p.login(10 + c as u64, s, now);
+                if round == 5 {
+                    at[c] = s;
+                }
+            }
+        }
+        let mut distinct = at.to_vec();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "{at:?}");
+        assert!(at.contains(&0));
+        assert!(p.moved_keys() == 2);
+    }
+
+    #[test]
+    fn one_session_clients_are_not_major() {
+        let mut p = Placement::new(4, 16, D);
+        let now = 100_000;
+        levels(&mut p, &[3, 0, 0, 0], now);
+        p.login(3, 0, now);
+        assert_eq!(p.place(3, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
+        p.login(3, 0, now);
+        assert_eq!(p.place(3, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+    }
+
+    #[test]
     fn light_keys_never_move() {
         let mut p = Placement::new(4, 16, D);
         let now = 100_000;
@@ -489,7 +564,7 @@ mod tests {
 
     #[test]
     fn a_second_key_waits_for_the_cooldown() {
-        let mut p = Placement::new(4, 16, D);
+        let mut p = Placement::new(4, 16, Params { cooldown_ms: 2_000, ..D });
         let now = 100_000;
         key(&mut p, 5, 3_000, now);
         key(&mut p, 6, 3_000, now);
@@ -497,9 +572,10 @@ mod tests {
         assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
         levels(&mut p, &[9, 3, 0, 0], now + 1);
         assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + 1), Some((0, Placed::Home)));
-        levels(&mut p, &[9, 3, 0, 0], now + D.cooldown_ms);
-        key(&mut p, 6, 3_000, now + D.cooldown_ms);
-        assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + D.cooldown_ms), Some((2, Placed::MovedNow)));
+        levels(&mut p, &[9, 3, 0, 0], now + 2_000);
+        key(&mut p, 6, 3_000, now + 2_000);
+        // Server 1 ends at 6, no busier than the 6 left behind: the first such server.
+        assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + 2_000), Some((1, Placed::MovedNow)));
     }
 
     #[test]

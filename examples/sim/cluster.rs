@@ -302,8 +302,15 @@ impl Policy {
         }
     }
 
-    /// A login answered by `node` created session `id`.
-    pub fn learn(&mut self, id: u64, node: usize) {
+    /// A login of `key` answered by `node` created session `id`.
+    pub fn learn(&mut self, id: u64, node: usize, key: u64, now: f64) {
+        if let Some(p) = self.placement.as_mut() {
+            p.login(key, node, now as u64);
+            if std::env::var_os("SIM_TRACE_LOGINS").is_some() {
+                let loads: Vec<u64> = (0..NODES).map(|i| p.server_load(i, now as u64)).collect();
+                eprintln!("t={now:.0} login key {key:x} -> n{} key load {} loads {loads:?}", node + 1, p.key_load(key, now as u64));
+            }
+        }
         match self.kind {
             Kind::LeastConnSticky | Kind::Kylin(_) | Kind::KylinSat(..) | Kind::Place(_) | Kind::PlaceValve(..) => {
                 self.routes.insert(id, node);
@@ -502,7 +509,7 @@ pub fn run(cfg: &Config, layout: &Layout, kind: Kind, seed: u64) -> Outcome {
                     let id = next_session;
                     next_session += 1;
                     nodes[node].sessions.insert(id);
-                    pol.learn(id, node);
+                    pol.learn(id, node, key, t);
                     users[u].session = Some(id);
                     users[u].left = match users[u].bi {
                         Some(_) => {
