@@ -396,6 +396,7 @@ fn candidates() -> Vec<(String, Kind)> {
         ("placement session=0.25".into(), Kind::Place(Params { session_milli: 250, ..d })),
         ("placement residence=10s".into(), Kind::Place(Params { residence_ms: 10_000, ..d })),
         ("placement share=0".into(), Kind::Place(Params { share_milli: 0, ..d })),
+        ("placement margin=0.25".into(), Kind::Place(Params { margin_milli: 250, ..d })),
         ("placement + request valve at 8 in flight".into(), Kind::PlaceValve(d, 1250, 8)),
     ]
 }

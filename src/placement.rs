@@ -53,6 +53,8 @@ pub struct Params {
     pub rel_milli: u64,
     /// A key may move only if its load is at least this share of its server's (thousandths).
     pub share_milli: u64,
+    /// A key is major only above this load (thousandths of a request in flight).
+    pub major_milli: u64,
     /// A move must leave the target below the hot server's load minus this (thousandths).
     pub margin_milli: u64,
     /// A moved key stays at least this long before it moves again or returns.
@@ -73,6 +75,7 @@ impl Params {
         hot_milli: 2_000,
         rel_milli: 1_250,
         share_milli: 250,
+        major_milli: 500,
         margin_milli: 500,
         residence_ms: 30_000,
         cooldown_ms: 0,
@@ -284,7 +287,7 @@ impl Placement {
 
         let lc = per(self, cur, 0);
         let known = e.expected || now.saturating_sub(e.first_ms) >= p.tau_ms;
-        let major = kl > p.margin_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
+        let major = kl > p.major_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
         if settled && known && major && lc >= p.hot_milli {
             let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
             let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
