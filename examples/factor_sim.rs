@@ -28,8 +28,13 @@
 //! Anchors: ip_hash, hash consistent, round robin, least_conn (fewest in flight, ties by round
 //! robin), least_conn + sticky learn (nginx 1.31: a session stays where it was created, logins
 //! by least_conn); hash consistent + sticky learn equals hash consistent here (no failures).
+//! With node-local sessions, round robin and least_conn send a login and its first query to
+//! different nodes here, so nearly every query gets 401 (the real benchmark, with 2 nginx
+//! workers and concurrent users, lets some through); they are never the best anchor there.
 //! Candidates: today's module (`src/balancer.rs` `choose`, factor 1.25 and others), request
-//! spills gated by saturation, and client placement (`src/placement.rs`) with several settings.
+//! spills gated by saturation or by an EWMA of response times (as nginx's `least_time`
+//! averages them), and client placement (`src/placement.rs`) with several settings.
+//! Defaults: 16 layouts, 3 seeds. `SIM_TRACE=1` prints every client move to stderr.
 //! Every run lasts 30 s of simulated time, the first 5 s not counted (as `scripts/bench`); each
 //! cell (layout x session kind x cache kind) is the mean of S workload seeds (default 3), the
 //! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
@@ -386,6 +391,7 @@ fn candidates() -> Vec<(String, Kind)> {
         ("kylin, bound 3".into(), Kind::Kylin(3000)),
         ("bound 1.25, only off a node with >= 4 in flight".into(), Kind::KylinSat(1250, 4)),
         ("bound 1.25, only off a node with >= 6 in flight".into(), Kind::KylinSat(1250, 6)),
+        ("bound 1.25, only off a node whose EWMA response time is >= 1.5x the mean".into(), Kind::KylinRt(1250, 1500)),
         ("placement (recommended defaults)".into(), Kind::Place(d)),
         ("placement hot=1".into(), Kind::Place(Params { hot_milli: 1_000, ..d })),
         ("placement hot=3".into(), Kind::Place(Params { hot_milli: 3_000, ..d })),
@@ -402,7 +408,7 @@ fn candidates() -> Vec<(String, Kind)> {
 }
 
 fn cluster_main(args: &[String]) {
-    let mut layouts = 12u64;
+    let mut layouts = 16u64;
     let mut seeds = 3u64;
     let mut duration = 30.0f64;
     let mut detail = false;

@@ -12,7 +12,7 @@
 //!   4-slot Kylin node, queueing starts around 2-3) **and** at least `rel` times the mean
 //!   over usable servers (the rest of the cluster is not just as busy).
 //! - Only a **major** key moves: its own load (its average requests in flight, from its
-//!   response times by Little's law) is above `margin` and at least `share` of the hot
+//!   response times by Little's law) is above `major` and at least `share` of the hot
 //!   server's load, and it is known (the key is `tau` old, or logins gave it an expected
 //!   load). Light clients never move: moving them costs their cache and relieves nothing.
 //! - Its target must relieve the hot server: after the move it carries less than the hot
@@ -35,9 +35,11 @@
 //!   expected-load transfer already prevents a herd).
 //!
 //! State: per server, a time-weighted average of its in-flight count (updated when the count
-//! changes); per key, in a bounded table, a decayed sum of its response times, the server it
-//! was moved to and since when. Everything is integer arithmetic on `u64`, in milliseconds
-//! and thousandths of a request, so it can live in shared memory.
+//! changes, plus the expected load of logins and moves); per key, in a bounded table (a full
+//! probe window evicts its least-loaded key that has not moved), a decayed sum of its
+//! response times and login priors, the server it was moved to and since when. Everything is
+//! integer arithmetic on `u64`, in milliseconds and thousandths of a request, so it can live
+//! in shared memory (the caller serializes access, e.g. under the zone's lock).
 //!
 //! The caller decides *which* requests may follow the placement (logins and requests without
 //! a session, shared sessions); node-local sessions stay on the node that created them.

@@ -162,6 +162,10 @@ pub enum Kind {
     KylinSat(u32, u64),
     /// Client placement (`src/placement.rs`) with these parameters.
     Place(Params),
+    /// Request-level bound (factor, thousandths), but a request leaves only a node whose EWMA
+    /// response time (nginx `least_time`'s average: 0.95 old + 0.05 new) is at least `x`
+    /// (thousandths) times the mean of the nodes' averages, for a node below the mean.
+    KylinRt(u32, u32),
     /// Client placement plus today's request bound as a safety valve at factor (thousandths)
     /// for requests that may move, gated at `sat` in flight.
     PlaceValve(Params, u32, u64),
@@ -184,6 +188,8 @@ pub struct Policy {
     routes: HashMap<u64, usize>,
     placement: Option<Placement>,
     shared: bool,
+    /// Per node, nginx-style EWMA of response times (ms).
+    rt: [f64; NODES],
     pub moves: u64,
 }
 
@@ -208,7 +214,7 @@ impl Policy {
             Kind::Place(p) | Kind::PlaceValve(p, _, _) => Some(Placement::new(NODES, 256, p)),
             _ => None,
         };
-        Policy { kind, ring, ketama: Ketama::new(names), rr: 0, routes: HashMap::new(), placement, shared, moves: 0 }
+        Policy { kind, ring, ketama: Ketama::new(names), rr: 0, routes: HashMap::new(), placement, shared, rt: [0.0; NODES], moves: 0 }
     }
 
     fn least_conn(&mut self, inflight: &[u64; NODES]) -> usize {
@@ -275,6 +281,24 @@ impl Policy {
                 }
                 home
             }
+            Kind::KylinRt(f, x) => {
+                let movable = r.session.is_none() || self.shared;
+                let home = learned.unwrap_or_else(|| self.ring.owner(r.key).unwrap());
+                let mean = self.rt.iter().sum::<f64>() / NODES as f64;
+                if movable && mean > 0.0 && self.rt[home] * 1000.0 >= f64::from(x) * mean {
+                    let bound = Bound { factor_milli: f, total: r.inflight.iter().sum(), live_weight: NODES as u64 };
+                    if !bound.admits(r.inflight[home], 1) {
+                        if let Some(t) = self.ring.order(r.key).find(|&t| t != home && self.rt[t] < mean && bound.admits(r.inflight[t], 1)) {
+                            self.moves += 1;
+                            if let Some(id) = r.session {
+                                self.routes.insert(id, t);
+                            }
+                            return t;
+                        }
+                    }
+                }
+                home
+            }
             Kind::Place(_) | Kind::PlaceValve(..) => {
                 // Node-local sessions stay where they were created.
                 if let (Some(l), false) = (learned, self.shared) {
@@ -312,7 +336,7 @@ impl Policy {
             }
         }
         match self.kind {
-            Kind::LeastConnSticky | Kind::Kylin(_) | Kind::KylinSat(..) | Kind::Place(_) | Kind::PlaceValve(..) => {
+            Kind::LeastConnSticky | Kind::Kylin(_) | Kind::KylinSat(..) | Kind::KylinRt(..) | Kind::Place(_) | Kind::PlaceValve(..) => {
                 self.routes.insert(id, node);
             }
             _ => {}
@@ -326,8 +350,10 @@ impl Policy {
         }
     }
 
-    /// A request of `key` finished after `rt` ms.
-    pub fn done(&mut self, key: u64, rt: f64, now: f64) {
+    /// A request of `key` finished on `node` after `rt` ms.
+    pub fn done(&mut self, node: usize, key: u64, rt: f64, now: f64) {
+        let avg = &mut self.rt[node];
+        *avg = if *avg == 0.0 { rt } else { 0.95 * *avg + 0.05 * rt };
         if let Some(p) = self.placement.as_mut() {
             p.key_done(key, rt.round() as u64, now as u64);
         }
@@ -589,7 +615,7 @@ pub fn run(cfg: &Config, layout: &Layout, kind: Kind, seed: u64) -> Outcome {
                     n.running -= 1;
                 }
                 let rt = t - issued + cfg.overhead_ms;
-                pol.done(keys[users[u].client], rt, t);
+                pol.done(node, keys[users[u].client], rt, t);
                 if issued >= cfg.warmup_ms {
                     ok += 1;
                     lat.push(rt);
