@@ -2,7 +2,8 @@
 //! the older queueing model used to choose the default `kylin_balance_factor` (`factor`).
 //!
 //!     factor_sim [cluster] [--layouts N] [--seeds S] [--duration SECONDS] [--think MS]
-//!                [--adhoc SHARE] [--sessions N] [--per-session LO,HI] [--only NAME] [--detail]
+//!                [--adhoc SHARE] [--bi N] [--sessions N] [--per-session LO,HI] [--only NAME]
+//!                [--detail]
 //!     factor_sim factor [REQUESTS_PER_RUN [RUNS [LOAD]]]      defaults: 200000 20 0.8
 //!     factor_sim REQUESTS_PER_RUN [RUNS [LOAD]]                (same as `factor`, for scripts/bench-factor)
 //!
@@ -40,7 +41,7 @@
 //! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
 //! busiest/mean time-averaged in-flight, and per candidate its ratio to the best anchor of the
 //! cell (by queries/s): worst and geometric mean over all cells. `--think` (default 80 ms, as
-//! loadgen.py), `--adhoc` (0.10), `--sessions` (6 per BI server) and `--per-session` (15,40)
+//! loadgen.py), `--adhoc` (0.10), `--bi` (3 BI servers), `--sessions` (6 per BI server) and `--per-session` (15,40)
 //! change the workload; `--think 5 --adhoc 0.03` is the heavy setting that reproduces the
 //! issue's table (bench/placement.md). `--only` keeps the candidates whose name contains
 //! NAME; `--detail` adds every balancer's numbers per cell. Output: markdown on stdout.
@@ -400,6 +401,9 @@ fn candidates() -> Vec<(String, Kind)> {
         ("placement without login priors (session=0)".into(), Kind::Place(Params { session_milli: 0, ..d })),
         ("placement session=1 margin=1".into(), Kind::Place(Params { session_milli: 1_000, margin_milli: 1_000, ..d })),
         ("placement session=0.25".into(), Kind::Place(Params { session_milli: 250, ..d })),
+        ("placement prior window=3s".into(), Kind::Place(Params { prior_window_ms: 3_000, ..d })),
+        ("placement prior window=3s session=1".into(), Kind::Place(Params { prior_window_ms: 3_000, session_milli: 1_000, ..d })),
+        ("placement prior window=1s".into(), Kind::Place(Params { prior_window_ms: 1_000, ..d })),
         ("placement residence=10s".into(), Kind::Place(Params { residence_ms: 10_000, ..d })),
         ("placement share=0".into(), Kind::Place(Params { share_milli: 0, ..d })),
         ("placement margin=0.25".into(), Kind::Place(Params { margin_milli: 250, ..d })),
@@ -444,6 +448,10 @@ fn cluster_main(args: &[String]) {
             "--per-session" => {
                 let (lo, hi) = args[i + 1].split_once(',').expect("--per-session LO,HI");
                 base.bi_queries = (lo.parse().expect("LO"), hi.parse().expect("HI"));
+                i += 1;
+            }
+            "--bi" => {
+                base.bi_servers = args[i + 1].parse().expect("--bi N");
                 i += 1;
             }
             "--sessions" => {

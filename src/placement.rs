@@ -66,6 +66,9 @@ pub struct Params {
     /// Expected load of a new session until measured (thousandths of a request in flight):
     /// a login adds it to its server and its key at once ([`Placement::login`]).
     pub session_milli: u64,
+    /// Logins add that prior only while their key is younger than this (its cold start;
+    /// later its measured load counts, and re-logins would inflate it); 0: always.
+    pub prior_window_ms: u64,
 }
 
 impl Params {
@@ -82,6 +85,7 @@ impl Params {
         residence_ms: 30_000,
         cooldown_ms: 0,
         session_milli: 500,
+        prior_window_ms: 0,
     };
 }
 
@@ -222,6 +226,13 @@ impl Placement {
         let p = self.params;
         if p.session_milli == 0 || i >= self.servers.len() {
             return;
+        }
+        if p.prior_window_ms > 0 {
+            if let Some(j) = self.find(key) {
+                if now.saturating_sub(self.keys[j].first_ms) >= p.prior_window_ms {
+                    return;
+                }
+            }
         }
         let s = &mut self.servers[i];
         s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(p.session_milli);
@@ -521,6 +532,17 @@ mod tests {
         assert_eq!(distinct.len(), 3, "{at:?}");
         assert!(at.contains(&0));
         assert!(p.moved_keys() == 2);
+    }
+
+    #[test]
+    fn the_login_prior_can_be_limited_to_a_keys_cold_start() {
+        let mut p = Placement::new(2, 16, Params { prior_window_ms: 3_000, ..D });
+        p.key_done(8, 1, 1_000);
+        p.login(8, 0, 2_000);
+        assert!(p.key_load(8, 2_000) >= 500);
+        let before = p.server_load(0, 10_000);
+        p.login(8, 0, 10_000);
+        assert_eq!(p.server_load(0, 10_000), before);
     }
 
     #[test]
