@@ -1,6 +1,52 @@
-//! Deterministic simulation to choose the default `kylin_balance_factor`.
+//! Deterministic simulations: the placement model of issue #13 (`cluster`, the default) and
+//! the older queueing model used to choose the default `kylin_balance_factor` (`factor`).
 //!
-//!     factor_sim [REQUESTS_PER_RUN [RUNS [LOAD]]]      defaults: 200000 20 0.8
+//!     factor_sim [cluster] [--layouts N] [--seeds S] [--duration SECONDS] [--think MS]
+//!                [--adhoc SHARE] [--bi N] [--sessions N] [--per-session LO,HI] [--only NAME]
+//!                [--detail]
+//!     factor_sim factor [REQUESTS_PER_RUN [RUNS [LOAD]]]      defaults: 200000 20 0.8
+//!     factor_sim REQUESTS_PER_RUN [RUNS [LOAD]]                (same as `factor`, for scripts/bench-factor)
+//!
+//! ## `cluster`: a discrete-event model of the issue #13 benchmark
+//!
+//! Cluster: 4 Kylin nodes (`127.0.0.1:7071..7074`, weight 1), each with 4 query slots and a
+//! FIFO queue; a per-node result cache, an LRU of 256 entries (or unbounded): a query is
+//! answered in 5 ms if the node answered it recently, else 60 ms (the node stand-in
+//! `scripts/kylin_node.py --slots 4 --cache --cache-size 256 --hit-ms 5 --miss-ms 60`; like it,
+//! the cache is looked up and filled when the query arrives, and logins and 401s take no slot).
+//! 1 ms of overhead per request (network, nginx), outside the slots.
+//! Load (`scripts/loadgen.py`'s workload at the issue's size), closed loop: 3 BI servers with 6
+//! concurrent user sessions each (think time exponential, mean 80 ms, capped at 800 ms; 15 to
+//! 40 queries per session, then a new login; each BI server's queries come from its own hot set
+//! of 100, half Pareto(1.2)-ranked, half uniform, 10% ad hoc never repeated), and 9 light
+//! clients (one session each, a query every 1.5 s on average from their own 10). A 401 makes
+//! the user log in again at once. Sessions are node-local (a query with a session another node
+//! created gets 401) or Redis-shared (every node accepts every session).
+//! Layouts: each client gets a random 127.x.y.z address in its own /24 (seeded, layout 1..N);
+//! `ip_hash` hashes the first three octets exactly as nginx does, `hash $remote_addr
+//! consistent` is nginx's ketama ring (crc32, 160 points per server, rebuilt bit for bit), the
+//! module's ring is `src/ring.rs` keyed by the four address bytes as `src/key.rs` does.
+//! Anchors: ip_hash, hash consistent, round robin, least_conn (fewest in flight, ties by round
+//! robin), least_conn + sticky learn (nginx 1.31: a session stays where it was created, logins
+//! by least_conn); hash consistent + sticky learn equals hash consistent here (no failures).
+//! With node-local sessions, round robin and least_conn send a login and its first query to
+//! different nodes here, so nearly every query gets 401 (the real benchmark, with 2 nginx
+//! workers and concurrent users, lets some through); they are never the best anchor there.
+//! Candidates: today's module (`src/balancer.rs` `choose`, factor 1.25 and others), request
+//! spills gated by saturation or by an EWMA of response times (as nginx's `least_time`
+//! averages them), and client placement (`src/placement.rs`) with several settings.
+//! Defaults: 16 layouts, 3 seeds. `SIM_TRACE=1` prints every client move to stderr.
+//! Every run lasts 30 s of simulated time, the first 5 s not counted (as `scripts/bench`); each
+//! cell (layout x session kind x cache kind) is the mean of S workload seeds (default 3), the
+//! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
+//! busiest/mean time-averaged in-flight, and per candidate its ratio to the best anchor of the
+//! cell (by queries/s): worst and geometric mean over all cells. `--think` (default 80 ms, as
+//! loadgen.py), `--adhoc` (0.10), `--bi` (3 BI servers), `--sessions` (6 per BI server) and `--per-session` (15,40)
+//! change the workload; `--think 5 --adhoc 0.03` is the heavy setting that reproduces the
+//! issue's table (bench/placement.md). `--only` keeps the candidates whose name contains
+//! NAME; `--detail` adds every balancer's numbers per cell. Output: markdown on stdout.
+//!
+//! ## `factor`: the balance-factor model
 //!
 //! Model: 4 equal servers, each a FIFO queue serving one request at a time with exponential
 //! service times (mean 1). Clients: 3 hot BI clients sending half of all requests (1/6 each)
@@ -28,6 +74,11 @@ mod ring;
 #[allow(dead_code)]
 #[path = "../src/balancer.rs"]
 mod balancer;
+#[allow(dead_code)]
+#[path = "../src/placement.rs"]
+mod placement;
+#[path = "sim/cluster.rs"]
+mod cluster;
 
 use balancer::{Bound, Group, Request, Route, Servers};
 use ring::{key_hash, Ring};
@@ -238,7 +289,19 @@ fn run(ring: &Ring, policy: Policy, seed: u64, requests: usize, load: f64) -> St
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        None | Some("cluster") => return cluster_main(&args[args.len().min(2)..]),
+        Some(a) if a.starts_with("--") => return cluster_main(&args[1..]),
+        Some("factor") => {
+            args.remove(1);
+        }
+        _ => {}
+    }
+    factor_main(&args);
+}
+
+fn factor_main(args: &[String]) {
     let requests: usize = args.get(1).map_or(200_000, |v| v.parse().expect("REQUESTS_PER_RUN"));
     let runs: u64 = args.get(2).map_or(20, |v| v.parse().expect("RUNS"));
     let load: f64 = args.get(3).map_or(0.8, |v| v.parse().expect("LOAD"));
@@ -285,4 +348,215 @@ fn main() {
             mean(|s| s.moved_of_movable) * 100.0,
         );
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// `cluster`: the issue #13 benchmark model (examples/sim/cluster.rs).
+
+use cluster::{Config, Kind, Layout, Outcome};
+use placement::Params;
+
+/// Mean outcome of one cell over `seeds` workload seeds.
+fn cell(cfg: &Config, layout: &Layout, kind: Kind, seeds: u64) -> Outcome {
+    let runs: Vec<Outcome> = (1..=seeds).map(|s| cluster::run(cfg, layout, kind, s)).collect();
+    let n = runs.len() as f64;
+    let mean = |f: fn(&Outcome) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    Outcome {
+        qps: mean(|o| o.qps),
+        p99: mean(|o| o.p99),
+        p50: mean(|o| o.p50),
+        hit: mean(|o| o.hit),
+        unauthorized: runs.iter().map(|o| o.unauthorized).sum(),
+        logins: runs.iter().map(|o| o.logins).sum(),
+        busiest: mean(|o| o.busiest),
+        moves: runs.iter().map(|o| o.moves).sum(),
+        bi_nodes: runs[0].bi_nodes.clone(),
+    }
+}
+
+fn anchors() -> Vec<(&'static str, Kind)> {
+    vec![
+        ("ip_hash", Kind::IpHash),
+        ("hash consistent", Kind::Hash),
+        ("round robin", Kind::RoundRobin),
+        ("least_conn", Kind::LeastConn),
+        ("least_conn + sticky learn", Kind::LeastConnSticky),
+    ]
+}
+
+fn candidates() -> Vec<(String, Kind)> {
+    let d = Params::DEFAULT;
+    vec![
+        ("kylin today (bound 1.25)".into(), Kind::Kylin(1250)),
+        ("kylin, bound 2".into(), Kind::Kylin(2000)),
+        ("kylin, bound 3".into(), Kind::Kylin(3000)),
+        ("bound 1.25, only off a node with >= 4 in flight".into(), Kind::KylinSat(1250, 4)),
+        ("bound 1.25, only off a node with >= 6 in flight".into(), Kind::KylinSat(1250, 6)),
+        ("bound 1.25, only off a node whose EWMA response time is >= 1.5x the mean".into(), Kind::KylinRt(1250, 1500)),
+        ("placement (recommended defaults)".into(), Kind::Place(d)),
+        ("placement hot=1".into(), Kind::Place(Params { hot_milli: 1_000, ..d })),
+        ("placement hot=3".into(), Kind::Place(Params { hot_milli: 3_000, ..d })),
+        ("placement tau=2s".into(), Kind::Place(Params { tau_ms: 2_000, ..d })),
+        ("placement cooldown=2s".into(), Kind::Place(Params { cooldown_ms: 2_000, ..d })),
+        ("placement without login priors (session=0)".into(), Kind::Place(Params { session_milli: 0, ..d })),
+        ("placement session=1 margin=1".into(), Kind::Place(Params { session_milli: 1_000, margin_milli: 1_000, ..d })),
+        ("placement session=0.25".into(), Kind::Place(Params { session_milli: 250, ..d })),
+        ("placement prior window=3s".into(), Kind::Place(Params { prior_window_ms: 3_000, ..d })),
+        ("placement prior window=3s session=1".into(), Kind::Place(Params { prior_window_ms: 3_000, session_milli: 1_000, ..d })),
+        ("placement prior window=1s".into(), Kind::Place(Params { prior_window_ms: 1_000, ..d })),
+        ("placement residence=10s".into(), Kind::Place(Params { residence_ms: 10_000, ..d })),
+        ("placement share=0".into(), Kind::Place(Params { share_milli: 0, ..d })),
+        ("placement margin=0.25".into(), Kind::Place(Params { margin_milli: 250, ..d })),
+        ("placement + request valve at 8 in flight".into(), Kind::PlaceValve(d, 1250, 8)),
+    ]
+}
+
+fn cluster_main(args: &[String]) {
+    let mut layouts = 16u64;
+    let mut seeds = 3u64;
+    let mut duration = 30.0f64;
+    let mut detail = false;
+    let mut only: Option<String> = None;
+    let mut base = Config::issue();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--layouts" => {
+                layouts = args[i + 1].parse().expect("--layouts N");
+                i += 1;
+            }
+            "--seeds" => {
+                seeds = args[i + 1].parse().expect("--seeds S");
+                i += 1;
+            }
+            "--duration" => {
+                duration = args[i + 1].parse().expect("--duration SECONDS");
+                i += 1;
+            }
+            "--only" => {
+                only = Some(args[i + 1].clone());
+                i += 1;
+            }
+            "--think" => {
+                base.bi_think_ms = args[i + 1].parse().expect("--think MS");
+                i += 1;
+            }
+            "--adhoc" => {
+                base.bi_adhoc = args[i + 1].parse().expect("--adhoc SHARE");
+                i += 1;
+            }
+            "--per-session" => {
+                let (lo, hi) = args[i + 1].split_once(',').expect("--per-session LO,HI");
+                base.bi_queries = (lo.parse().expect("LO"), hi.parse().expect("HI"));
+                i += 1;
+            }
+            "--bi" => {
+                base.bi_servers = args[i + 1].parse().expect("--bi N");
+                i += 1;
+            }
+            "--sessions" => {
+                base.bi_sessions = args[i + 1].parse().expect("--sessions N");
+                i += 1;
+            }
+            "--detail" => detail = true,
+            a => panic!("unknown argument {a}"),
+        }
+        i += 1;
+    }
+    let started = std::time::Instant::now();
+    let base = Config { duration_ms: duration * 1000.0, warmup_ms: 5000.0, ..base };
+    let clients = base.bi_servers + base.light;
+    let cands: Vec<(String, Kind)> = candidates().into_iter().filter(|(n, _)| only.as_ref().is_none_or(|o| n.contains(o.as_str()))).collect();
+    println!(
+        "Workload: {} BI servers x {} sessions (think {} ms, {:.0}% ad hoc, {}-{} queries per session), {} light clients.\n",
+        base.bi_servers, base.bi_sessions, base.bi_think_ms, base.bi_adhoc * 100.0, base.bi_queries.0, base.bi_queries.1, base.light
+    );
+    println!(
+        "{layouts} layouts x node-local/Redis-shared sessions x bounded (256)/unbounded caches; {seeds} workload seeds per cell, \
+         {duration:.0} s per run (first 5 s not counted).\n"
+    );
+    // results[candidate] = per cell (label, qps ratio, p99 ratio, 401s, hit)
+    let mut results: Vec<Vec<(String, f64, f64, u64, f64, f64)>> = vec![Vec::new(); cands.len()];
+    let mut validation = String::new();
+    for (cache_label, cache) in [("bounded", Some(256usize)), ("unbounded", None)] {
+        for (sess_label, shared) in [("node-local", false), ("Redis-shared", true)] {
+            let cfg = Config { cache, shared, ..base.clone() };
+            if detail {
+                validation += &format!("\n### {sess_label} sessions, {cache_label} cache\n\n| layout | balancer | queries/s | p50 ms | p99 ms | cache hits | 401s | busiest/mean | BI servers' nodes |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+            }
+            for l in 1..=layouts {
+                let layout = Layout::random(l, clients);
+                let stock: Vec<(&str, Outcome)> = anchors().into_iter().map(|(n, k)| (n, cell(&cfg, &layout, k, seeds))).collect();
+                let (best_name, best) = stock.iter().max_by(|a, b| a.1.qps.total_cmp(&b.1.qps)).unwrap();
+                let mut rows: Vec<(String, Outcome)> = Vec::new();
+                for (ci, (name, kind)) in cands.iter().enumerate() {
+                    let o = cell(&cfg, &layout, *kind, seeds);
+                    results[ci].push((
+                        format!("{l} | {sess_label} | {cache_label} | {best_name} {:.0} q/s, p99 {:.0}", best.qps, best.p99),
+                        o.qps / best.qps,
+                        o.p99 / best.p99,
+                        o.unauthorized,
+                        o.hit,
+                        o.moves as f64 / seeds as f64,
+                    ));
+                    rows.push((name.clone(), o));
+                }
+                if detail {
+                    let bi = |o: &Outcome| {
+                        o.bi_nodes
+                            .iter()
+                            .map(|s| {
+                                let (n, share) = s.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+                                format!("n{}:{:.0}%", n + 1, share * 100.0)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    };
+                    for (n, o) in stock.iter().map(|(n, o)| (n.to_string(), o.clone())).chain(rows.into_iter()) {
+                        validation += &format!(
+                            "| {l} | {n} | {:.1} | {:.1} | {:.1} | {:.0}% | {} | {:.2} | {} |\n",
+                            o.qps,
+                            o.p50,
+                            o.p99,
+                            o.hit * 100.0,
+                            o.unauthorized,
+                            o.busiest,
+                            bi(&o)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!("## Summary: candidate / best anchor of each cell\n");
+    println!("Goal (issue #13): queries/s >= 0.98x and p99 <= 1.05x the best anchor in every cell, zero 401.\n");
+    println!("| candidate | worst qps ratio | geomean qps ratio | worst p99 ratio | geomean p99 ratio | cells meeting the goal | 401s | client moves per run |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (ci, (name, _)) in cands.iter().enumerate() {
+        let r = &results[ci];
+        let gm = |f: fn(&(String, f64, f64, u64, f64, f64)) -> f64| (r.iter().map(|x| f(x).ln()).sum::<f64>() / r.len() as f64).exp();
+        let worst_q = r.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+        let worst_p = r.iter().map(|x| x.2).fold(0.0, f64::max);
+        let good = r.iter().filter(|x| x.1 >= 0.98 && x.2 <= 1.05 && x.3 == 0).count();
+        let moves = r.iter().map(|x| x.5).sum::<f64>() / r.len() as f64;
+        println!(
+            "| {name} | {worst_q:.3} | {:.3} | {worst_p:.3} | {:.3} | {good} of {} | {} | {moves:.1} |",
+            gm(|x| x.1),
+            gm(|x| x.2),
+            r.len(),
+            r.iter().map(|x| x.3).sum::<u64>()
+        );
+    }
+    for (ci, (name, _)) in cands.iter().enumerate() {
+        println!("\n### {name}\n");
+        println!("| layout | sessions | cache | best anchor | qps ratio | p99 ratio | cache hits | 401s |");
+        println!("|---|---|---|---|---:|---:|---:|---:|");
+        for (label, q, p, u, h, _) in &results[ci] {
+            println!("| {label} | {q:.3} | {p:.3} | {:.0}% | {u} |", h * 100.0);
+        }
+    }
+    if detail {
+        println!("\n## Every balancer in every cell\n{validation}");
+    }
+    println!("\nSimulated in {:.0} s.", started.elapsed().as_secs_f64());
 }

@@ -12,6 +12,7 @@ pub mod session;
 pub mod store;
 pub mod key;
 pub mod load;
+pub mod placement;
 pub mod report;
 pub mod redis_lookup;
 pub mod ring;
