@@ -35,14 +35,16 @@ fn main() {
     //   request's resumer that the request was terminated meanwhile;
     // - 1.29.6 added `sticky`, `server ... route= drain` (a draining peer's `down` is 2) and
     //   the sticky fields of the round-robin peer data;
-    // - 1.31.0 made upstream keepalive the default: the keepalive module wraps every
+    // - 1.29.7 made upstream keepalive the default: the keepalive module wraps every
     //   upstream's balancer after all are initialised, so `keepalive` no longer sets
-    //   `peer.init_upstream` when it is read.
+    //   `peer.init_upstream` when it is read (in 1.30 stable and 1.31 mainline);
+    // - 1.31.0 added `least_time`.
     const VERSION_CHECKS: &[(u64, &str)] = &[
         (1_023_000, "nginx1_23_0"),
         (1_025_004, "nginx1_25_4"),
         (1_027_003, "nginx1_27_3"),
         (1_029_006, "nginx1_29_6"),
+        (1_029_007, "nginx1_29_7"),
         (1_031_000, "nginx1_31_0"),
     ];
     for check in VERSION_CHECKS {

@@ -469,16 +469,15 @@ unsafe extern "C" fn kylin_directive(
     }
     // SAFETY: uscf is valid inside the block.
     if !uscf.is_null() && unsafe { (*uscf).peer.init_upstream.is_some() } {
-        // Before 1.31 `keepalive` sets init_upstream too (its wrapper, which kylin would
-        // replace); since 1.31 only balancing methods do.
-        // Since 1.29.6 `sticky` wraps the balancer when it is read, too.
-        #[cfg(not(nginx1_29_6))]
-        const WHY: &str = "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with \"ip_hash\", \"hash\", \"least_conn\" or \"random\", and \"keepalive\" must follow it";
-        #[cfg(all(nginx1_29_6, not(nginx1_31_0)))]
-        const WHY: &str = "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with \"ip_hash\", \"hash\", \"least_conn\" or \"random\", and \"keepalive\" and \"sticky\" must follow it";
-        #[cfg(nginx1_31_0)]
-        const WHY: &str = "\"kylin\" cannot be combined with another load balancing method (\"ip_hash\", \"hash\", \"least_conn\", \"least_time\", \"random\"): use one of them; \"sticky\" must follow \"kylin\"";
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", WHY);
+        // Another balancing method, or a directive that wraps the balancer when it is read
+        // (and that kylin would replace): `keepalive` before 1.29.7, `sticky` since 1.29.6.
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"kylin\" must be the first load balancing directive of the block: it cannot be combined with {}, and {} must follow it",
+            OTHER_METHODS,
+            FOLLOWERS
+        );
         return conf_error();
     }
 
@@ -494,11 +493,21 @@ unsafe extern "C" fn kylin_directive(
     CONF_OK
 }
 
-/// nginx's other load balancing methods, for messages.
+/// nginx's other load balancing methods, for messages (`least_time` since 1.31.0).
 #[cfg(not(nginx1_31_0))]
 const OTHER_METHODS: &str = "\"ip_hash\", \"hash\", \"least_conn\", \"random\"";
 #[cfg(nginx1_31_0)]
 const OTHER_METHODS: &str = "\"ip_hash\", \"hash\", \"least_conn\", \"least_time\", \"random\"";
+
+/// The directives that must follow `kylin;` because they wrap the balancer when they are
+/// read: `keepalive` until 1.29.7 made it the default (wrapping every balancer once the
+/// configuration is read), `sticky` since 1.29.6.
+#[cfg(not(nginx1_29_6))]
+const FOLLOWERS: &str = "\"keepalive\"";
+#[cfg(all(nginx1_29_6, not(nginx1_29_7)))]
+const FOLLOWERS: &str = "\"keepalive\" and \"sticky\"";
+#[cfg(nginx1_29_7)]
+const FOLLOWERS: &str = "\"sticky\"";
 
 /// Fails the configuration when another balancing directive replaced the kylin balancer.
 /// Runs after every upstream's `init_upstream` (init_main_conf precedes postconfiguration).

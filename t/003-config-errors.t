@@ -57,7 +57,7 @@ qr/\[emerg\] .*another load balancing method replaces "kylin" in upstream "kylin
 --- config
 --- must_die
 --- error_log eval
-qr/\[emerg\] .*"kylin" (?:must be the first load balancing directive of the block|cannot be combined with another load balancing method).* in \S+nginx\.conf:\d+/
+qr/\[emerg\] .*"kylin" must be the first load balancing directive of the block.* in \S+nginx\.conf:\d+/
 
 
 
@@ -88,10 +88,10 @@ qr/\[emerg\] .*another load balancing method replaces "kylin" in upstream "kylin
 
 
 
-=== TEST 7: kylin after keepalive in a stock upstream (before nginx 1.31)
-Before 1.31 the keepalive directive installs its wrapper when it is read, and kylin would
-replace it; since 1.31 keepalive wraps every balancer later, and the order is free (t/015).
---- skip_nginx: 2: >= 1.31.0
+=== TEST 7: kylin after keepalive in a stock upstream (before nginx 1.29.7)
+Before 1.29.7 the keepalive directive installs its wrapper when it is read, and kylin would
+replace it; since then keepalive wraps every balancer later, and the order is free (t/015).
+--- skip_nginx: 2: >= 1.29.7
 --- http_config
     upstream kylin_nodes {
         server 127.0.0.1:1;
@@ -101,7 +101,7 @@ replace it; since 1.31 keepalive wraps every balancer later, and the order is fr
 --- config
 --- must_die
 --- error_log eval
-qr/\[emerg\] .*"keepalive" must follow it in \S+nginx\.conf:\d+/
+qr/\[emerg\] .*"keepalive"(?: and "sticky")? must follow it in \S+nginx\.conf:\d+/
 
 
 
@@ -233,7 +233,7 @@ qr/\[emerg\] .*another load balancing method replaces "kylin" in upstream "kylin
 --- config
 --- must_die
 --- error_log eval
-qr/\[emerg\] .*"kylin" cannot be combined with another load balancing method \("ip_hash", "hash", "least_conn", "least_time", "random"\).* in \S+nginx\.conf:\d+/
+qr/\[emerg\] .*"kylin" must be the first load balancing directive of the block: it cannot be combined with "ip_hash", "hash", "least_conn", "least_time", "random", and "sticky" must follow it in \S+nginx\.conf:\d+/
 
 
 

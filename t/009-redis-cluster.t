@@ -34,7 +34,7 @@ if (!have_redis()) {
     plan 'no_plan';
 }
 
-# nginx 1.31 keeps upstream connections alive by default, and here nginx is client, kylin
+# nginx 1.29.7+ keeps upstream connections alive by default, and here nginx is client, kylin
 # upstream and node at once: each idle kept-alive connection is counted on both of its ends,
 # and Test::Nginx's default of 64 worker_connections makes nginx close some early (with a
 # warning).

@@ -80,8 +80,8 @@ $main::REUSED
 
 
 
-=== TEST 4: control: without keepalive (before nginx 1.31) every request opens a connection
---- skip_nginx: 2: >= 1.31.0
+=== TEST 4: control: without keepalive (before nginx 1.29.7) every request opens a connection
+--- skip_nginx: 2: >= 1.29.7
 --- http_config
     kylin_upstream kylin_nodes {
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
@@ -96,8 +96,8 @@ qr/\A(\d+)\n\n(?!\1\n)(\d+)\n\n(?!\1\n|\2\n)(\d+)\n\n(?!\1\n|\2\n|\3\n)\d+\n\n\z
 
 
 
-=== TEST 5: nginx 1.31+ keeps connections alive by default: kylin_upstream reuses them
---- skip_nginx: 2: < 1.31.0
+=== TEST 5: nginx 1.29.7+ keeps connections alive by default: kylin_upstream reuses them
+--- skip_nginx: 2: < 1.29.7
 --- http_config
     kylin_upstream kylin_nodes {
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
@@ -112,10 +112,10 @@ $main::REUSED
 
 
 
-=== TEST 6: nginx 1.31+: keepalive before kylin; in a stock upstream is accepted and reused
-Since 1.31 keepalive wraps every upstream's balancer once the configuration is read, so the
+=== TEST 6: nginx 1.29.7+: keepalive before kylin; in a stock upstream is accepted and reused
+Since 1.29.7 keepalive wraps every upstream's balancer once the configuration is read, so the
 order of the two directives no longer matters (before, nginx -t refuses it: t/003).
---- skip_nginx: 2: < 1.31.0
+--- skip_nginx: 2: < 1.29.7
 --- http_config
     upstream kylin_nodes {
         keepalive 4;
