@@ -299,8 +299,12 @@ class Scenario:
         s = await self.node_stats()
         peaks = [x["max_in_flight"] for x in s]
         busy = sum(1 for x in s if x["requests"] > 0)
-        self.check("bound", max(peaks) <= limit and busy == 3 and set(codes) == {200},
-                   "flood of %d from one address, per-node peak %s <= %d, codes %s" % (FLOOD, peaks, limit, codes))
+        # A node counts a request until its handler returns, after the response is written;
+        # nginx counts it until the response is read. So a node may see the next request
+        # arrive before the previous one left its count: one more than the bound, at most.
+        self.check("bound", max(peaks) <= limit + 1 and busy == 3 and set(codes) == {200},
+                   "flood of %d from one address, per-node peak %s <= %d (the bound, plus the node's own "
+                   "count lagging by one), codes %s" % (FLOOD, peaks, limit + 1, codes))
         await self.node_stats(reset=True)
         codes = await self.flood("/off/", "10.1.1.1", 1.5)
         s = await self.node_stats()
