@@ -18,6 +18,7 @@ Everything listens on 127.0.0.1; the run is bounded (about 30 s).
 """
 import argparse
 import asyncio
+import http.server as httpserver
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +65,39 @@ def free_ports(n):
     for s in socks:
         s.close()
     return ports
+
+
+class StandIn(httpserver.ThreadingHTTPServer):
+    """A small HTTP node for the scenario scripts, serving on 127.0.0.1:port from a thread:
+    `answer(path, headers)` returns (status, [(header, value)], body bytes). Counts the
+    connections and the requests that reach it."""
+
+    daemon_threads = True
+
+    def __init__(self, port, answer):
+        self.connections = self.requests = 0
+        node = self
+
+        class Handler(httpserver.BaseHTTPRequestHandler):
+            def do_GET(self):
+                node.requests += 1
+                status, headers, body = answer(self.path, self.headers)
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def verify_request(self, request, client_address):
+        self.connections += 1
+        return True
 
 
 def alive(pid):

@@ -16,7 +16,6 @@ Prints one line per check and "scenario-drain: N passed, M failed"; exits 1 on f
 """
 import argparse
 import asyncio
-import http.server as httpserver
 import itertools
 import json
 import os
@@ -24,12 +23,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, http, start_nginx, stop_nginx  # noqa: E402
+from scenario import StandIn, free_ports, http, start_nginx, stop_nginx  # noqa: E402
 
 CONF = """
 load_module {module};
@@ -58,41 +56,20 @@ http {{
 IDS = itertools.count(1)
 
 
-class Node(httpserver.ThreadingHTTPServer):
-    """A query node: /login creates a session that only this node knows."""
+def node(name):
+    """A query node whose sessions live on it alone: /login creates one, a request with a
+    session of another node gets 401."""
+    sessions = set()
 
-    daemon_threads = True
+    def answer(path, headers):
+        m = re.search(r"JSESSIONID=([0-9A-F]+)", headers.get("Cookie", ""))
+        if path.startswith("/login"):
+            sid = "%032X" % next(IDS)
+            sessions.add(sid)
+            return 200, [("Set-Cookie", "JSESSIONID=%s; Path=/" % sid)], name.encode()
+        return (200 if not m or m.group(1) in sessions else 401), [], name.encode()
 
-    def __init__(self, port, name):
-        self.name, self.sessions = name, set()
-        node = self
-
-        class Handler(httpserver.BaseHTTPRequestHandler):
-            def do_GET(self):
-                cookie = self.headers.get("Cookie", "")
-                m = re.search(r"JSESSIONID=([0-9A-F]+)", cookie)
-                extra = []
-                if self.path.startswith("/login"):
-                    sid = "%032X" % next(IDS)
-                    node.sessions.add(sid)
-                    extra.append(("Set-Cookie", "JSESSIONID=%s; Path=/" % sid))
-                    status = 200
-                elif m:
-                    status = 200 if m.group(1) in node.sessions else 401
-                else:
-                    status = 200
-                body = node.name.encode()
-                self.send_response(status)
-                for k, v in extra:
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", port), Handler)
+    return answer
 
 
 def nginx_version(binary):
@@ -107,9 +84,7 @@ class Scenario:
         self.results = []
         *nodes, self.port = free_ports(4)
         self.ports = nodes
-        self.nodes = [Node(p, "n%d" % i) for i, p in enumerate(nodes)]
-        for n in self.nodes:
-            threading.Thread(target=n.serve_forever, daemon=True).start()
+        self.nodes = [StandIn(p, node("n%d" % i)) for i, p in enumerate(nodes)]
 
     def check(self, name, ok, detail):
         self.results.append(ok)
@@ -141,7 +116,7 @@ class Scenario:
             time.sleep(1.5)  # the new workers run, the old ones have finished
 
             async def traffic():
-                seen, bad = [], []
+                bad = []
                 for sid, node in users:
                     for a in range(8):
                         status, got, _ = await self.get("/q", "10.9.%d.%d" % (a, a + 1), sid)

@@ -24,7 +24,6 @@ Usage: scenario_processes.py --nginx PATH --module PATH [--keep]
 Prints one line per check and "scenario-processes: N passed, M failed"; exits 1 on failure.
 """
 import argparse
-import http.server
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import alive, free_ports, start_nginx, stop_nginx, wait_port  # noqa: E402
+from scenario import StandIn, alive, free_ports, start_nginx, stop_nginx, wait_port  # noqa: E402
 
 SESSION = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01"
 
@@ -81,33 +80,9 @@ http {{
 """
 
 
-class Node(http.server.ThreadingHTTPServer):
-    """A query node that counts the connections and requests reaching it."""
-
-    daemon_threads = True
-
-    def verify_request(self, request, client_address):
-        self.connections += 1
-        return True
-
-    def __init__(self, port):
-        self.seen = 0
-        self.connections = 0
-        node = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                node.seen += 1
-                body = b"node\n"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", port), Handler)
+def node_answer(path, headers):
+    """The query node: every request succeeds."""
+    return 200, [], b"node\n"
 
 
 def redis_cli(port, *args):
@@ -146,8 +121,7 @@ class Scenario:
         if not wait_port(self.redis_port):
             raise RuntimeError("redis-server did not start")
         redis_cli(self.redis_port, "SET", SESSION, "tomcat-session")
-        self.node = Node(self.node_port)
-        threading.Thread(target=self.node.serve_forever, daemon=True).start()
+        self.node = StandIn(self.node_port, node_answer)
 
     def check(self, name, ok, detail):
         self.results.append(ok)
@@ -182,7 +156,7 @@ class Scenario:
         """One nginx: pause Redis, send the request, optionally quit nginx after quit_after s."""
         prefix, master = self.start_nginx(CONF, timeout=timeout)
         time.sleep(0.5)  # the worker's first health check is done before Redis pauses
-        self.node.seen = self.node.connections = 0
+        self.node.requests = self.node.connections = 0
         redis_cli(self.redis_port, "CLIENT", "PAUSE", str(pause_ms), "ALL")
         result = {}
         t = threading.Thread(target=request, args=(self.port, result))
@@ -200,7 +174,7 @@ class Scenario:
         t.join(15)
         redis_cli(self.redis_port, "CLIENT", "UNPAUSE")
         bad = self.stop_nginx(prefix, master)
-        return result, (self.node.seen, self.node.connections), exited_in, bad
+        return result, (self.node.requests, self.node.connections), exited_in, bad
 
     def run(self):
         r, (seen, conns), _, bad = self.run_case("control", "3s", 700, None)

@@ -15,18 +15,16 @@ Prints one line per check and "scenario-sentinel: N passed, M failed"; exits 1 o
 """
 import argparse
 import asyncio
-import http.server as httpserver
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, http, start_nginx, stop_nginx, wait_port  # noqa: E402
+from scenario import StandIn, free_ports, http, start_nginx, stop_nginx, wait_port  # noqa: E402
 
 SHARED = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01"
 
@@ -51,26 +49,10 @@ http {{
 """
 
 
-class Node(httpserver.ThreadingHTTPServer):
+def node_answer(path, headers):
     """A query node: /login?id=X sets the session cookie X."""
-
-    daemon_threads = True
-
-    def __init__(self, port):
-        class Handler(httpserver.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = b"node\n"
-                self.send_response(200)
-                if self.path.startswith("/login?id="):
-                    self.send_header("Set-Cookie", "JSESSIONID=%s; Path=/" % self.path.split("=", 1)[1])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", port), Handler)
+    cookie = [("Set-Cookie", "JSESSIONID=%s; Path=/" % path.split("=", 1)[1])] if path.startswith("/login?id=") else []
+    return 200, cookie, b"node\n"
 
 
 def cli(port, *args):
@@ -99,8 +81,7 @@ class Scenario:
         if not wait_port(self.sentinel):
             raise RuntimeError("redis-sentinel did not start")
         cli(self.master, "SET", SHARED, "tomcat-session")
-        self.node = Node(self.node_port)
-        threading.Thread(target=self.node.serve_forever, daemon=True).start()
+        self.node = StandIn(self.node_port, node_answer)
 
     def check(self, name, ok, detail):
         self.results.append(ok)
