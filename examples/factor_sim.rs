@@ -239,7 +239,7 @@ fn run(ring: &Ring, policy: Policy, seed: u64, requests: usize, load: f64) -> St
                 let bound = Bound { factor_milli: factor, total: inflight.iter().sum(), live_weight: SERVERS as u64 };
                 let mut view = InFlight(&inflight);
                 let c = balancer::choose(
-                    &Request { key, learned: None, movable },
+                    &Request::new(key, movable),
                     Group { ring, servers: &mut view, bound },
                     None::<Group<'_, InFlight>>,
                 )

@@ -117,7 +117,7 @@ fn main() {
     let sum = match scenario {
         "loop" => measured(&keys, iterations, |k| (k >> 7) as usize & 7),
         "sticky" | "spill25" | "spill75" | "off" => measured(&keys, iterations, |k| {
-            let req = Request { key: k, learned: None, movable: true };
+            let req = Request::new(k, true);
             let c = balancer::choose(&req, Group { ring: &ring, servers: &mut servers, bound }, None::<Group<'_, Fixed>>);
             match c {
                 Some(c) => {

@@ -22,6 +22,15 @@
 //!    Requests that may not move stay put whatever the load.
 //! 5. **Backup.** When no primary server is usable, the same walk runs over the `backup`
 //!    servers ([`Route::Backup`]).
+//!
+//! What moves is set by `kylin_balance` ([`Balance`]). With `requests`, step 4 moves single
+//! requests, as above. With `clients` (client placement, [`crate::placement`]) step 4 is off
+//! and whole clients move instead: the placement decides, rarely and only off a hot server,
+//! where a client (a stickiness key) lives, and the glue passes that in
+//! [`Request::moved`]. A movable request then follows its client: to where it was moved
+//! ([`Route::Moved`]) while that server is usable, else by steps 2 and 3; a shared session's
+//! learned route plays no part (it would pin the client's sessions to where they began).
+//! Node-local and unknown sessions keep their learned route, as with `requests`.
 
 use crate::ring::Ring;
 
@@ -38,6 +47,8 @@ pub enum Route {
     Failover,
     /// A backup server, because no primary server was usable.
     Backup,
+    /// The server client placement moved the request's client to, off its hot home.
+    Moved,
 }
 
 impl Route {
@@ -48,6 +59,7 @@ impl Route {
             Route::Spilled => "spilled",
             Route::Failover => "failover",
             Route::Backup => "backup",
+            Route::Moved => "moved",
         }
     }
 }
@@ -181,6 +193,27 @@ pub fn parse_factor(v: &[u8]) -> Option<u32> {
     (1000 < milli && milli <= 100_000).then_some(milli)
 }
 
+/// What moves when a server is busy (`kylin_balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    /// Whole clients, rarely, off hot servers ([`crate::placement`]); no request-level bound.
+    Clients,
+    /// Single movable requests, off servers over their bound (`kylin_balance_factor`).
+    Requests,
+    /// Nothing: pure stickiness.
+    Off,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Clients => "clients",
+            Balance::Requests => "requests",
+            Balance::Off => "off",
+        }
+    }
+}
+
 /// The facts about a request that the decision needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -188,8 +221,25 @@ pub struct Request {
     pub key: u64,
     /// The primary server that created this request's session, if learned.
     pub learned: Option<usize>,
-    /// Whether the request may move off an over-bound server ([`may_move`]).
+    /// Whether the request may move off its server ([`may_move`]).
     pub movable: bool,
+    /// What moves ([`Balance`]).
+    pub balance: Balance,
+    /// With [`Balance::Clients`]: the server the request's client was moved to, if it was.
+    pub moved: Option<usize>,
+}
+
+impl Request {
+    /// A request with nothing learned or moved, balanced by requests (for tests and tools).
+    pub const fn new(key: u64, movable: bool) -> Request {
+        Request { key, learned: None, movable, balance: Balance::Requests, moved: None }
+    }
+
+    /// Whether the request follows its client's placement rather than its learned route.
+    #[inline]
+    pub fn follows_client(&self) -> bool {
+        self.movable && self.balance == Balance::Clients
+    }
 }
 
 /// One group of servers: its ring, its live view and its current bound.
@@ -230,7 +280,18 @@ fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
 /// server of the group is usable.
 fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route, Option<usize>)> {
     // Whether this request may leave an over-bound server at all.
-    let bounded = req.movable && g.bound.is_on();
+    let bounded = req.movable && req.balance == Balance::Requests && g.bound.is_on();
+    // A client that placement moved: its movable requests go where it lives now.
+    let learned = if req.follows_client() {
+        if let Some(m) = req.moved.filter(|&m| m < g.ring.peers()) {
+            if g.servers.usable(m) {
+                return Some((m, Route::Moved, None));
+            }
+        }
+        None
+    } else {
+        learned
+    };
     if let Some(l) = learned {
         if l < g.ring.peers() && g.servers.usable_for_session(l) {
             if bounded && over(g, l) {
@@ -290,7 +351,8 @@ pub fn choose_primary<P: Servers>(req: &Request, mut primary: Group<'_, P>) -> O
 /// Step 5: the choice among the backup servers, for a request no primary server can take.
 /// Learned routes name primary servers, so they play no part here.
 pub fn choose_backup<B: Servers>(req: &Request, mut backup: Group<'_, B>) -> Option<Choice> {
-    within(&mut backup, req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
+    let req = Request { moved: None, ..*req };
+    within(&mut backup, &req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
 }
 
 #[cfg(test)]
@@ -339,7 +401,7 @@ mod tests {
     }
 
     fn req(key: u64) -> Request {
-        Request { key, learned: None, movable: true }
+        Request { key, learned: None, movable: true, ..Request::new(0, true) }
     }
 
     /// A view in which server `draining` takes only its own sessions.
@@ -371,19 +433,19 @@ mod tests {
             let mut s = Draining { set: Set::up(4), draining: d };
             let bound = s.set.bound(1250);
             // Its own key: fails over, never the draining server.
-            let c = choose(&Request { key, learned: None, movable: true }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+            let c = choose(&Request { key, learned: None, movable: true, ..Request::new(0, true) }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
             assert_ne!(c.server, d);
             assert_eq!(c.route, Route::Failover);
             // A session learned there still goes there (node-local or not).
             for movable in [false, true] {
-                let c = choose(&Request { key, learned: Some(d), movable }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+                let c = choose(&Request { key, learned: Some(d), movable, ..Request::new(0, true) }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
                 assert_eq!((c.server, c.route), (d, Route::Learned));
             }
             // A session learned elsewhere never spills onto it.
             let other = (d + 1) % 4;
             s.set.load[other] = 100;
             let bound = s.set.bound(1250);
-            let c = choose(&Request { key, learned: Some(other), movable: true }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
+            let c = choose(&Request { key, learned: Some(other), movable: true, ..Request::new(0, true) }, Group { ring: &r, servers: &mut s, bound }, None::<Group<'_, Set>>).unwrap();
             assert_ne!(c.server, d);
         }
     }
@@ -446,7 +508,7 @@ mod tests {
         let h = key_hash(b"client");
         let mut bs = Set::up(3);
         // A learned index names a primary server: on the backups it means nothing.
-        let r = Request { key: h, learned: Some(b.order(h).nth(2).unwrap()), movable: false };
+        let r = Request { key: h, learned: Some(b.order(h).nth(2).unwrap()), movable: false, ..Request::new(0, true) };
         let c = choose_backup(&r, Group { ring: &b, servers: &mut bs, bound: Bound::OFF }).unwrap();
         assert_eq!(c, Choice { server: b.owner(h).unwrap(), backup: true, route: Route::Backup, from: None });
         bs.up = vec![false; 3];
@@ -513,21 +575,21 @@ mod tests {
         let order: Vec<usize> = r.order(h).collect();
         let l = order[3];
         let mut s = Set::up(4);
-        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false, ..Request::new(0, true) }, 1250).unwrap();
         assert_eq!((c.server, c.route), (l, Route::Learned));
         // Over its bound but not movable (node-local or unknown session): stays.
         s.load[l] = 50;
-        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false, ..Request::new(0, true) }, 1250).unwrap();
         assert_eq!((c.server, c.route), (l, Route::Learned));
         // Over its bound and shared: spills along the key's order.
-        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: true }, 1250).unwrap();
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: true, ..Request::new(0, true) }, 1250).unwrap();
         assert_eq!((c.server, c.route), (order[0], Route::Spilled));
         // Learned server down: the key's order decides.
         s.up[l] = false;
-        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false }, 1250).unwrap();
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(l), movable: false, ..Request::new(0, true) }, 1250).unwrap();
         assert_eq!((c.server, c.route), (order[0], Route::Sticky));
         // An out-of-range learned index (server list changed) is ignored.
-        let c = pick(&r, &mut s, Request { key: h, learned: Some(99), movable: false }, 1250).unwrap();
+        let c = pick(&r, &mut s, Request { key: h, learned: Some(99), movable: false, ..Request::new(0, true) }, 1250).unwrap();
         assert_eq!(c.route, Route::Sticky);
     }
 
@@ -593,10 +655,47 @@ mod tests {
             let r = ring(5);
             let mut s = Set::up(5);
             s.load = loads;
-            let c = pick(&r, &mut s, Request { key, learned, movable: false }, 1250).unwrap();
+            let c = pick(&r, &mut s, Request { key, learned, movable: false, ..Request::new(0, true) }, 1250).unwrap();
             match learned {
                 Some(l) => prop_assert_eq!((c.server, c.route), (l, Route::Learned)),
                 None => prop_assert_eq!((c.server, c.route), (r.owner(key).unwrap(), Route::Sticky)),
+            }
+        }
+
+        /// With `kylin_balance clients`: whatever the loads, the bound, the learned route and
+        /// where the client was moved, a request lands on a usable server; a pinned request
+        /// goes to its learned server while usable (never moved, never spilled); a movable one
+        /// goes to its client's server while usable, else to its key's first usable server,
+        /// and never by its learned route or a spill.
+        #[test]
+        fn clients_mode_moves_clients_never_pinned_sessions(
+            loads in proptest::collection::vec(0u64..100, 5),
+            up in proptest::collection::vec(proptest::bool::weighted(0.8), 5),
+            key in any::<u64>(),
+            learned in proptest::option::of(0usize..5),
+            moved in proptest::option::of(0usize..7),
+            movable in any::<bool>(),
+        ) {
+            let r = ring(5);
+            let mut s = Set::up(5);
+            s.load = loads;
+            s.up = up.clone();
+            let req = Request { key, learned, movable, balance: Balance::Clients, moved };
+            let c = pick(&r, &mut s, req, 1250);
+            let first_up = r.order(key).find(|&i| up[i]);
+            let Some(c) = c else {
+                prop_assert!(first_up.is_none());
+                return Ok(());
+            };
+            prop_assert!(up[c.server]);
+            prop_assert!(c.route != Route::Spilled);
+            match (movable, learned.filter(|&l| up[l]), moved.filter(|&m| m < 5 && up[m])) {
+                (false, Some(l), _) => prop_assert_eq!((c.server, c.route), (l, Route::Learned)),
+                (true, _, Some(m)) => prop_assert_eq!((c.server, c.route), (m, Route::Moved)),
+                _ => {
+                    prop_assert_eq!(Some(c.server), first_up);
+                    prop_assert!(matches!(c.route, Route::Sticky | Route::Failover));
+                }
             }
         }
     }

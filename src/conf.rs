@@ -32,6 +32,7 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleServerConf, Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 
+use crate::balancer::Balance;
 use crate::upstream::{self, UpstreamState};
 
 /// Per-upstream configuration of this module (an `ngx_http_upstream_srv_conf_t` companion).
@@ -50,9 +51,13 @@ pub struct SrvConf {
 
     /// `kylin_hash`: the stickiness key; the client address when unset.
     pub hash: Option<*mut ngx_http_complex_value_t>,
+    /// `kylin_balance`; `None` until set (see [`SrvConf::balance`]).
+    pub balance: Option<crate::balancer::Balance>,
     /// `kylin_balance_factor` in thousandths; `None` until set (default
     /// [`DEFAULT_BALANCE_FACTOR`]), `Some(0)` for `off`.
     pub balance_factor: Option<u32>,
+    /// The upstream's client placement zone (`kylin_balance clients`).
+    pub placement_zone: Option<*mut ngx_shm_zone_t>,
     /// `kylin_session_cookie`; default `JSESSIONID`.
     pub session_cookie: Option<Vec<u8>>,
     /// `kylin_session_routes zone=`; the default zone when unset.
@@ -86,7 +91,9 @@ impl Default for SrvConf {
             line: 0,
             state: None,
             hash: None,
+            balance: None,
             balance_factor: None,
+            placement_zone: None,
             session_cookie: None,
             routes_zone: None,
             routes_timeout: None,
@@ -102,7 +109,9 @@ impl Default for SrvConf {
     }
 }
 
-/// Default `kylin_balance_factor` (1.25), in thousandths; see README "Choosing the balance factor".
+/// Default `kylin_balance`; see README "Choosing what moves".
+pub const DEFAULT_BALANCE: Balance = Balance::Clients;
+/// Default `kylin_balance_factor` (1.25), in thousandths; see README "Choosing what moves".
 pub const DEFAULT_BALANCE_FACTOR: u32 = 1250;
 /// Default `kylin_session_cookie`.
 pub const DEFAULT_SESSION_COOKIE: &[u8] = b"JSESSIONID";
@@ -110,8 +119,24 @@ pub const DEFAULT_SESSION_COOKIE: &[u8] = b"JSESSIONID";
 pub const DEFAULT_ROUTES_TIMEOUT: i64 = 8 * 3600;
 
 impl SrvConf {
+    /// What moves (`kylin_balance`): as set; else `requests` (or `off`) when only
+    /// `kylin_balance_factor` is set, as before `kylin_balance` existed; else
+    /// [`DEFAULT_BALANCE`].
+    pub fn balance(&self) -> Balance {
+        match (self.balance, self.balance_factor) {
+            (Some(b), _) => b,
+            (None, Some(0)) => Balance::Off,
+            (None, Some(_)) => Balance::Requests,
+            (None, None) => DEFAULT_BALANCE,
+        }
+    }
+
+    /// The request-level bound in effect, thousandths: 0 (off) unless requests are balanced.
     pub fn balance_factor(&self) -> u32 {
-        self.balance_factor.unwrap_or(DEFAULT_BALANCE_FACTOR)
+        match self.balance() {
+            Balance::Requests => self.balance_factor.unwrap_or(DEFAULT_BALANCE_FACTOR),
+            Balance::Clients | Balance::Off => 0,
+        }
     }
 
     pub fn session_cookie(&self) -> &[u8] {
@@ -189,7 +214,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 10] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -210,6 +235,14 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 9] = [
         name: ngx_string!("kylin_hash"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(kylin_hash),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_balance"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_balance),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -616,6 +649,41 @@ unsafe extern "C" fn kylin_hash(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
     CONF_OK
 }
 
+/// The error for a `kylin_balance_factor` that cannot apply (a number with `kylin_balance`
+/// other than `requests`); `None` if the two agree.
+fn factor_conflict(kcf: &SrvConf) -> Option<&'static str> {
+    match (kcf.balance, kcf.balance_factor) {
+        (Some(b @ (Balance::Clients | Balance::Off)), Some(f)) if f > 0 => Some(b.as_str()),
+        _ => None,
+    }
+}
+
+/// `kylin_balance clients | requests | off;`
+unsafe extern "C" fn kylin_balance(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_balance", kcf.balance.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    kcf.balance = match value.as_bytes() {
+        b"clients" => Some(Balance::Clients),
+        b"requests" => Some(Balance::Requests),
+        b"off" => Some(Balance::Off),
+        _ => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid value \"{}\" in \"kylin_balance\" directive: it must be \"clients\", \"requests\" or \"off\"", value);
+            return conf_error();
+        }
+    };
+    if let Some(b) = factor_conflict(kcf) {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"kylin_balance {}\" cannot be used with \"kylin_balance_factor\", which bounds requests: use \"kylin_balance requests\" or remove \"kylin_balance_factor\"", b);
+        return conf_error();
+    }
+    CONF_OK
+}
+
 /// `kylin_balance_factor number | off;`
 unsafe extern "C" fn kylin_balance_factor(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
@@ -629,6 +697,10 @@ unsafe extern "C" fn kylin_balance_factor(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
     match crate::balancer::parse_factor(value.as_bytes()) {
         Some(m) => {
             kcf.balance_factor = Some(m);
+            if let Some(b) = factor_conflict(kcf) {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"kylin_balance_factor\" cannot be used with \"kylin_balance {}\": it bounds requests, which only \"kylin_balance requests\" moves", b);
+                return conf_error();
+            }
             CONF_OK
         }
         None => {

@@ -72,8 +72,8 @@ pub enum Counter {
     Backup,
     /// Tries that failed (nginx's `NGX_PEER_FAILED`).
     Failures,
-    /// Unused; keeps the slot layout.
-    Reserved,
+    /// ... by [`crate::balancer::Route::Moved`]: its client was moved here.
+    Moved,
 }
 
 pub const COUNTERS: usize = 8;

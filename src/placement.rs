@@ -95,9 +95,11 @@ impl Default for Params {
     }
 }
 
-/// Time-weighted average of a server's in-flight count.
+/// Time-weighted average of a server's in-flight count. All-zero bytes are a valid, empty
+/// entry (so the table can live in zeroed shared memory).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ServerLoad {
+#[repr(C)]
+pub struct ServerLoad {
     /// Average in-flight, thousandths, as of `at_ms`.
     avg_milli: u64,
     /// In-flight count since `at_ms`.
@@ -105,6 +107,8 @@ struct ServerLoad {
     at_ms: u64,
     /// When a key last left this server (0: never).
     left_ms: u64,
+    /// Keys currently moved to this server.
+    moved_in: u64,
 }
 
 /// `x * tau / (tau + dt)`: exponential decay over `dt`, to first order, exact for dt = 0.
@@ -118,6 +122,11 @@ fn decay(x: u64, dt: u64, tau: u64) -> u64 {
 }
 
 impl ServerLoad {
+    /// Keys currently moved to this server.
+    pub fn moved_in(&self) -> u64 {
+        self.moved_in
+    }
+
     /// The average as of `now`, with the level held since `at_ms`.
     fn avg_at(&self, now: u64, tau: u64) -> u64 {
         let dt = now.saturating_sub(self.at_ms);
@@ -131,9 +140,10 @@ impl ServerLoad {
     }
 }
 
-/// One key's entry in the bounded table.
+/// One key's entry in the bounded table. All-zero bytes are a free entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct KeyEntry {
+#[repr(C)]
+pub struct KeyEntry {
     /// The key's hash; 0 marks a free entry (a key hashing to 0 is stored as 1).
     key: u64,
     /// Decayed sum of the key's response times, in milliseconds x 1000, as of `at_ms`.
@@ -145,8 +155,8 @@ struct KeyEntry {
     since_ms: u64,
     /// When the entry was made: a key's load is known once it is `tau` old...
     first_ms: u64,
-    /// ... or once a login gave it an expected load.
-    expected: bool,
+    /// ... or once a login gave it an expected load (1; 0 otherwise).
+    expected: u32,
 }
 
 impl KeyEntry {
@@ -172,12 +182,13 @@ pub enum Placed {
 /// Probe window of the key table: a key lives in one of this many entries from its slot.
 const PROBE: usize = 8;
 
-/// The placement state of one group of servers.
+/// The placement state of one group of servers: its tables in `S` (servers) and `K` (keys),
+/// owned ([`Placement::new`]) or borrowed from shared memory ([`Placement::over`]).
 #[derive(Clone, Debug)]
-pub struct Placement {
+pub struct Placement<S = Vec<ServerLoad>, K = Vec<KeyEntry>> {
     params: Params,
-    servers: Vec<ServerLoad>,
-    keys: Vec<KeyEntry>,
+    sv: S,
+    ks: K,
 }
 
 impl Placement {
@@ -185,17 +196,97 @@ impl Placement {
     /// least `PROBE`).
     pub fn new(servers: usize, table: usize, params: Params) -> Placement {
         let table = table.max(PROBE).next_power_of_two();
-        Placement { params, servers: vec![ServerLoad::default(); servers], keys: vec![KeyEntry::default(); table] }
+        Placement { params, sv: vec![ServerLoad::default(); servers], ks: vec![KeyEntry::default(); table] }
     }
+}
 
+impl<'a> Placement<&'a mut [ServerLoad], &'a mut [KeyEntry]> {
+    /// The placement kept in `servers` and `keys` (e.g. in shared memory, all-zero bytes at
+    /// first); `None` unless the key table has a power-of-two size of at least `PROBE`.
+    pub fn over(params: Params, servers: &'a mut [ServerLoad], keys: &'a mut [KeyEntry]) -> Option<Self> {
+        (keys.len() >= PROBE && keys.len().is_power_of_two()).then_some(Placement { params, sv: servers, ks: keys })
+    }
+}
+
+impl<S, K> Placement<S, K>
+where
+    S: AsRef<[ServerLoad]> + AsMut<[ServerLoad]>,
+    K: AsRef<[KeyEntry]> + AsMut<[KeyEntry]>,
+{
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    #[inline(always)]
+    fn servers(&self) -> &[ServerLoad] {
+        self.sv.as_ref()
+    }
+
+    #[inline(always)]
+    fn servers_mut(&mut self) -> &mut [ServerLoad] {
+        self.sv.as_mut()
+    }
+
+    #[inline(always)]
+    fn keys(&self) -> &[KeyEntry] {
+        self.ks.as_ref()
+    }
+
+    #[inline(always)]
+    fn keys_mut(&mut self) -> &mut [KeyEntry] {
+        self.ks.as_mut()
+    }
+
+    /// Forgets everything (the servers changed: indices mean other servers now).
+    pub fn reset(&mut self) {
+        self.servers_mut().fill(ServerLoad::default());
+        self.keys_mut().fill(KeyEntry::default());
+    }
+
+    /// Samples every server's in-flight count (`inflight(i)`; `None` leaves server `i` as
+    /// it is). The glue calls this every few milliseconds instead of at every change: the
+    /// averages span `tau` (a second), so a sample every 10 ms loses little.
+    pub fn sample(&mut self, inflight: impl Fn(usize) -> Option<u64>, now: u64) {
+        for i in 0..self.servers().len() {
+            if let Some(level) = inflight(i) {
+                self.server_inflight(i, level, now);
+            }
+        }
+    }
+
+    /// Whether placement has anything to do: some server's average in flight (per unit of
+    /// `weight`) is at least half of `hot`, or some key is moved. While it is not, the glue
+    /// neither measures keys nor asks [`Placement::place`]: every key is at home.
+    pub fn busy(&self, weight: impl Fn(usize) -> u64, now: u64) -> bool {
+        let tau = self.params.tau_ms;
+        let half = self.params.hot_milli / 2;
+        self.servers().iter().enumerate().any(|(i, s)| s.moved_in > 0 || s.avg_at(now, tau) / weight(i).max(1) >= half)
+    }
+
+    /// Keys currently moved to server `i`.
+    pub fn moved_to(&self, i: usize) -> u64 {
+        self.servers().get(i).map_or(0, |s| s.moved_in)
+    }
+
+    /// Sets entry `idx`'s move (target + 1, 0: home), keeping the servers' counts.
+    fn set_moved(&mut self, idx: usize, moved: u32) {
+        let old = self.keys()[idx].moved;
+        if old == moved {
+            return;
+        }
+        if let Some(s) = old.checked_sub(1).and_then(|o| self.servers_mut().get_mut(o as usize)) {
+            s.moved_in = s.moved_in.saturating_sub(1);
+        }
+        if let Some(s) = moved.checked_sub(1).and_then(|m| self.servers_mut().get_mut(m as usize)) {
+            s.moved_in += 1;
+        }
+        self.keys_mut()[idx].moved = moved;
     }
 
     /// Server `i`'s in-flight count changed to `inflight` at `now` (call at `get` and `free`).
     pub fn server_inflight(&mut self, i: usize, inflight: u64, now: u64) {
         let tau = self.params.tau_ms;
-        if let Some(s) = self.servers.get_mut(i) {
+        if let Some(s) = self.servers_mut().get_mut(i) {
             s.avg_milli = s.avg_at(now, tau);
             s.at_ms = now.max(s.at_ms);
             s.level = inflight;
@@ -204,7 +295,7 @@ impl Placement {
 
     /// Server `i`'s average in-flight as of `now`, thousandths.
     pub fn server_load(&self, i: usize, now: u64) -> u64 {
-        self.servers.get(i).map_or(0, |s| s.avg_at(now, self.params.tau_ms))
+        self.servers().get(i).map_or(0, |s| s.avg_at(now, self.params.tau_ms))
     }
 
     /// A request of `key` finished after `response_ms` (call at `free`, for every request of
@@ -212,7 +303,7 @@ impl Placement {
     pub fn key_done(&mut self, key: u64, response_ms: u64, now: u64) {
         let tau = self.params.tau_ms;
         let i = self.entry(key, now);
-        let e = &mut self.keys[i];
+        let e = &mut self.keys_mut()[i];
         e.busy = decay(e.busy, now.saturating_sub(e.at_ms), tau).saturating_add(response_ms.saturating_mul(1000));
         e.at_ms = now.max(e.at_ms);
     }
@@ -224,30 +315,30 @@ impl Placement {
     /// logins, e.g. a BI server opening its session pool, sees its own load building up.
     pub fn login(&mut self, key: u64, i: usize, now: u64) {
         let p = self.params;
-        if p.session_milli == 0 || i >= self.servers.len() {
+        if p.session_milli == 0 || i >= self.servers().len() {
             return;
         }
         if p.prior_window_ms > 0 {
             if let Some(j) = self.find(key) {
-                if now.saturating_sub(self.keys[j].first_ms) >= p.prior_window_ms {
+                if now.saturating_sub(self.keys()[j].first_ms) >= p.prior_window_ms {
                     return;
                 }
             }
         }
-        let s = &mut self.servers[i];
+        let s = &mut self.servers_mut()[i];
         s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(p.session_milli);
         s.at_ms = now.max(s.at_ms);
         let j = self.entry(key, now);
-        let e = &mut self.keys[j];
+        let e = &mut self.keys_mut()[j];
         e.busy = decay(e.busy, now.saturating_sub(e.at_ms), p.tau_ms).saturating_add(p.session_milli.saturating_mul(p.tau_ms));
         e.at_ms = now.max(e.at_ms);
         // Its load is known now (an estimate that errs on the heavy side).
-        e.expected = true;
+        e.expected = 1;
     }
 
     /// The key's load as of `now` (0 if unknown), thousandths of a request in flight.
     pub fn key_load(&self, key: u64, now: u64) -> u64 {
-        self.find(key).map_or(0, |i| self.keys[i].load_at(now, self.params.tau_ms))
+        self.find(key).map_or(0, |i| self.keys()[i].load_at(now, self.params.tau_ms))
     }
 
     /// Where `key` should be served: `order` is its ring order, `usable(i)` whether server `i`
@@ -264,7 +355,7 @@ impl Placement {
         let mut buf = [0usize; 64];
         let mut n = 0;
         for i in order {
-            if n < buf.len() && i < self.servers.len() && usable(i) {
+            if n < buf.len() && i < self.servers().len() && usable(i) {
                 buf[n] = i;
                 n += 1;
             }
@@ -273,12 +364,12 @@ impl Placement {
         let &home = order.first()?;
         let p = self.params;
         let idx = self.entry(key, now);
-        let e = self.keys[idx];
+        let e = self.keys()[idx];
         let kl = e.load_at(now, p.tau_ms);
         let moved = e.moved.checked_sub(1).map(|m| m as usize).filter(|&m| m != home && order.contains(&m));
         let cur = moved.unwrap_or(home);
         // Load per unit of weight, with `extra` added first.
-        let per = |s: &Placement, i: usize, extra: u64| (s.server_load(i, now) + extra) / weight(i).max(1);
+        let per = |s: &Self, i: usize, extra: u64| (s.server_load(i, now) + extra) / weight(i).max(1);
         let settled = now.saturating_sub(e.since_ms) >= p.residence_ms || e.since_ms == 0;
 
         // A moved key returns home when home, with it back, is not hot and not busier.
@@ -286,42 +377,40 @@ impl Placement {
             if settled {
                 let back = per(self, home, kl);
                 if back < p.hot_milli && back <= per(self, m, 0) {
-                    let e = &mut self.keys[idx];
-                    e.moved = 0;
-                    e.since_ms = now.max(1);
+                    self.set_moved(idx, 0);
+                    self.keys_mut()[idx].since_ms = now.max(1);
                     self.transfer(m, home, kl, now);
                     return Some((home, Placed::Returned));
                 }
             }
         } else if e.moved != 0 {
             // Its target is gone or unusable: home again.
-            self.keys[idx].moved = 0;
+            self.set_moved(idx, 0);
         }
 
         let lc = per(self, cur, 0);
-        let known = e.expected || now.saturating_sub(e.first_ms) >= p.tau_ms;
+        let known = e.expected != 0 || now.saturating_sub(e.first_ms) >= p.tau_ms;
         let major = kl > p.major_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
         if settled && known && major && lc >= p.hot_milli {
             let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
             let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
             let mean = total / weights.max(1);
-            let left = self.servers[cur].left_ms;
+            let left = self.servers()[cur].left_ms;
             let cooled = left == 0 || now.saturating_sub(left) >= p.cooldown_ms;
             if cooled && lc.saturating_mul(1000) >= p.rel_milli.saturating_mul(mean) {
                 // Servers where the move lowers the hot one's load by the margin at least: the
                 // first of the key's order that ends no busier than the hot one is left (a
                 // stable choice that never piles two clients up while a server is free), else
                 // the least loaded.
-                let fits = |s: &Placement, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
+                let fits = |s: &Self, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
                 let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
                 let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
                     order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
-                    let e = &mut self.keys[idx];
-                    e.moved = if t == home { 0 } else { t as u32 + 1 };
-                    e.since_ms = now.max(1);
-                    self.servers[cur].left_ms = now.max(1);
+                    self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
+                    self.keys_mut()[idx].since_ms = now.max(1);
+                    self.servers_mut()[cur].left_ms = now.max(1);
                     self.transfer(cur, t, kl, now);
                     return Some((t, if t == home { Placed::Returned } else { Placed::MovedNow }));
                 }
@@ -336,7 +425,7 @@ impl Placement {
     fn transfer(&mut self, from: usize, to: usize, load: u64, now: u64) {
         let tau = self.params.tau_ms;
         for (i, add) in [(from, false), (to, true)] {
-            let s = &mut self.servers[i];
+            let s = &mut self.servers_mut()[i];
             s.avg_milli = s.avg_at(now, tau);
             s.at_ms = now.max(s.at_ms);
             s.avg_milli = if add { s.avg_milli.saturating_add(load) } else { s.avg_milli.saturating_sub(load) };
@@ -345,19 +434,19 @@ impl Placement {
 
     /// Number of keys currently moved off their home (for status pages and tests).
     pub fn moved_keys(&self) -> usize {
-        self.keys.iter().filter(|e| e.key != 0 && e.moved != 0).count()
+        self.servers().iter().map(|s| s.moved_in as usize).sum()
     }
 
     #[inline]
     fn slot(&self, key: u64) -> usize {
-        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & (self.keys.len() - 1)
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & (self.keys().len() - 1)
     }
 
     fn find(&self, key: u64) -> Option<usize> {
         let key = key.max(1);
-        let mask = self.keys.len() - 1;
+        let mask = self.keys().len() - 1;
         let s = self.slot(key);
-        (0..PROBE).map(|j| (s + j) & mask).find(|&i| self.keys[i].key == key)
+        (0..PROBE).map(|j| (s + j) & mask).find(|&i| self.keys()[i].key == key)
     }
 
     /// The key's entry, inserted if absent. A full probe window evicts the entry with the
@@ -367,19 +456,20 @@ impl Placement {
             return i;
         }
         let key = key.max(1);
-        let mask = self.keys.len() - 1;
+        let mask = self.keys().len() - 1;
         let s = self.slot(key);
         let tau = self.params.tau_ms;
         let i = (0..PROBE)
             .map(|j| (s + j) & mask)
-            .find(|&i| self.keys[i].key == 0)
+            .find(|&i| self.keys()[i].key == 0)
             .unwrap_or_else(|| {
                 (0..PROBE)
                     .map(|j| (s + j) & mask)
-                    .min_by_key(|&i| (self.keys[i].moved != 0, self.keys[i].load_at(now, tau)))
+                    .min_by_key(|&i| (self.keys()[i].moved != 0, self.keys()[i].load_at(now, tau)))
                     .unwrap_or(s)
             });
-        self.keys[i] = KeyEntry { key, busy: 0, at_ms: now, moved: 0, since_ms: 0, first_ms: now, expected: false };
+        self.set_moved(i, 0);
+        self.keys_mut()[i] = KeyEntry { key, busy: 0, at_ms: now, moved: 0, since_ms: 0, first_ms: now, expected: 0 };
         i
     }
 }
@@ -398,17 +488,47 @@ mod tests {
     /// Sets every server's average to its level, as if held forever.
     fn levels(p: &mut Placement, levels: &[u64], now: u64) {
         for (i, &l) in levels.iter().enumerate() {
-            p.servers[i] = ServerLoad { avg_milli: l * 1000, level: l, at_ms: now, left_ms: p.servers[i].left_ms };
+            let s = &mut p.sv[i];
+            *s = ServerLoad { avg_milli: l * 1000, level: l, at_ms: now, ..*s };
         }
     }
 
     /// Gives `key` a load of `milli` thousandths of a request in flight, known since long ago.
     fn key(p: &mut Placement, key: u64, milli: u64, now: u64) {
         let i = p.entry(key, now);
-        let e = &mut p.keys[i];
+        let e = &mut p.ks[i];
         e.busy = milli * p.params.tau_ms;
         e.at_ms = now;
-        e.expected = true;
+        e.expected = 1;
+    }
+
+    #[test]
+    fn borrowed_tables_work_as_owned_ones_and_reset() {
+        let mut servers = [ServerLoad::default(); 4];
+        let mut keys = [KeyEntry::default(); 16];
+        assert!(Placement::over(D, &mut servers, &mut keys[..12]).is_none());
+        let mut p = Placement::over(D, &mut servers, &mut keys).unwrap();
+        let now = 100_000;
+        // Quiet: nothing to do.
+        p.sample(|_| Some(0), now - 100 * D.tau_ms);
+        assert!(!p.busy(|_| 1, now - 100 * D.tau_ms));
+        // One server held at 6 in flight for long: busy; a major key moves off it.
+        p.sample(|i| Some(if i == 0 { 6 } else { 0 }), now - 100 * D.tau_ms);
+        p.sample(|_| None, now);
+        assert!(p.busy(|_| 1, now));
+        for _ in 0..40 {
+            p.key_done(5, 100, now - D.tau_ms);
+        }
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now).map(|r| r.1), Some(Placed::MovedNow));
+        assert_eq!(p.moved_keys(), 1);
+        assert_eq!(p.moved_to(1) + p.moved_to(2) + p.moved_to(3), 1);
+        // Still busy while a key is moved, even once every server is quiet.
+        p.sample(|_| Some(0), now + 1000 * D.tau_ms);
+        assert!(p.busy(|_| 1, now + 1000 * D.tau_ms));
+        p.reset();
+        assert_eq!(p.moved_keys(), 0);
+        assert!(!p.busy(|_| 1, now + 1000 * D.tau_ms));
+        assert!(servers.iter().all(|s| *s == ServerLoad::default()));
     }
 
     #[test]
@@ -670,6 +790,9 @@ mod tests {
                         }
                         let again = p.place(key, ord.clone(), usable, |_| 1, now).unwrap();
                         prop_assert_eq!(again.0, s);
+                        // The servers' counts of moved keys agree with the table.
+                        let scanned = p.ks.iter().filter(|e| e.key != 0 && e.moved != 0).count();
+                        prop_assert_eq!(p.moved_keys(), scanned);
                     }
                 }
             }

@@ -28,6 +28,10 @@ pub struct ServerReport {
     pub failover: u64,
     pub backup_requests: u64,
     pub failures: u64,
+    /// Requests that came here because placement moved their client here.
+    pub moved: u64,
+    /// Clients placement has moved here (`kylin_balance clients`; `None` otherwise).
+    pub clients_moved_in: Option<u64>,
 }
 
 /// A shared session table, zone-wide: the learned routes, or a store's cache of answers.
@@ -81,6 +85,10 @@ pub struct StoreReport {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct UpstreamReport {
     pub name: String,
+    /// `kylin_balance`: `clients`, `requests` or `off`.
+    pub balance: &'static str,
+    /// Clients moved off their home right now (`kylin_balance clients`; `None` otherwise).
+    pub moved_clients: Option<u64>,
     /// `None` when bounding is off.
     pub balance_factor_milli: Option<u32>,
     pub session_cookie: String,
@@ -105,6 +113,7 @@ impl UpstreamReport {
             "spilled": sum(|s| s.spilled_in),
             "failover": sum(|s| s.failover),
             "backup": sum(|s| s.backup_requests),
+            "moved": sum(|s| s.moved),
         })
     }
 }
@@ -126,6 +135,8 @@ fn server_json(s: &ServerReport) -> Value {
         "failover": s.failover,
         "backup_requests": s.backup_requests,
         "failures": s.failures,
+        "moved": s.moved,
+        "clients_moved_in": s.clients_moved_in,
     })
 }
 
@@ -182,6 +193,8 @@ pub fn to_json(nginx_version: &str, now: i64, upstreams: &[UpstreamReport], load
         ups.insert(
             u.name.clone(),
             json!({
+                "balance": u.balance,
+                "moved_clients": u.moved_clients,
                 "balance_factor": u.balance_factor_milli.map(|m| f64::from(m) / 1000.0),
                 "session_cookie": u.session_cookie,
                 "in_flight": u.in_flight,
@@ -269,6 +282,12 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
         let up = u.name.as_str();
         f.add("kylin_upstream_in_flight_requests", "gauge", "Requests in flight on the upstream, all workers.", &[("upstream", up)], u.in_flight as f64);
         f.add("kylin_upstream_live_weight", "gauge", "Sum of the weights of primary servers neither down nor failed.", &[("upstream", up)], u.live_weight as f64);
+        for b in ["clients", "requests", "off"] {
+            f.add("kylin_upstream_balance", "gauge", "1 for what the upstream moves off busy servers (kylin_balance: clients, requests, off).", &[("upstream", up), ("balance", b)], f64::from(u8::from(u.balance == b)));
+        }
+        if let Some(n) = u.moved_clients {
+            f.add("kylin_upstream_moved_clients", "gauge", "Clients that placement has moved off their hot home, right now.", &[("upstream", up)], n as f64);
+        }
         if let Some(m) = u.balance_factor_milli {
             f.add("kylin_upstream_balance_factor", "gauge", "The load bound factor c (absent when bounding is off).", &[("upstream", up)], f64::from(m) / 1000.0);
         }
@@ -287,9 +306,12 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
             f.add("kylin_server_load_slot", "gauge", "1 if the server's load is counted (it has a slot in the load zone), 0 if the zone was full.", &base, f64::from(u8::from(s.load_slot)));
             f.add("kylin_server_in_flight_requests", "gauge", "Requests in flight on the server, all workers.", &base, s.in_flight as f64);
             f.add("kylin_server_requests_total", "counter", "Requests sent to the server (every try).", &base, s.requests as f64);
-            for (route, n) in [("sticky", s.sticky), ("learned", s.learned), ("spilled", s.spilled_in), ("failover", s.failover), ("backup", s.backup_requests)] {
+            for (route, n) in [("sticky", s.sticky), ("learned", s.learned), ("spilled", s.spilled_in), ("failover", s.failover), ("backup", s.backup_requests), ("moved", s.moved)] {
                 let l = [("upstream", up), ("server", srv), ("route", route)];
                 f.add("kylin_server_decisions_total", "counter", "Requests sent to the server, by how the balancer chose it.", &l, n as f64);
+            }
+            if let Some(n) = s.clients_moved_in {
+                f.add("kylin_server_clients_moved_in", "gauge", "Clients that placement moved to this server from their hot home, right now.", &base, n as f64);
             }
             f.add("kylin_server_spilled_out_total", "counter", "Movable requests that left this server because it was over its bound.", &base, s.spilled_out as f64);
             f.add("kylin_server_failures_total", "counter", "Tries that failed (nginx's proxy_next_upstream failures).", &base, s.failures as f64);
@@ -336,6 +358,8 @@ mod tests {
     fn sample() -> UpstreamReport {
         UpstreamReport {
             name: "kylin_nodes".into(),
+            balance: "requests",
+            moved_clients: None,
             balance_factor_milli: Some(1250),
             session_cookie: "JSESSIONID".into(),
             in_flight: 3,

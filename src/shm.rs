@@ -1,5 +1,6 @@
-//! Shared memory zones: the load counters (one module-wide zone, `kylin_load`) and the learned
-//! session routes (`kylin_session_routes zone=...`, or the default zone). Thin glue around
+//! Shared memory zones: the load counters (one module-wide zone, `kylin_load`), the learned
+//! session routes (`kylin_session_routes zone=...`, or the default zone) and each upstream's
+//! client placement (`kylin_placement:NAME`, with `kylin_balance clients`). Thin glue around
 //! [`crate::load`] and [`crate::routes`].
 //!
 //! Zones are reused across `nginx -s reload` when their name and size stay the same, so
@@ -8,7 +9,7 @@
 use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use ngx::ffi::{
@@ -18,6 +19,7 @@ use ngx::ffi::{
 use ngx::ngx_log_error;
 
 use crate::load::{self, LoadTable, Slot, Use};
+use crate::placement::{KeyEntry, Params, Placement, ServerLoad};
 use crate::routes::{self, RouteTable};
 use crate::session::{KeyUse, SessionKeyer};
 
@@ -429,5 +431,164 @@ pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut Rout
         let out = f(&mut t);
         ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
         Some(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client placement (`kylin_balance clients`)
+
+/// Servers a placement zone tracks: the first this many primary servers of an upstream (the
+/// others stay at home; placement works on the stack for up to 64, see `Placement::place`).
+pub const PLACEMENT_SERVERS: usize = 64;
+/// Clients (stickiness keys) a placement zone tracks; a full probe window evicts its lightest
+/// client that has not moved.
+pub const PLACEMENT_KEYS: usize = 4096;
+/// How often the servers' in-flight counts are sampled into their averages, milliseconds.
+pub const PLACEMENT_SAMPLE_MS: u64 = 10;
+
+#[repr(C)]
+struct PlacementRegion {
+    magic: u64,
+    /// Identity of the servers the tables describe ([`crate::upstream`]'s layout hash): a
+    /// worker whose servers differ (a reload or `resolve` changed them) starts afresh.
+    layout: u64,
+    /// When the servers were last sampled (ngx_current_msec).
+    sampled_at: AtomicU64,
+    /// 1 while placement has something to do (`Placement::busy`), as of the last sample.
+    busy: AtomicU64,
+    servers: [ServerLoad; PLACEMENT_SERVERS],
+    keys: [KeyEntry; PLACEMENT_KEYS],
+}
+
+const PLACEMENT_MAGIC: u64 = 0x6b796c_696e_706c_01;
+
+/// The name of an upstream's placement zone.
+fn placement_zone_name(upstream: &[u8]) -> Vec<u8> {
+    [b"kylin_placement:".as_slice(), upstream].concat()
+}
+
+/// Declares an upstream's placement zone (a fixed size: kept across reloads, counters and
+/// moved clients with it, unless its servers change).
+pub unsafe fn placement_zone(cf: *mut ngx_conf_t, upstream: &[u8]) -> Option<*mut ngx_shm_zone_t> {
+    let name = placement_zone_name(upstream);
+    // SAFETY: cf is valid during configuration; nginx copies nothing of `name` but keeps the
+    // pointer, so it is allocated from the configuration pool.
+    unsafe {
+        let data = ngx::ffi::ngx_pnalloc((*cf).pool, name.len()) as *mut u8;
+        if data.is_null() {
+            return None;
+        }
+        ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
+        let mut s = ngx_str_t { len: name.len(), data };
+        // Region, slab pool header and page bookkeeping, in whole pages.
+        let size = (core::mem::size_of::<PlacementRegion>() + 64 * 1024).next_multiple_of(64 * 1024);
+        let z = ngx_shared_memory_add(cf, &mut s, size, tag());
+        if z.is_null() {
+            return None;
+        }
+        (*z).init = Some(init_placement_zone);
+        Some(z)
+    }
+}
+
+unsafe extern "C" fn init_placement_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: as in init_load_zone; a zero-filled PlacementRegion is valid (integers and
+    // atomics only).
+    unsafe {
+        if !data.is_null() {
+            if (*(data as *const PlacementRegion)).magic != PLACEMENT_MAGIC {
+                ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold client placement of this module version; restart nginx", (*zone).shm.name);
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*zone).data = data;
+            return NGX_OK as ngx_int_t;
+        }
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let p = ngx_slab_alloc(shpool, core::mem::size_of::<PlacementRegion>()) as *mut PlacementRegion;
+        if p.is_null() {
+            ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate client placement in zone \"{}\"", (*zone).shm.name);
+            return NGX_ERROR as ngx_int_t;
+        }
+        ptr::write_bytes(p as *mut u8, 0, core::mem::size_of::<PlacementRegion>());
+        (*p).magic = PLACEMENT_MAGIC;
+        (*zone).data = p as *mut c_void;
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// The region of a placement zone, once nginx has created it.
+unsafe fn placement_region(zone: *mut ngx_shm_zone_t) -> Option<*mut PlacementRegion> {
+    // SAFETY: zone is valid for the cycle; data is NULL or a PlacementRegion that
+    // init_placement_zone checked or made.
+    unsafe {
+        let r = zone.as_ref()?.data as *mut PlacementRegion;
+        (!r.is_null() && (*r).magic == PLACEMENT_MAGIC).then_some(r)
+    }
+}
+
+/// Whether placement had something to do at the last sample, and whether a new sample is due
+/// at `now`: two atomic loads, no lock (the per-request fast path).
+#[inline]
+pub unsafe fn placement_state(zone: *mut ngx_shm_zone_t, now: u64) -> Option<(bool, bool)> {
+    // SAFETY: as in placement_region; only the atomics are read.
+    unsafe {
+        let r = placement_region(zone)?;
+        let busy = (*r).busy.load(Ordering::Relaxed) != 0;
+        let due = now.wrapping_sub((*r).sampled_at.load(Ordering::Relaxed)) >= PLACEMENT_SAMPLE_MS;
+        Some((busy, due))
+    }
+}
+
+/// Runs `f` on the zone's placement with its mutex held (waiting for it when `wait`, else
+/// giving up if another process holds it). Tables that describe other servers than
+/// `layout` are reset first. `f` also gets the region's sample clock and busy flag, which it
+/// updates after a sample. `None` if the zone is not ready or the lock was not taken.
+pub unsafe fn with_placement<R>(
+    zone: *mut ngx_shm_zone_t,
+    layout: u64,
+    wait: bool,
+    f: impl FnOnce(&mut Placement<&mut [ServerLoad], &mut [KeyEntry]>, &AtomicU64, &AtomicU64) -> R,
+) -> Option<R> {
+    // SAFETY: the region lives in the zone for the cycle; its tables are read and written
+    // only with the slab pool's mutex held (inherited from the master by every worker), and
+    // the references made here exist only while it is held. The atomics are shared freely.
+    unsafe {
+        let r = placement_region(zone)?;
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let mutex = ptr::addr_of_mut!((*shpool).mutex);
+        if wait {
+            ngx_shmtx_lock(mutex);
+        } else if ngx::ffi::ngx_shmtx_trylock(mutex) == 0 {
+            return None;
+        }
+        let servers = &mut *ptr::addr_of_mut!((*r).servers);
+        let keys = &mut *ptr::addr_of_mut!((*r).keys);
+        let out = Placement::over(Params::DEFAULT, servers, keys).map(|mut p| {
+            if (*r).layout != layout {
+                p.reset();
+                (*r).layout = layout;
+                (*r).busy.store(0, Ordering::Relaxed);
+            }
+            f(&mut p, &(*r).sampled_at, &(*r).busy)
+        });
+        ngx_shmtx_unlock(mutex);
+        out
+    }
+}
+
+/// Clients moved to each server (in the tables' index order), read with the zone's mutex
+/// held; `None` if the zone is not ready or its tables describe other servers than `layout`
+/// (nothing is reset: a status request never changes placement). Tables not used yet
+/// (layout 0) describe every layout: nothing is moved.
+pub unsafe fn placement_moved(zone: *mut ngx_shm_zone_t, layout: u64) -> Option<Vec<u64>> {
+    // SAFETY: as in with_placement.
+    unsafe {
+        let r = placement_region(zone)?;
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        let mutex = ptr::addr_of_mut!((*shpool).mutex);
+        ngx_shmtx_lock(mutex);
+        let out = ((*r).layout == layout || (*r).layout == 0).then(|| (*r).servers.iter().map(|s| s.moved_in()).collect());
+        ngx_shmtx_unlock(mutex);
+        out
     }
 }

@@ -70,7 +70,7 @@ unsafe fn servers_of(
                 state,
                 load_slot: slot.is_some(),
                 in_flight: slot.map_or(0, |s| s.inflight()),
-                requests: [Counter::Sticky, Counter::Learned, Counter::SpilledIn, Counter::Failover, Counter::Backup]
+                requests: [Counter::Sticky, Counter::Learned, Counter::SpilledIn, Counter::Failover, Counter::Backup, Counter::Moved]
                     .into_iter()
                     .map(c)
                     .sum(),
@@ -81,6 +81,8 @@ unsafe fn servers_of(
                 failover: c(Counter::Failover),
                 backup_requests: c(Counter::Backup),
                 failures: c(Counter::Failures),
+                moved: c(Counter::Moved),
+                clients_moved_in: None,
             });
             p = peer.next;
         }
@@ -127,8 +129,19 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let factor = kcf.balance_factor();
         let bound = Bound { factor_milli: factor, total: in_flight, live_weight };
         let routes = kcf.routes_zone.and_then(|z| shm::table_report(z));
+        // Clients moved, per primary server in list order (the tables' index order), when the
+        // shared tables describe this worker's servers.
+        let layout = kcf.state.as_deref().map(|s| s.primary_layout());
+        let moved = kcf.placement_zone.zip(layout).and_then(|(z, l)| shm::placement_moved(z, l));
+        if let Some(moved) = &moved {
+            for (i, s) in servers.iter_mut().filter(|s| !s.backup).enumerate() {
+                s.clients_moved_in = Some(moved.get(i).copied().unwrap_or(0));
+            }
+        }
         UpstreamReport {
             name: String::from_utf8_lossy(&kcf.name).into_owned(),
+            balance: kcf.balance().as_str(),
+            moved_clients: moved.map(|m| m.iter().sum()),
             balance_factor_milli: (factor > 0).then_some(factor),
             session_cookie: String::from_utf8_lossy(kcf.session_cookie()).into_owned(),
             in_flight,

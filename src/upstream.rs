@@ -32,7 +32,8 @@ use ngx::ffi::{
 use ngx::log::DebugMask;
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error};
 
-use crate::balancer::{self, Bound, Choice, Group as Pick, Request, Route, Servers, SessionState};
+use crate::balancer::{self, Balance, Bound, Choice, Group as Pick, Request, Route, Servers, SessionState};
+use crate::placement::Placed;
 use crate::conf::{srv_conf, SrvConf};
 use ngx::http::HttpModule;
 use crate::key::client_key;
@@ -80,6 +81,16 @@ pub struct Group {
     ids: Vec<u64>,
     /// Ring index -> the server's shared counters (resolved in each worker).
     slots: Vec<Option<&'static Slot>>,
+    /// Hash of the servers' names and weights in ring index order: what the shared client
+    /// placement's tables must describe (see `shm::with_placement`).
+    layout: u64,
+}
+
+impl Group {
+    #[inline]
+    fn weight(&self, i: usize) -> u64 {
+        self.weights.get(i).map_or(1, |&w| u64::from(w))
+    }
 }
 
 /// The kind of peer list a [`Locked`] guard or a [`PeerRefs`] belongs to: the primary
@@ -295,6 +306,11 @@ pub struct UpstreamState {
 }
 
 impl UpstreamState {
+    /// What the primary servers' placement tables describe (see `Group::layout`).
+    pub fn primary_layout(&self) -> u64 {
+        self.primary.layout
+    }
+
     /// The primary ring index of the server with this identity.
     fn index_of(&self, id: u64) -> Option<usize> {
         self.by_id.binary_search_by_key(&id, |&(k, _)| k).ok().map(|j| self.by_id[j].1)
@@ -330,7 +346,14 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
     let ids = s.names.iter().map(key_hash).collect();
     let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
     let slots = vec![None; s.weights.len()];
-    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots }, s.refs))
+    let mut id = Vec::with_capacity(s.names.bytes.len() + 5 * s.weights.len());
+    for (name, w) in s.names.iter().zip(&s.weights) {
+        id.extend_from_slice(name);
+        id.push(0);
+        id.extend_from_slice(&w.to_le_bytes());
+    }
+    let layout = key_hash(&id);
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, layout }, s.refs))
 }
 
 /// Builds the state from snapshots of the primary list and its backup list.
@@ -427,6 +450,26 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
                 .chain([(load::upstream_key(&kcf.name), Use::Counts)])
                 .chain(crate::session_check::store_slot_keys(kcf)),
         );
+        if kcf.balance() == Balance::Clients {
+            let primaries = (*peers).number;
+            if primaries > shm::PLACEMENT_SERVERS {
+                ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    (*cf).log,
+                    "upstream \"{}\" has {} servers: \"kylin_balance clients\" places clients on up to {}; use \"kylin_balance requests\" in {}:{}",
+                    (*us).host,
+                    primaries,
+                    shm::PLACEMENT_SERVERS,
+                    kcf.file.map(|f| f.to_string_lossy()).unwrap_or_default(),
+                    kcf.line
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+            match shm::placement_zone(cf, &kcf.name) {
+                Some(z) => kcf.placement_zone = Some(z),
+                None => return NGX_ERROR as ngx_int_t,
+            }
+        }
         if kcf.routes_zone.is_none() {
             let mut name = ngx_str_t { len: shm::DEFAULT_ROUTES_ZONE.len(), data: shm::DEFAULT_ROUTES_ZONE.as_ptr() as *mut u8 };
             match shm::routes_zone(cf, &mut name, shm::DEFAULT_ROUTES_SIZE) {
@@ -936,6 +979,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 #[inline(always)]
 unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &mut SrvConf, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
     let factor = kcf.balance_factor();
+    let balance = kcf.balance();
+    let placement = kcf.placement_zone;
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
@@ -962,17 +1007,31 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     // session's learned server.
     // SAFETY: pc is the request's peer connection; the primary list is locked.
     let hinted = unsafe { sticky_hint(pd, pc) };
-    let req = Request {
-        key,
-        learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
-        movable: pd.movable,
-    };
     let bound = Bound {
         factor_milli: factor,
         total: state.total.map_or(0, |t| t.inflight()),
         live_weight: state.live_weight.get(),
     };
     let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single };
+    let mut req = Request {
+        key,
+        learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
+        movable: pd.movable,
+        balance,
+        moved: None,
+    };
+    // Client placement: where the request's client lives, asked on its first try only (a
+    // retry walks the key's order, as with every balance).
+    if let Some(z) = placement {
+        // SAFETY: the zone is valid for the cycle; the primary list is locked (placement's lock
+        // is only ever taken after it, never before).
+        unsafe {
+            let now_ms = ngx::ffi::ngx_current_msec as u64;
+            if sample_placement(z, &state.primary, now_ms) && req.follows_client() && pd.ctx.route.is_none() {
+                req.moved = place_client(z, &state.primary, &mut ps, key, now_ms);
+            }
+        }
+    }
     if let Some(choice) = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }) {
         // SAFETY: pc is the request's peer connection.
         return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
@@ -985,6 +1044,88 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     match guard.into_backup() {
         Some(b) => get_backup(pd, pc, state, b, key, now),
         None => Err(NGX_BUSY as ngx_int_t),
+    }
+}
+
+/// Whether client placement has something to do (some server busy, some client moved), as
+/// of the latest sample of the servers' in-flight counts; takes that sample when one is due
+/// (every `shm::PLACEMENT_SAMPLE_MS`, by whichever worker's request comes first, without
+/// waiting for the lock). Old workers of a reload (`ngx_exiting`) leave placement alone.
+///
+/// # Safety
+/// `zone` is the upstream's placement zone.
+#[inline]
+unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_ms: u64) -> bool {
+    // SAFETY: the zone is valid for the cycle (the caller's contract); ngx_exiting is this
+    // process's flag, written by its own event loop only.
+    unsafe {
+        if ngx::ffi::ngx_exiting != 0 || g.ring.peers() > shm::PLACEMENT_SERVERS {
+            return false;
+        }
+        let Some((busy, due)) = shm::placement_state(zone, now_ms) else { return false };
+        if !due {
+            return busy;
+        }
+        shm::with_placement(zone, g.layout, false, |p, at, flag| {
+            p.sample(|i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
+            let busy = p.busy(|i| g.weight(i), now_ms);
+            at.store(now_ms, core::sync::atomic::Ordering::Relaxed);
+            flag.store(u64::from(busy), core::sync::atomic::Ordering::Relaxed);
+            busy
+        })
+        .unwrap_or(busy)
+    }
+}
+
+/// Where the client `key` lives if placement moved it off its home (`None`: at home).
+///
+/// # Safety
+/// `zone` is the upstream's placement zone; `ps` holds the primary list's lock.
+#[cold]
+#[inline(never)]
+unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut NginxServers<'_, '_>, key: u64, now_ms: u64) -> Option<usize> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        shm::with_placement(zone, g.layout, true, |p, _, _| {
+            let (server, how) = p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?;
+            matches!(how, Placed::Moved | Placed::MovedNow).then_some(server)
+        })
+        .flatten()
+    }
+}
+
+/// Records what placement learns from a finished try on a primary server: the key's
+/// response time (its load, by Little's law), while placement is busy, or a login (a response
+/// that set a session) on server `login`, always.
+///
+/// # Safety
+/// `pd.r` is the live request, its upstream set.
+#[cold]
+#[inline(never)]
+unsafe fn placement_learns(kcf: &SrvConf, pd: &PeerData, login: Option<u64>) {
+    let (Some(zone), Some(state)) = (kcf.placement_zone, kcf.state.as_deref()) else { return };
+    // SAFETY: the zone is valid for the cycle; r and its upstream are live.
+    unsafe {
+        if ngx::ffi::ngx_exiting != 0 {
+            return;
+        }
+        let now_ms = ngx::ffi::ngx_current_msec as u64;
+        let busy = shm::placement_state(zone, now_ms).is_some_and(|(b, _)| b);
+        let login = login.and_then(|id| state.index_of(id));
+        if !busy && login.is_none() {
+            return;
+        }
+        let Some(key) = request_key(pd.r, kcf) else { return };
+        let u = (*pd.r).upstream;
+        let response_ms = (now_ms as ngx::ffi::ngx_msec_t).wrapping_sub((*u).start_time) as u64;
+        shm::with_placement(zone, state.primary.layout, true, |p, _, _| {
+            if busy {
+                p.key_done(key, response_ms.min(3_600_000), now_ms);
+            }
+            if let Some(i) = login {
+                p.login(key, i, now_ms);
+            }
+        });
     }
 }
 
@@ -1035,7 +1176,7 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &
     // Backups start with a clean tried bitmap when the request moves to them.
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
     let mut bs = NginxServers { group, peers, tried, now, single: false };
-    let req = Request { key, learned: None, movable: pd.movable };
+    let req = Request::new(key, pd.movable);
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(NGX_BUSY as ngx_int_t);
     };
@@ -1107,6 +1248,7 @@ unsafe fn take(
             Route::Spilled => Counter::SpilledIn,
             Route::Failover => Counter::Failover,
             Route::Backup => Counter::Backup,
+            Route::Moved => Counter::Moved,
         });
     }
     if let Some(t) = total {
@@ -1152,6 +1294,11 @@ unsafe fn move_route(kcf: &SrvConf, pd: &PeerData, id: u64, server: &[u8]) {
 /// the side of "yes" when the tables are not ready. Reads the per-process tables only (no
 /// peer: this runs before `get`, when the peers the tables were built from may be gone).
 pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Option<u64>) -> bool {
+    if let Some(z) = kcf.placement_zone {
+        // Clients move only while placement is busy: only then can a shared session follow.
+        // SAFETY: the zone is valid for the cycle.
+        return unsafe { shm::placement_state(z, ngx::ffi::ngx_current_msec as u64) }.map_or(true, |(busy, _)| busy);
+    }
     let factor = kcf.balance_factor();
     let Some(state) = kcf.state.as_deref() else { return true };
     if factor == 0 {
@@ -1172,20 +1319,21 @@ pub unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Opt
     (load + 1) * 4 >= bound.limit(weight) * 3
 }
 
-/// Learns (or forgets) the session a response from the current server created.
-unsafe fn learn_session(pd: &PeerData) {
+/// Learns (or forgets) the session a response from the current server created; the
+/// server's identity if the response created one (a login).
+unsafe fn learn_session(pd: &PeerData) -> Option<u64> {
     // SAFETY: pd.r is the live request; its upstream headers were parsed from this server.
     unsafe {
-        let Some(kcf) = pd.conf() else { return };
-        let Some(zone) = kcf.routes_zone else { return };
+        let Some(kcf) = pd.conf() else { return None };
+        let Some(zone) = kcf.routes_zone else { return None };
         let u = (*pd.r).upstream;
         if u.is_null() || (*u).headers_in.status_n == 0 {
-            return;
+            return None;
         }
         let name = kcf.session_cookie();
         let Some(set) = response_set_cookies(u).find_map(|v| session::response_session(v, name))
         else {
-            return;
+            return None;
         };
         let now = ngx_time();
         let timeout = kcf.routes_timeout();
@@ -1223,6 +1371,7 @@ unsafe fn learn_session(pd: &PeerData) {
                 n
             );
         }
+        matches!(set, SetSession::Set(_)).then_some(peer)
     }
 }
 
@@ -1243,7 +1392,16 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             }
         }
         if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
-            learn_session(pd);
+            let login = learn_session(pd);
+            if !pd.on_backup {
+                if let Some(kcf) = pd.conf() {
+                    if let Some(z) = kcf.placement_zone {
+                        if login.is_some() || shm::placement_state(z, ngx::ffi::ngx_current_msec as u64).is_some_and(|(busy, _)| busy) {
+                            placement_learns(kcf, pd, login);
+                        }
+                    }
+                }
+            }
         }
         ngx_http_upstream_free_round_robin_peer(pc, ptr::addr_of_mut!(pd.rrp) as *mut c_void, state);
     }

@@ -1,6 +1,8 @@
-# Bounded load: with slow servers and many concurrent requests from one client address,
-# cookie-less requests spill over to the next servers in the client's order, while requests
-# that carry a session (and everything when the factor is off) stay on the sticky server.
+# Bounded load (`kylin_balance requests`, or any `kylin_balance_factor`): with slow servers and
+# many concurrent requests from one client address, cookie-less requests spill over to the next
+# servers in the client's order, while requests that carry a session (and everything when the
+# factor is off) stay on the sticky server. The default, `kylin_balance clients`, moves whole
+# clients instead (scripts/scenario_placement.py): TEST 7.
 # The twelve includes of one line run concurrently (no wait="yes"); every server sends its
 # answer slowly (limit_rate), so all twelve are in flight together.
 use Test::Nginx::Socket 'no_plan';
@@ -26,6 +28,7 @@ Twelve concurrent requests, three equal servers, factor 1.25: no server may hold
 ceil(1.25 * 12 / 3) = 5, so at least three servers answer.
 --- http_config
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -149,6 +152,7 @@ qr/\A\.+ (n\d)(?:\.+ \1){11}\n\z/s
 Kylin's JDBC/ODBC drivers authenticate every request instead of keeping a session.
 --- http_config
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -200,6 +204,37 @@ main::ssi_page(CORE::join "", map { q{<!--# include virtual="/via/10.77.0.1/s/F0
 GET /t
 --- more_headers
 Authorization: Basic a3lsaW46a3lsaW4=
+--- response_body_like eval
+qr/\A\.+ (n\d)(?:\.+ \1){11}\n\z/s
+--- no_error_log
+[error]
+[alert]
+--- timeout: 20
+
+
+
+=== TEST 7: by default (kylin_balance clients) single requests never spill
+One busy client alone on its server: moving it would only make another server as busy, so
+placement leaves it where its caches are, and no request is moved by itself either.
+--- http_config
+    kylin_upstream kylin_nodes {
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n1"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n2"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { limit_rate 100; return 200 "$TEST_NGINX_PAD n3"; } }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(CORE::join "", map { q{<!--# include virtual="/via/10.77.0.1" -->} } 1 .. 12) . main::via_location()
+--- request
+GET /t
 --- response_body_like eval
 qr/\A\.+ (n\d)(?:\.+ \1){11}\n\z/s
 --- no_error_log

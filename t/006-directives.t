@@ -1,4 +1,4 @@
-# kylin_hash, kylin_balance_factor, kylin_session_cookie, kylin_session_routes: behaviour and
+# kylin_hash, kylin_balance, kylin_balance_factor, kylin_session_cookie, kylin_session_routes: behaviour and
 # the configuration errors of each.
 use Test::Nginx::Socket 'no_plan';
 
@@ -261,3 +261,96 @@ qr/\[emerg\] .*"kylin_balance_factor" needs the kylin balancer: add "kylin;" to 
 --- must_die
 --- error_log eval
 qr/\[emerg\] .*"kylin_session_cookie" directive is not allowed here/
+
+
+
+=== TEST 15: kylin_balance: not a known value
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_balance sessions;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*invalid value "sessions" in "kylin_balance" directive: it must be "clients", "requests" or "off" in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 16: kylin_balance twice
+--- http_config
+    kylin_upstream kylin_nodes {
+        kylin_balance clients;
+        kylin_balance requests;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*"kylin_balance" directive is duplicate in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 17: kylin_balance clients with a request bound, in either order
+--- http_config
+    kylin_upstream one {
+        kylin_balance clients;
+        kylin_balance_factor 1.5;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*"kylin_balance_factor" cannot be used with "kylin_balance clients": it bounds requests, which only "kylin_balance requests" moves in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 18: kylin_balance off after a request bound
+--- http_config
+    upstream two {
+        kylin;
+        kylin_balance_factor 2;
+        kylin_balance off;
+        server 127.0.0.1:1;
+    }
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*"kylin_balance off" cannot be used with "kylin_balance_factor", which bounds requests: use "kylin_balance requests" or remove "kylin_balance_factor" in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 19: kylin_balance clients places clients on up to 64 servers
+--- http_config eval
+"kylin_upstream many {\n" . CORE::join("", map { "        server 127.0.0.1:$_;\n" } 1 .. 65) . "    }\n"
+--- config
+--- must_die
+--- error_log eval
+qr/\[emerg\] .*upstream "many" has 65 servers: "kylin_balance clients" places clients on up to 64; use "kylin_balance requests" in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 20: kylin_balance requests, off and clients with "kylin_balance_factor off" are accepted
+--- http_config
+    kylin_upstream a { kylin_balance requests; kylin_balance_factor 1.5; server 127.0.0.1:1; }
+    kylin_upstream b { kylin_balance off; server 127.0.0.1:1; }
+    kylin_upstream c { kylin_balance_factor off; kylin_balance clients; server 127.0.0.1:1; }
+--- config
+    location = /st { kylin_status; }
+--- request
+GET /st
+--- response_body_like eval
+qr/"a":\{"balance":"requests","balance_factor":1\.5,.*"b":\{"balance":"off","balance_factor":null,.*"c":\{"balance":"clients","balance_factor":null,"bound_per_weight":null,.*"moved_clients":0,/s
+
+
+
+=== TEST 21: kylin_balance in Prometheus text
+--- http_config
+    kylin_upstream a { kylin_balance requests; server 127.0.0.1:1; }
+    kylin_upstream c { server 127.0.0.1:1; }
+--- config
+    location = /st { kylin_status; }
+--- request
+GET /st?format=prometheus
+--- response_body_like eval
+qr/(?=.*^kylin_upstream_balance\{upstream="a",balance="requests"\} 1$)(?=.*^kylin_upstream_balance\{upstream="a",balance="clients"\} 0$)(?=.*^kylin_upstream_balance\{upstream="c",balance="clients"\} 1$)(?=.*^kylin_upstream_moved_clients\{upstream="c"\} 0$)(?!.*^kylin_upstream_moved_clients\{upstream="a"\})(?=.*^kylin_server_clients_moved_in\{upstream="c",server="127\.0\.0\.1:1"\} 0$)(?=.*^kylin_server_decisions_total\{upstream="c",server="127\.0\.0\.1:1",route="moved"\} 0$)/sm

@@ -56,6 +56,7 @@ qr/\A(n\d)\n(?:\1\n){40}\z/s
 === TEST 2: concurrent cookie-less requests spill with counts shared by both workers
 --- http_config
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -108,6 +109,6 @@ _EOC_
 --- request
 GET /t
 --- response_body_like eval
-qr/\A(n[12])\1{9}\n\{(?=.*"decisions":\{"backup":0,"failover":0,"learned":0,"spilled":0,"sticky":10\},"in_flight":0,)(?=.*"requests":10,.*"sticky":10,)(?=.*"backup":true,.*?"in_flight":0,.*?"requests":0,)(?!.*"in_flight":[1-9]).*"version":1\}\n\n\z/s
+qr/\A(n[12])\1{9}\n\{(?=.*"decisions":\{"backup":0,"failover":0,"learned":0,"moved":0,"spilled":0,"sticky":10\},"in_flight":0,)(?=.*"requests":10,.*"sticky":10,)(?=.*"backup":true,.*?"in_flight":0,.*?"requests":0,)(?!.*"in_flight":[1-9]).*"version":1\}\n\n\z/s
 --- no_error_log
 [error]

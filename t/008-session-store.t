@@ -62,6 +62,7 @@ __DATA__
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
@@ -108,6 +109,7 @@ $main::STAY
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
@@ -148,6 +150,7 @@ $main::STAY
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=spring timeout=500ms;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
@@ -170,6 +173,7 @@ $main::SPREAD
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT "key=app:sess:{id}:v" timeout=500ms;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
@@ -190,6 +194,7 @@ $main::SPREAD
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store shared;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
@@ -211,6 +216,7 @@ $main::SPREAD
 <<'_EOC_' . main::slow_nodes()
     kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -269,6 +275,7 @@ two failures (lookups, or the worker's periodic health check) the breaker is ope
 other requests are not asked. Then the status.
 --- http_config
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_DEAD_PORT format=tomcat timeout=300ms fail_threshold=2 fail_backoff=60s share_routes=off;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;

@@ -52,6 +52,7 @@ twelve concurrent ones.
 --- http_config eval
 main::client_server() . <<'_EOC_'
     kylin_upstream kylin_nodes {
+        kylin_balance requests;
         kylin_session_store redis://127.0.0.1:$TEST_NGINX_CLUSTER1_PORT redis://127.0.0.1:$TEST_NGINX_CLUSTER2_PORT redis://127.0.0.1:$TEST_NGINX_CLUSTER3_PORT format=tomcat timeout=1s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;

@@ -233,7 +233,7 @@ impl Policy {
     fn kylin_choose(&self, r: &Req, factor: u32, learned: Option<usize>, movable: bool) -> (usize, Route) {
         let bound = Bound { factor_milli: factor, total: r.inflight.iter().sum(), live_weight: NODES as u64 };
         let mut view = View(r.inflight);
-        let c = balancer::choose(&Request { key: r.key, learned, movable }, Group { ring: &self.ring, servers: &mut view, bound }, None::<Group<'_, View>>)
+        let c = balancer::choose(&Request { learned, ..Request::new(r.key, movable) }, Group { ring: &self.ring, servers: &mut view, bound }, None::<Group<'_, View>>)
             .unwrap();
         (c.server, c.route)
     }

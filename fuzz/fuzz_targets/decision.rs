@@ -11,7 +11,7 @@ mod ring;
 #[path = "../../src/balancer.rs"]
 mod balancer;
 
-use balancer::{Bound, Group, Request, Route, Servers};
+use balancer::{Balance, Bound, Group, Request, Route, Servers};
 
 struct S {
     up: Vec<bool>,
@@ -56,7 +56,13 @@ fuzz_target!(|data: &[u8]| {
     let live_weight = (0..n).filter(|&i| s.up[i]).map(|i| s.weight[i]).sum();
     let bound = Bound { factor_milli: factor, total, live_weight };
     let learned = (flags & 1 != 0).then(|| (at(3 * n + 1) as usize) % (n + 2));
-    let req = Request { key, learned, movable: flags & 2 != 0 };
+    let balance = match flags >> 2 & 3 {
+        0 => Balance::Requests,
+        1 => Balance::Clients,
+        _ => Balance::Off,
+    };
+    let moved = (flags & 16 != 0).then(|| (at(3 * n + 2) as usize) % (n + 2));
+    let req = Request { key, learned, movable: flags & 2 != 0, balance, moved };
     let loads = s.load.clone();
     let up = s.up.clone();
     let weights = s.weight.clone();
@@ -69,8 +75,16 @@ fuzz_target!(|data: &[u8]| {
                 assert!(req.movable);
                 assert!(bound.admits(loads[c.server], weights[c.server]));
             }
-            if !req.movable {
+            if !req.movable || balance != Balance::Requests {
                 assert_ne!(c.route, Route::Spilled);
+            }
+            if c.route == Route::Moved {
+                assert!(req.follows_client() && req.moved == Some(c.server));
+            }
+            if let (true, Some(m)) = (req.follows_client(), req.moved) {
+                if m < n && up[m] {
+                    assert_eq!((c.server, c.route), (m, Route::Moved));
+                }
             }
         }
     }
