@@ -69,6 +69,11 @@ pub struct Params {
     /// Logins add that prior only while their key is younger than this (its cold start;
     /// later its measured load counts, and re-logins would inflate it); 0: always.
     pub prior_window_ms: u64,
+    /// ... and only while the key's load is below this (thousandths of a request in flight):
+    /// a client that logs in on every request (a JDBC or BI tool without a cookie jar gets a
+    /// new session each time) would otherwise look as busy as its login rate, however light
+    /// its queries.
+    pub prior_cap_milli: u64,
 }
 
 impl Params {
@@ -86,6 +91,7 @@ impl Params {
         cooldown_ms: 0,
         session_milli: 500,
         prior_window_ms: 0,
+        prior_cap_milli: 4_000,
     };
 }
 
@@ -118,7 +124,11 @@ fn decay(x: u64, dt: u64, tau: u64) -> u64 {
         return x;
     }
     let tau = tau.max(1);
-    ((u128::from(x) * u128::from(tau)) / (u128::from(tau) + u128::from(dt))) as u64
+    // 64-bit arithmetic for every realistic value (a u128 division costs several times more).
+    match (x.checked_mul(tau), tau.checked_add(dt)) {
+        (Some(n), Some(d)) => n / d,
+        _ => ((u128::from(x) * u128::from(tau)) / (u128::from(tau) + u128::from(dt))) as u64,
+    }
 }
 
 impl ServerLoad {
@@ -243,11 +253,11 @@ where
         self.keys_mut().fill(KeyEntry::default());
     }
 
-    /// Samples every server's in-flight count (`inflight(i)`; `None` leaves server `i` as
-    /// it is). The glue calls this every few milliseconds instead of at every change: the
-    /// averages span `tau` (a second), so a sample every 10 ms loses little.
-    pub fn sample(&mut self, inflight: impl Fn(usize) -> Option<u64>, now: u64) {
-        for i in 0..self.servers().len() {
+    /// Samples the in-flight counts of the first `n` servers (`inflight(i)`; `None` leaves
+    /// server `i` as it is). The glue calls this every few milliseconds instead of at every
+    /// change: the averages span `tau` (a second), so a sample every 10 ms loses little.
+    pub fn sample(&mut self, n: usize, inflight: impl Fn(usize) -> Option<u64>, now: u64) {
+        for i in 0..n.min(self.servers().len()) {
             if let Some(level) = inflight(i) {
                 self.server_inflight(i, level, now);
             }
@@ -257,10 +267,11 @@ where
     /// Whether placement has anything to do: some server's average in flight (per unit of
     /// `weight`) is at least half of `hot`, or some key is moved. While it is not, the glue
     /// neither measures keys nor asks [`Placement::place`]: every key is at home.
-    pub fn busy(&self, weight: impl Fn(usize) -> u64, now: u64) -> bool {
+    /// Only the first `n` servers are looked at.
+    pub fn busy(&self, n: usize, weight: impl Fn(usize) -> u64, now: u64) -> bool {
         let tau = self.params.tau_ms;
         let half = self.params.hot_milli / 2;
-        self.servers().iter().enumerate().any(|(i, s)| s.moved_in > 0 || s.avg_at(now, tau) / weight(i).max(1) >= half)
+        self.servers().iter().take(n).enumerate().any(|(i, s)| s.moved_in > 0 || s.avg_at(now, tau) / weight(i).max(1) >= half)
     }
 
     /// Keys currently moved to server `i`.
@@ -325,10 +336,13 @@ where
                 }
             }
         }
+        let j = self.entry(key, now);
+        if p.prior_cap_milli > 0 && self.keys()[j].load_at(now, p.tau_ms) >= p.prior_cap_milli {
+            return;
+        }
         let s = &mut self.servers_mut()[i];
         s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(p.session_milli);
         s.at_ms = now.max(s.at_ms);
-        let j = self.entry(key, now);
         let e = &mut self.keys_mut()[j];
         e.busy = decay(e.busy, now.saturating_sub(e.at_ms), p.tau_ms).saturating_add(p.session_milli.saturating_mul(p.tau_ms));
         e.at_ms = now.max(e.at_ms);
@@ -351,18 +365,34 @@ where
         U: FnMut(usize) -> bool,
         W: Fn(usize) -> u64,
     {
-        // The usable part of the key's order, on the stack for up to 64 servers.
+        // The usable part of the key's order, on the stack for up to 64 servers; its first
+        // server is home.
         let mut buf = [0usize; 64];
         let mut n = 0;
-        for i in order {
-            if n < buf.len() && i < self.servers().len() && usable(i) {
+        let len = self.servers().len();
+        let mut rest = order.into_iter();
+        for i in rest.by_ref() {
+            if i < len && usable(i) {
+                buf[0] = i;
+                n = 1;
+                break;
+            }
+        }
+        let home = *buf[..n].first()?;
+        let p = self.params;
+        // The common case, decided without the rest of the order: a key that is not moved and
+        // whose home is not hot stays.
+        let moved_now = self.find(key).is_some_and(|i| self.keys()[i].moved != 0);
+        if !moved_now && self.server_load(home, now) / weight(home).max(1) < p.hot_milli {
+            return Some((home, Placed::Home));
+        }
+        for i in rest {
+            if n < buf.len() && i < len && usable(i) {
                 buf[n] = i;
                 n += 1;
             }
         }
         let order = &buf[..n];
-        let &home = order.first()?;
-        let p = self.params;
         let idx = self.entry(key, now);
         let e = self.keys()[idx];
         let kl = e.load_at(now, p.tau_ms);
@@ -510,12 +540,12 @@ mod tests {
         let mut p = Placement::over(D, &mut servers, &mut keys).unwrap();
         let now = 100_000;
         // Quiet: nothing to do.
-        p.sample(|_| Some(0), now - 100 * D.tau_ms);
-        assert!(!p.busy(|_| 1, now - 100 * D.tau_ms));
+        p.sample(4, |_| Some(0), now - 100 * D.tau_ms);
+        assert!(!p.busy(4, |_| 1, now - 100 * D.tau_ms));
         // One server held at 6 in flight for long: busy; a major key moves off it.
-        p.sample(|i| Some(if i == 0 { 6 } else { 0 }), now - 100 * D.tau_ms);
-        p.sample(|_| None, now);
-        assert!(p.busy(|_| 1, now));
+        p.sample(4, |i| Some(if i == 0 { 6 } else { 0 }), now - 100 * D.tau_ms);
+        p.sample(4, |_| None, now);
+        assert!(p.busy(4, |_| 1, now));
         for _ in 0..40 {
             p.key_done(5, 100, now - D.tau_ms);
         }
@@ -523,11 +553,11 @@ mod tests {
         assert_eq!(p.moved_keys(), 1);
         assert_eq!(p.moved_to(1) + p.moved_to(2) + p.moved_to(3), 1);
         // Still busy while a key is moved, even once every server is quiet.
-        p.sample(|_| Some(0), now + 1000 * D.tau_ms);
-        assert!(p.busy(|_| 1, now + 1000 * D.tau_ms));
+        p.sample(4, |_| Some(0), now + 1000 * D.tau_ms);
+        assert!(p.busy(4, |_| 1, now + 1000 * D.tau_ms));
         p.reset();
         assert_eq!(p.moved_keys(), 0);
-        assert!(!p.busy(|_| 1, now + 1000 * D.tau_ms));
+        assert!(!p.busy(4, |_| 1, now + 1000 * D.tau_ms));
         assert!(servers.iter().all(|s| *s == ServerLoad::default()));
     }
 
@@ -663,6 +693,29 @@ mod tests {
         let before = p.server_load(0, 10_000);
         p.login(8, 0, 10_000);
         assert_eq!(p.server_load(0, 10_000), before);
+    }
+
+    #[test]
+    fn logging_in_on_every_request_does_not_make_a_server_hot() {
+        // A tool without a cookie jar: a new session per request, 1,000 of them in a second,
+        // each answered at once. Its priors stop at the cap.
+        let mut p = Placement::new(2, 16, D);
+        let mut now = 10_000;
+        for _ in 0..1_000 {
+            p.login(9, 0, now);
+            p.key_done(9, 1, now);
+            now += 1;
+        }
+        assert!(p.key_load(9, now) <= D.prior_cap_milli + D.session_milli, "{}", p.key_load(9, now));
+        assert!(p.server_load(0, now) <= D.prior_cap_milli + D.session_milli, "{}", p.server_load(0, now));
+        // Without the cap it would look like hundreds of requests in flight.
+        let mut q = Placement::new(2, 16, Params { prior_cap_milli: 0, ..D });
+        let mut now = 10_000;
+        for _ in 0..1_000 {
+            q.login(9, 0, now);
+            now += 1;
+        }
+        assert!(q.server_load(0, now) > 100_000);
     }
 
     #[test]

@@ -516,6 +516,8 @@ struct PeerData {
     /// Counters of the server this try went to, while it is counted in flight.
     counted: Option<&'static Slot>,
     movable: bool,
+    /// Client placement was busy when this try was chosen: `free` measures its response.
+    measure: bool,
     /// This request moved to the backup servers.
     on_backup: bool,
     /// The try is also counted in the upstream's in-flight total.
@@ -718,6 +720,7 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             sess: SessionData { key: skey.unwrap_or(0), learned: learned.unwrap_or(0) },
             counted: None,
             movable: balancer::may_move(state),
+            measure: false,
             on_backup: false,
             counted_total: false,
             ctx: crate::variables::RequestCtx::new(None, state, checked.is_some()),
@@ -1027,7 +1030,10 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         // is only ever taken after it, never before).
         unsafe {
             let now_ms = ngx::ffi::ngx_current_msec as u64;
-            if sample_placement(z, &state.primary, now_ms) && req.follows_client() && pd.ctx.route.is_none() {
+            let busy = sample_placement(z, &state.primary, now_ms);
+            // While placement is busy, the try's response time is measured at `free`.
+            pd.measure = busy;
+            if busy && req.follows_client() && pd.ctx.route.is_none() {
                 req.moved = place_client(z, &state.primary, &mut ps, key, now_ms);
             }
         }
@@ -1067,8 +1073,9 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
             return busy;
         }
         shm::with_placement(zone, g.layout, false, |p, at, flag| {
-            p.sample(|i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
-            let busy = p.busy(|i| g.weight(i), now_ms);
+            let n = g.slots.len();
+            p.sample(n, |i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
+            let busy = p.busy(n, |i| g.weight(i), now_ms);
             at.store(now_ms, core::sync::atomic::Ordering::Relaxed);
             flag.store(u64::from(busy), core::sync::atomic::Ordering::Relaxed);
             busy
@@ -1095,8 +1102,9 @@ unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut 
 }
 
 /// Records what placement learns from a finished try on a primary server: the key's
-/// response time (its load, by Little's law), while placement is busy, or a login (a response
-/// that set a session) on server `login`, always.
+/// response time (its load, by Little's law), while placement is busy (as it was when the try
+/// was chosen, and still is), or a login (a response that set a session) on server `login`,
+/// always.
 ///
 /// # Safety
 /// `pd.r` is the live request, its upstream set.
@@ -1393,13 +1401,9 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
         }
         if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
             let login = learn_session(pd);
-            if !pd.on_backup {
+            if !pd.on_backup && (core::mem::take(&mut pd.measure) || login.is_some()) {
                 if let Some(kcf) = pd.conf() {
-                    if let Some(z) = kcf.placement_zone {
-                        if login.is_some() || shm::placement_state(z, ngx::ffi::ngx_current_msec as u64).is_some_and(|(busy, _)| busy) {
-                            placement_learns(kcf, pd, login);
-                        }
-                    }
+                    placement_learns(kcf, pd, login);
                 }
             }
         }
