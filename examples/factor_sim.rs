@@ -400,6 +400,7 @@ fn candidates() -> Vec<(String, Kind)> {
         ("placement cooldown=2s".into(), Kind::Place(Params { cooldown_ms: 2_000, ..d })),
         ("placement without login priors (session=0)".into(), Kind::Place(Params { session_milli: 0, ..d })),
         ("placement without the login-prior cap (prior_cap=0)".into(), Kind::Place(Params { prior_cap_milli: 0, ..d })),
+        ("placement prior cap=4".into(), Kind::Place(Params { prior_cap_milli: 4_000, ..d })),
         ("placement session=1 margin=1".into(), Kind::Place(Params { session_milli: 1_000, margin_milli: 1_000, ..d })),
         ("placement session=0.25".into(), Kind::Place(Params { session_milli: 250, ..d })),
         ("placement prior window=3s".into(), Kind::Place(Params { prior_window_ms: 3_000, ..d })),
