@@ -162,3 +162,37 @@ qr/\A<!DOCTYPE html>/
 --- request
 POST /st?format=html
 --- error_code: 405
+
+
+
+=== TEST 13: HEAD of the JSON: its headers, no body
+--- request
+HEAD /st
+--- response_headers
+Content-Type: application/json
+Vary: Accept
+!ETag
+--- raw_response_headers_like eval
+qr/\r\nContent-Length: [1-9]\d+\r\n/
+--- response_body chomp
+
+
+
+=== TEST 14: HEAD of the Prometheus text
+--- request
+HEAD /st?format=prometheus
+--- response_headers
+Content-Type: text/plain; version=0.0.4; charset=utf-8
+--- response_body chomp
+
+
+
+=== TEST 15: an unknown format is JSON, as before the dashboard
+--- request
+GET /st?format=yaml
+--- more_headers eval
+"Accept: $::Browser"
+--- response_headers
+Content-Type: application/json
+--- response_body_like eval
+qr/\A\{"load_zone":/
