@@ -11,7 +11,10 @@ the test checks the rendered DOM against the JSON document read at the same mome
   2. numbers   - per node: state, weight, in flight, bound, requests in all equal the JSON's;
   3. over      - the node holding the slow requests is shown over its bound (and only it);
   4. rates     - requests/s derived from counter deltas is above zero while traffic flows;
-  5. chart     - every node's chart and the upstream's chart have drawn pixels;
+  5. chart     - the charts (pixels read back from the canvases): the upstream's and those of
+                 the nodes that got requests while the page was open show a requests/s fill
+                 and a rate above zero; the idle ones (the node over its bound, the backup)
+                 neither;
   6. store     - the breaker shows open, in the breaker colour;
   7. grown     - a JSON document with fields this page does not know (a new decision kind, a
                  new per-server count, a new state, new sections) and without optional ones
@@ -233,9 +236,11 @@ Array.from(document.querySelectorAll('section.upstream')).map(function (sec) {
 })
 """
 INKED_JS = r"""
+// Pixels of the requests-per-second fill (rgb 53, 98, 143 at any opacity) in a canvas.
 window.inked = function (c) {
   var d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, n = 0;
-  for (var i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+  for (var i = 0; i < d.length; i += 4)
+    if (d[i + 3] > 0 && Math.abs(d[i] - 53) <= 4 && Math.abs(d[i + 1] - 98) <= 4 && Math.abs(d[i + 2] - 143) <= 4) n++;
   return n;
 };
 """
@@ -308,6 +313,7 @@ class Test:
             while time.time() < deadline and self.status()["upstreams"]["kylin_nodes"]["in_flight"] < SLOW:
                 time.sleep(0.1)
 
+            self.before = self.status()    # the counters when the page opens
             browser = Browser(self.args.chromium)
             browser.call("Runtime.enable")
             browser.call("Log.enable")
@@ -353,7 +359,7 @@ class Test:
         u, page = doc["upstreams"]["kylin_nodes"], view.get("kylin_nodes", {"rows": []})
         rows = {r["server"]: r for r in page["rows"]}
         self.check("every node", set(rows) == {s["address"] for s in u["servers"]}, "%d rows" % len(rows))
-        wrong, over, charts = [], [], []
+        wrong, over, charts, idle = [], [], [], 0
         for s in u["servers"]:
             r = rows.get(s["address"])
             if r is None:
@@ -365,8 +371,14 @@ class Test:
                 wrong.append("%s: %s, JSON %s" % (s["address"], got, want))
             if r["over"]:
                 over.append((s["address"], r["in_flight"], r["bound"], r["colour"]))
-            if not s["backup"] and r["chart"] <= 0:
-                charts.append(s["address"])
+            # Requests since the page opened draw the fill of the node's chart and a rate;
+            # none, neither.
+            then = next((x["requests"] for x in self.before["upstreams"]["kylin_nodes"]["servers"] if x["address"] == s["address"]), None)
+            moved = then is not None and s["requests"] > then
+            if moved != (r["chart"] > 0) or moved != (r["rps"] not in ("0", "–")):
+                charts.append("%s: %d requests while open, chart fill %d px, %s/s" % (s["address"], s["requests"] - (then or 0), r["chart"], r["rps"]))
+            else:
+                idle += not moved
         total = sum(s["requests"] for s in u["servers"])
         self.check("numbers", not wrong and total == self.sent,
                    "; ".join(wrong) or "state, weight, in flight and requests of every node as in the JSON; %d requests in all, %d sent" % (total, self.sent))
@@ -375,8 +387,9 @@ class Test:
                    "shown over its bound: %s" % over)
         rps = page.get("rps")
         self.check("rates", rps not in (None, "–", "0") and float(rps.rstrip("k")) > 0, "requests/s shown: %s" % rps)
-        self.check("chart", not charts and page.get("chart", 0) > 0,
-                   "pixels drawn: upstream %s, nodes %s" % (page.get("chart"), [r["chart"] for r in page["rows"]]))
+        self.check("chart", not charts and page.get("chart", 0) > 0 and idle >= 2,
+                   "; ".join(charts) or "rates and chart fills where requests came, none on the %d idle nodes (fill px: upstream %s, nodes %s)"
+                   % (idle, page.get("chart"), [r["chart"] for r in page["rows"]]))
         b = view.get("kylin_shared", {}).get("breaker")
         self.check("store", b is not None and b["text"] == "breaker open" and b["colour"] == "rgb(198, 40, 40)",
                    "session store shown: %s" % b)
