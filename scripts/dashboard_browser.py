@@ -338,7 +338,11 @@ class Test:
             self.check_grown(browser)
             browser.pump(0.5)
             errors = browser.js("window.kylinDashboard.errors")
-            self.check("no errors", not browser.problems and errors == 0, "; ".join(browser.problems) or "no exception, console error, refused resource or failed poll (%d)" % errors)
+            seen = {}
+            for p in browser.problems:
+                seen[p] = seen.get(p, 0) + 1
+            self.check("no errors", not browser.problems and errors == 0,
+                       "; ".join("%s (%d times)" % (p, n) if n > 1 else p for p, n in seen.items()) or "no exception, console error, refused resource or failed poll (%d)" % errors)
         finally:
             stop.set()
             self.release.set()
