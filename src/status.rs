@@ -11,8 +11,8 @@ use ngx::ffi::{
     ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_discard_request_body,
     ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
-    ngx_list_push, ngx_rwlock_rlock, ngx_table_elt_t, ngx_rwlock_unlock, ngx_time, NGINX_VERSION, NGX_ERROR, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    ngx_list_push, ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_table_elt_t, ngx_time, NGINX_VERSION,
+    NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED, NGX_OK,
 };
 
 use crate::balancer::Bound;
@@ -206,6 +206,7 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             return rc;
         }
 
+        // The request's headers list is complete before content handlers run.
         let accept: Vec<&[u8]> = ngx::http::list_iterator(&(*r).headers_in.headers)
             .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
             .map(|(_, v)| v.as_bytes())
