@@ -12,7 +12,8 @@ use ngx::ffi::{
     ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
     ngx_list_push, ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_table_elt_t, ngx_time, NGINX_VERSION,
-    NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+    NGX_HTTP_NOT_MODIFIED, NGX_HTTP_NO_CONTENT, NGX_HTTP_VERSION_10, NGX_OK,
 };
 
 use crate::balancer::Bound;
@@ -195,6 +196,23 @@ unsafe fn add_header(r: *mut ngx_http_request_t, key: &'static str, value: &'sta
     }
 }
 
+/// Whether the response sent has no body: what nginx's header filter marks `r->header_only`
+/// (a HEAD request, or a 204 or 304 answer such as the not-modified filter's, in a main request
+/// of HTTP/1.0 or later), decided here from the request itself. Not read from the
+/// `header_only` bit: the bindings of nginx 1.30 and 1.31 (whose request has a 16-bit `port`
+/// before its bit fields) place every bit from `uri_changes` on two bits early, so
+/// `header_only()` reads `pipeline` there and a HEAD request got the body.
+unsafe fn header_only(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r is a valid request whose header has been sent.
+    unsafe {
+        r == (*r).main
+            && (*r).http_version >= NGX_HTTP_VERSION_10 as usize
+            && ((*r).method == NGX_HTTP_HEAD as usize
+                || (*r).headers_out.status == NGX_HTTP_NOT_MODIFIED as usize
+                || (*r).headers_out.status == NGX_HTTP_NO_CONTENT as usize)
+    }
+}
+
 unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request.
     unsafe {
@@ -241,7 +259,7 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         (*r).headers_out.content_type_lowcase = ptr::null_mut();
 
         let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || header_only(r) {
             return rc;
         }
         let b = ngx_create_temp_buf((*r).pool, body.len().max(1));
