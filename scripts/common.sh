@@ -46,17 +46,29 @@ ensure_deps() {
     command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup)"
 }
 
-# Python modules the scenario tests use (jsonschema validates the status page), from Debian's
-# packages for Debian's python3, from PyPI for another python3 (pyenv, venv).
-ensure_python_modules() {
-    python3 -c 'import jsonschema' 2>/dev/null && return 0
+# Python module $1 for the tests, from Debian's package $2 for Debian's python3, from PyPI's
+# package $3 for another python3 (pyenv, venv).
+ensure_python_module() {
+    python3 -c "import $1" 2>/dev/null && return 0
     if [ "$(command -v python3)" = /usr/bin/python3 ]; then
-        ensure_deps python3-jsonschema
+        ensure_deps "$2"
     else
-        log "installing jsonschema (PyPI) for $(command -v python3)"
-        python3 -m pip install -q jsonschema
+        log "installing $3 (PyPI) for $(command -v python3)"
+        python3 -m pip install -q "$3"
     fi
 }
+
+# Python modules the scenario tests use: jsonschema validates the status page, websocket
+# (websocket-client) drives Chromium over the DevTools protocol in the dashboard's browser test.
+ensure_python_modules() {
+    ensure_python_module jsonschema python3-jsonschema jsonschema
+    ensure_python_module websocket python3-websocket websocket-client
+}
+
+# Debian packages of the dashboard's browser test and the monitoring files' checks: headless
+# Chromium, and Prometheus (its promtool checks the alerting rules; the server evaluates the
+# Grafana dashboard's queries against a real scrape).
+MONITORING_PACKAGES=(chromium prometheus)
 
 # Builds nginx and the module in one cargo run, then sets and exports:
 #   NGINX_BIN      the nginx binary the module was built against (vendored, or

@@ -1,6 +1,7 @@
-//! `kylin_status;`: a read-only JSON document about every kylin upstream, or with
-//! `?format=prometheus` the same data as Prometheus metrics (glue; the documents themselves
-//! are built in [`crate::report`]).
+//! `kylin_status;`: a read-only JSON document about every kylin upstream, with
+//! `?format=prometheus` the same data as Prometheus metrics, and for browsers the dashboard
+//! page that polls the JSON (glue; the documents are built in [`crate::report`], the format
+//! is chosen and the page embedded in [`crate::dashboard`]).
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -10,12 +11,14 @@ use ngx::ffi::{
     ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_discard_request_body,
     ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
-    ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_time, NGINX_VERSION, NGX_ERROR, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    ngx_list_push, ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_table_elt_t, ngx_time, NGINX_VERSION,
+    NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_NOT_ALLOWED,
+    NGX_HTTP_NOT_MODIFIED, NGX_HTTP_NO_CONTENT, NGX_HTTP_VERSION_10, NGX_OK,
 };
 
 use crate::balancer::Bound;
 use crate::conf::{srv_conf, SrvConf};
+use crate::dashboard::{self, Format};
 use crate::load::{self, Counter, LoadTable};
 use crate::report::{self, ServerReport, UpstreamReport};
 use crate::shm;
@@ -155,17 +158,10 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
     }
 }
 
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx calls content handlers with a valid request.
+/// The JSON document or the Prometheus text, and its content type.
+unsafe fn documents(r: *mut ngx_http_request_t, prometheus: bool) -> (String, &'static str) {
+    // SAFETY: r is a valid request; its main conf holds the upstream module's configuration.
     unsafe {
-        if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
-            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
-        }
-        let rc = ngx_http_discard_request_body(r);
-        if rc != NGX_OK as ngx_int_t {
-            return rc;
-        }
-
         let now = ngx_time();
         let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
         let mut reports = Vec::new();
@@ -185,11 +181,87 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             }
         }
         let version = NGINX_VERSION.to_str().unwrap_or("");
-        let prometheus = (*r).args.as_bytes().split(|&b| b == b'&').any(|a| a == b"format=prometheus");
-        let (body, ct) = if prometheus {
+        if prometheus {
             (report::to_prometheus(&reports, load_zone.as_ref()), "text/plain; version=0.0.4; charset=utf-8")
         } else {
             (report::to_json(version, now, &reports, load_zone.as_ref()), "application/json")
+        }
+    }
+}
+
+/// Adds a response header with static key and value; returns it (None if out of memory).
+unsafe fn add_header(r: *mut ngx_http_request_t, key: &'static str, value: &'static str) -> Option<*mut ngx_table_elt_t> {
+    // SAFETY: r is a valid request whose headers_out.headers list is initialised (content
+    // handlers run after that); the element is zeroed before it is filled, and the key and
+    // value point to static memory that outlives the request (nginx only reads them).
+    unsafe {
+        let h = ngx_list_push(ptr::addr_of_mut!((*r).headers_out.headers)) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return None;
+        }
+        ptr::write_bytes(h, 0, 1);
+        (*h).hash = 1;
+        (*h).key.len = key.len();
+        (*h).key.data = key.as_ptr() as *mut u8;
+        (*h).value.len = value.len();
+        (*h).value.data = value.as_ptr() as *mut u8;
+        Some(h)
+    }
+}
+
+/// Whether the response sent has no body: what nginx's header filter marks `r->header_only`
+/// (a HEAD request, or a 204 or 304 answer such as the not-modified filter's, in a main request
+/// of HTTP/1.0 or later), decided here from the request itself. Not read from the
+/// `header_only` bit: the bindings of nginx 1.30 and 1.31 (whose request has a 16-bit `port`
+/// before its bit fields) place every bit from `uri_changes` on two bits early, so
+/// `header_only()` reads `pipeline` there and a HEAD request got the body.
+unsafe fn header_only(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r is a valid request whose header has been sent.
+    unsafe {
+        r == (*r).main
+            && (*r).http_version >= NGX_HTTP_VERSION_10 as usize
+            && ((*r).method == NGX_HTTP_HEAD as usize
+                || (*r).headers_out.status == NGX_HTTP_NOT_MODIFIED as usize
+                || (*r).headers_out.status == NGX_HTTP_NO_CONTENT as usize)
+    }
+}
+
+unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request.
+    unsafe {
+        if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {
+            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+        }
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+
+        // The request's headers list is complete before content handlers run.
+        let accept: Vec<&[u8]> = ngx::http::list_iterator(&(*r).headers_in.headers)
+            .filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"accept"))
+            .map(|(_, v)| v.as_bytes())
+            .collect();
+        let format = dashboard::choose((*r).args.as_bytes(), &accept);
+        // The response depends on Accept unless ?format= chose it; say so to caches anyway.
+        if add_header(r, "Vary", "Accept").is_none() {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        let (body, ct): (std::borrow::Cow<'static, str>, &str) = if format == Format::Html {
+            for (k, v) in dashboard::HTML_HEADERS {
+                if add_header(r, k, v).is_none() {
+                    return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+                }
+            }
+            // With the ETag set, nginx's not-modified filter answers If-None-Match with 304.
+            let Some(etag) = add_header(r, "ETag", dashboard::etag()) else {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+            };
+            (*r).headers_out.etag = etag;
+            (dashboard::PAGE.into(), "text/html; charset=utf-8")
+        } else {
+            let (doc, ct) = documents(r, format == Format::Prometheus);
+            (doc.into(), ct)
         };
 
         (*r).headers_out.status = 200;
@@ -200,7 +272,7 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         (*r).headers_out.content_type_lowcase = ptr::null_mut();
 
         let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || header_only(r) {
             return rc;
         }
         let b = ngx_create_temp_buf((*r).pool, body.len().max(1));
