@@ -273,16 +273,14 @@ unsafe fn resume(w: &mut Wait, state: SessionState) {
     }
 }
 
-/// Whether `r` was terminated while it was blocked.
-#[cfg(nginx1_25_4)]
-unsafe fn terminated(r: *mut ngx_http_request_t) -> bool {
-    // SAFETY: r and its main request are live (a blocked request is not freed).
-    unsafe { (*(*r).main).terminated() != 0 }
-}
-
-/// Whether `r` was terminated while it was blocked: before 1.25.4 nginx has no flag for it,
-/// but terminating a blocked request marks its connection as failed.
-#[cfg(not(nginx1_25_4))]
+/// Whether `r` was terminated while it was blocked. nginx terminates a blocked request by
+/// marking its connection as failed (`c->error`) and leaving the finalizer as the write
+/// handler, in every version (1.25.4+ also sets `r->main->terminated`). The connection's flag
+/// is read, not `terminated`: the bindings of nginx 1.30 and 1.31, whose request has a 16-bit
+/// `port` before its bit fields, place every bit of `ngx_http_request_t` from `uri_changes` on
+/// two bits early (`terminated()` reads another flag there). `blocked` and `aio`, which come
+/// before, and `ngx_connection_t`'s bits are where the C compiler puts them (checked with a C
+/// program built against each version's headers).
 unsafe fn terminated(r: *mut ngx_http_request_t) -> bool {
     // SAFETY: r and its connection are live (a blocked request is not freed).
     unsafe { (*(*r).connection).error() != 0 }
