@@ -1,11 +1,23 @@
 //! ngx_http_kylin_upstream_module: an nginx upstream balancer for Apache Kylin query nodes.
 //!
-//! Layout:
-//! - [`ring`], [`key`], [`balancer`]: plain Rust, no FFI. *How a peer is chosen* is in
-//!   [`balancer`].
-//! - [`conf`]: the directives (`kylin_upstream`, `kylin`) and their `nginx -t` checks.
-//! - [`upstream`]: the peer callbacks nginx calls per request (thin glue around
-//!   [`balancer::choose`] and nginx's round-robin peer bookkeeping).
+//! Layout. Decisions and data structures are plain Rust without FFI, unit- and
+//! property-tested; the nginx glue gathers facts, calls them and applies the answer.
+//!
+//! | question | pure Rust | nginx glue |
+//! |---|---|---|
+//! | how is a peer chosen | [`balancer`] (the decision), [`ring`] (consistent hashing), [`key`] (the client-address key) | `upstream` (`init_upstream`, `init_peer`, `get`, `free`) |
+//! | where does a busy client go | [`placement`] (client placement, `kylin_balance clients`) | `upstream` (sampling, `place`, measuring at `free`), `shm` (its zone) |
+//! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `session_check` (the precontent phase, thread-pool tasks, the health timer) |
+//! | where is shared state | [`load`] (in-flight counters), [`routes`] (learned routes, verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
+//! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] (format choice, the HTML page) | `status` (`kylin_status`), `variables` (`$kylin_route`, `$kylin_session_state`) |
+//! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`] | `conf` (the module, its directives, `init_process`) |
+//!
+//! A request: `session_check`'s precontent handler (only with a Redis store) learns whether
+//! its session is shared, without blocking; `upstream::init_peer` reads the session cookie
+//! and its learned route; `upstream::get_peer` locks the peer list, samples placement, asks
+//! [`balancer::choose_primary`] (then `choose_backup`) and counts the try in flight; `free`
+//! uncounts it, measures its response for placement and learns a session the response created.
+//! Background work (store health checks) runs only in worker 0 (`conf`'s `init_process`).
 
 pub mod balancer;
 pub mod dashboard;
