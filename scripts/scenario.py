@@ -19,10 +19,12 @@ Everything listens on 127.0.0.1; the run is bounded (about 30 s).
 import argparse
 import asyncio
 import http.server as httpserver
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -98,6 +100,55 @@ class StandIn(httpserver.ThreadingHTTPServer):
     def verify_request(self, request, client_address):
         self.connections += 1
         return True
+
+
+_SESSION_IDS = itertools.count(1)
+_SESSION_IDS_LOCK = threading.Lock()
+
+
+def local_sessions_node(name, delay=0.0, instant=()):
+    """The answer function of a query node whose sessions live on it alone (for StandIn):
+    /login creates one (Set-Cookie JSESSIONID, ids unique across nodes); a request with a
+    session of another node gets 401; every answer's body is the node's name. Requests take
+    `delay` seconds, except paths starting with one of `instant`."""
+    sessions = set()
+
+    def answer(path, headers):
+        if not any(path.startswith(p) for p in instant):
+            time.sleep(delay)
+        m = re.search(r"JSESSIONID=([0-9A-F]+)", headers.get("Cookie", ""))
+        if path.startswith("/login"):
+            with _SESSION_IDS_LOCK:
+                sid = "%032X" % next(_SESSION_IDS)
+            sessions.add(sid)
+            return 200, [("Set-Cookie", "JSESSIONID=%s; Path=/" % sid)], name.encode()
+        return (200 if not m or m.group(1) in sessions else 401), [], name.encode()
+
+    return answer
+
+
+def scenario_main(label, make, skip=None):
+    """The command line of a scenario script: --nginx, --module, --keep. `make(nginx, module,
+    keep)` returns an object with run(), cleanup() and a list of booleans `results`; `skip(nginx)`
+    returns a reason to skip, or None. Prints "LABEL: N passed, M failed"; returns the exit code."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nginx", required=True)
+    ap.add_argument("--module", required=True)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    reason = skip(a.nginx) if skip else None
+    if reason:
+        print("%s: skipped: %s" % (label, reason))
+        return 0
+    s = make(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
+    try:
+        s.run()
+    finally:
+        s.cleanup()
+    passed = sum(s.results)
+    failed = len(s.results) - passed
+    print("%s: %d passed, %d failed" % (label, passed, failed))
+    return 1 if failed else 0
 
 
 def alive(pid):

@@ -14,9 +14,7 @@ and nothing alarming in the error log. Skipped (with a message) before nginx 1.2
 Usage: scenario_drain.py --nginx PATH --module PATH [--keep]
 Prints one line per check and "scenario-drain: N passed, M failed"; exits 1 on failure.
 """
-import argparse
 import asyncio
-import itertools
 import json
 import os
 import re
@@ -27,7 +25,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import StandIn, free_ports, http, start_nginx, stop_nginx  # noqa: E402
+from scenario import StandIn, free_ports, http, local_sessions_node, scenario_main, start_nginx, stop_nginx  # noqa: E402
 
 CONF = """
 load_module {module};
@@ -53,25 +51,6 @@ http {{
 }}
 """
 
-IDS = itertools.count(1)
-
-
-def node(name):
-    """A query node whose sessions live on it alone: /login creates one, a request with a
-    session of another node gets 401."""
-    sessions = set()
-
-    def answer(path, headers):
-        m = re.search(r"JSESSIONID=([0-9A-F]+)", headers.get("Cookie", ""))
-        if path.startswith("/login"):
-            sid = "%032X" % next(IDS)
-            sessions.add(sid)
-            return 200, [("Set-Cookie", "JSESSIONID=%s; Path=/" % sid)], name.encode()
-        return (200 if not m or m.group(1) in sessions else 401), [], name.encode()
-
-    return answer
-
-
 def nginx_version(binary):
     out = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr
     m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
@@ -84,7 +63,7 @@ class Scenario:
         self.results = []
         *nodes, self.port = free_ports(4)
         self.ports = nodes
-        self.nodes = [StandIn(p, node("n%d" % i)) for i, p in enumerate(nodes)]
+        self.nodes = [StandIn(p, local_sessions_node("n%d" % i)) for i, p in enumerate(nodes)]
 
     def check(self, name, ok, detail):
         self.results.append(ok)
@@ -148,25 +127,11 @@ class Scenario:
             n.shutdown()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nginx", required=True)
-    ap.add_argument("--module", required=True)
-    ap.add_argument("--keep", action="store_true")
-    a = ap.parse_args()
-    if nginx_version(a.nginx) < (1, 29, 6):
-        print("scenario-drain: skipped: %s has no `drain` (nginx 1.29.6+)" % a.nginx)
-        return 0
-    s = Scenario(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
-    try:
-        s.run()
-    finally:
-        s.cleanup()
-    passed = sum(s.results)
-    failed = len(s.results) - passed
-    print("scenario-drain: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+def too_old(binary):
+    if nginx_version(binary) < (1, 29, 6):
+        return "%s has no `drain` (nginx 1.29.6+)" % binary
+    return None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(scenario_main("scenario-drain", Scenario, skip=too_old))

@@ -20,19 +20,16 @@ and nothing alarming in the error log.
 Usage: scenario_placement.py --nginx PATH --module PATH [--keep]
 Prints one line per check and "scenario-placement: N passed, M failed"; exits 1 on failure.
 """
-import argparse
 import asyncio
-import itertools
 import json
 import os
 import re
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import StandIn, free_ports, http, start_nginx, stop_nginx  # noqa: E402
+from scenario import StandIn, free_ports, http, local_sessions_node, scenario_main, start_nginx, stop_nginx  # noqa: E402
 
 CONF = """
 load_module {module};
@@ -60,28 +57,6 @@ http {{
 """
 
 QUERY_S = 0.15
-IDS = itertools.count(1)
-IDS_LOCK = threading.Lock()
-
-
-def node(name):
-    """A query node whose sessions live on it alone: /login creates one; a query with a
-    session of another node gets 401; /probe answers at once, anything else takes QUERY_S."""
-    sessions = set()
-
-    def answer(path, headers):
-        if path.startswith("/probe"):
-            return 200, [], name.encode()
-        time.sleep(QUERY_S)
-        m = re.search(r"JSESSIONID=([0-9A-F]+)", headers.get("Cookie", ""))
-        if path.startswith("/login"):
-            with IDS_LOCK:
-                sid = "%032X" % next(IDS)
-            sessions.add(sid)
-            return 200, [("Set-Cookie", "JSESSIONID=%s; Path=/" % sid)], name.encode()
-        return (200 if not m or m.group(1) in sessions else 401), [], name.encode()
-
-    return answer
 
 
 class Scenario:
@@ -90,7 +65,7 @@ class Scenario:
         self.results = []
         *nodes, self.port = free_ports(4)
         self.ports = nodes
-        self.nodes = [StandIn(p, node("n%d" % i)) for i, p in enumerate(nodes)]
+        self.nodes = [StandIn(p, local_sessions_node("n%d" % i, QUERY_S, instant=("/probe",))) for i, p in enumerate(nodes)]
 
     def check(self, name, ok, detail):
         self.results.append(ok)
@@ -194,22 +169,5 @@ class Scenario:
             n.shutdown()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nginx", required=True)
-    ap.add_argument("--module", required=True)
-    ap.add_argument("--keep", action="store_true")
-    a = ap.parse_args()
-    s = Scenario(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
-    try:
-        s.run()
-    finally:
-        s.cleanup()
-    passed = sum(s.results)
-    failed = len(s.results) - passed
-    print("scenario-placement: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(scenario_main("scenario-placement", Scenario))

@@ -13,7 +13,6 @@ store names only the Sentinel (`sentinel=kylinmaster`). Checks:
 Usage: scenario_sentinel.py --nginx PATH --module PATH [--keep]
 Prints one line per check and "scenario-sentinel: N passed, M failed"; exits 1 on failure.
 """
-import argparse
 import asyncio
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import StandIn, free_ports, http, start_nginx, stop_nginx, wait_port  # noqa: E402
+from scenario import StandIn, free_ports, http, scenario_main, start_nginx, stop_nginx, wait_port  # noqa: E402
 
 SHARED = "5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE01"
 
@@ -149,22 +148,5 @@ class Scenario:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nginx", required=True)
-    ap.add_argument("--module", required=True)
-    ap.add_argument("--keep", action="store_true")
-    a = ap.parse_args()
-    s = Scenario(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
-    try:
-        s.run()
-    finally:
-        s.cleanup()
-    passed = sum(s.results)
-    failed = len(s.results) - passed
-    print("scenario-sentinel: %d passed, %d failed" % (passed, failed))
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(scenario_main("scenario-sentinel", Scenario))
