@@ -14,9 +14,10 @@ Every response is JSON and names the node, so you can see where nginx sent you.
 Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
   --slots K          each node runs at most K queries (and other slow requests) at once and
                      queues the rest, so overload shows as latency (0: unlimited)
-  --cache            each node keeps its own result cache (an LRU of --cache-size entries): a
-                     query, named by its `q` parameter or else its body, takes --hit-ms on a
-                     node that answered it before and --miss-ms otherwise (?sleep= still wins)
+  --cache            each node keeps its own result cache (an LRU of --cache-size entries, 0:
+                     unbounded): a query, named by its `q` parameter or else its body, takes
+                     --hit-ms on a node that answered it before and --miss-ms otherwise
+                     (?sleep= still wins)
   --redis-port P     sessions are also shared through Redis on 127.0.0.1:P, the way
                      tomcat-redis-session-manager keeps them: login does SET <id> EX
                      --session-ttl; a query is accepted when its session is local or its key
@@ -25,7 +26,7 @@ Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
   --name NAME        the nodes' names, in --port order (default node1, node2, ...)
   --tcp-nodelay      TCP_NODELAY on accepted connections (no 40 ms delayed-ACK stalls)
 /__stats also reports running/queued queries (and the queue's peak), cache hits and misses,
-Redis lookups and errors.
+Redis lookups and errors, and the CPU seconds the node's process has used (cpu_s).
 """
 import argparse
 import json
@@ -98,7 +99,7 @@ class Store:
 
 
 class Cache:
-    """One node's query-result cache: an LRU of query names."""
+    """One node's query-result cache: an LRU of query names (size 0: unbounded)."""
 
     def __init__(self, size):
         self.size = size
@@ -109,7 +110,7 @@ class Cache:
             self.entries.move_to_end(key)
             return True
         self.entries[key] = True
-        if len(self.entries) > self.size:
+        if self.size and len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return False
 
@@ -188,6 +189,7 @@ class Node:
                 "redis_errors": self.redis_errors,
                 "shared_accepted": self.shared_accepted,
                 "uptime": round(time.time() - self.started, 3),
+                "cpu_s": round(time.process_time(), 3),
             }
 
 
@@ -321,7 +323,7 @@ def main():
     ap.add_argument("--name", action="append", default=[], help="node names, in --port order")
     ap.add_argument("--slots", type=int, default=0, help="queries run at once per node (0: no limit)")
     ap.add_argument("--cache", action="store_true", help="per-node query-result cache")
-    ap.add_argument("--cache-size", type=int, default=1000, help="entries per node cache")
+    ap.add_argument("--cache-size", type=int, default=1000, help="entries per node cache (0: unbounded)")
     ap.add_argument("--hit-ms", type=float, default=5.0, help="query time on a cache hit")
     ap.add_argument("--miss-ms", type=float, default=60.0, help="query time on a cache miss")
     ap.add_argument("--redis-port", type=int, default=0, help="share sessions through Redis")

@@ -1,25 +1,33 @@
 #!/usr/bin/env python3
 """Load generator for Kylin query nodes behind nginx, and the benchmark suite of scripts/bench.
 
-Clients come from many addresses of 127.0.0.0/8, each in its own /24 (127.10.N.1): Linux
-routes all of 127/8 to lo, so nginx sees distinct client addresses without realip. Two kinds:
+Clients come from addresses of 127.0.0.0/8, each in its own /24: Linux routes all of 127/8 to
+lo, so nginx sees distinct client addresses without realip. Two kinds:
 
-  BI servers     a few addresses, each running many user sessions at once: log in, run a
+  BI servers     a few addresses, each running several user sessions at once: log in, run a
                  few dozen queries from the server's small hot query set (plus some ad hoc
                  ones), log in again as a new session;
-  light clients  many addresses, one user each, an occasional query from their own set.
+  light clients  more addresses, one user each, an occasional query from their own set.
+
+The workload is issue #13's, as examples/factor_sim.rs `cluster --think 5 --adhoc 0.03`
+simulates it (3 BI servers x 6 sessions, think 5 ms, 3% ad hoc, 15-40 queries per session;
+9 light clients). A *layout* is the set of client addresses, drawn from a seeded generator
+exactly as the simulator's `Layout::random(N)` draws layout N (127.x.y.z, one per /24), so
+layout N here and in bench/placement.md place the clients on the same addresses.
 
 Every user keeps its JSESSIONID cookie; a 401 means it had to log in again (counted, and it
 logs in again). Per-node load comes from each node's /__stats (kylin_node.py), sampled.
 
-  loadgen.py run --url http://127.0.0.1:8080 --node 127.0.0.1:7071 ... [--duration 20]
-  loadgen.py suite --nginx NGINX --module MODULE [--quick] [--out bench]   (scripts/bench)
+  loadgen.py run --url http://127.0.0.1:8080 --node 127.0.0.1:7071 ... [--duration 20] [--layout N]
+  loadgen.py suite --nginx NGINX --module MODULE [--quick] [--layouts N] [--seed S]
+                   [--kylin-variant NAME=DIRECTIVES]... [--only GLOB,...] [--out bench]   (scripts/bench)
 
 Only addresses in 127.0.0.0/8 are ever contacted; every loop ends with the run's duration.
 """
 import argparse
 import asyncio
 import datetime
+import fnmatch
 import json
 import math
 import os
@@ -134,20 +142,62 @@ async def get_json(host, port, path, timeout=2.0):
 # The workload.
 
 class Workload:
-    def __init__(self, quick=False):
+    """Issue #13's load: the heavy setting of examples/factor_sim.rs (`--think 5 --adhoc 0.03`)."""
+
+    def __init__(self):
         self.bi_servers = 3
-        self.bi_sessions = 20          # concurrent user sessions per BI server
-        self.bi_think = 0.08           # mean seconds between a session's queries
+        self.bi_sessions = 6           # concurrent user sessions per BI server
+        self.bi_think = 0.005          # mean seconds between a session's queries (exponential, capped at 10x)
         self.bi_queries = (15, 40)     # queries per session before it logs in again
         self.bi_hot = 100              # hot query set per BI server
-        self.bi_adhoc = 0.10           # share of ad hoc (never repeated) queries
-        self.light = 60
+        self.bi_adhoc = 0.03           # share of ad hoc (never repeated) queries
+        self.light = 9
         self.light_think = 1.5
         self.light_set = 10
-        self.seed = 7
+        self.seed = 7                  # the users' random streams
+        self.addresses = None          # (BI addresses, light addresses); None: 127.10.N.1
 
     def describe(self):
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d.pop("addresses")
+        return d
+
+
+M64 = (1 << 64) - 1
+
+
+class XorShift:
+    """examples/factor_sim.rs's XorShift, bit for bit."""
+
+    def __init__(self, seed):
+        self.state = ((seed * 0x9E3779B97F4A7C15) & M64) | 1
+
+    def next(self):
+        x = self.state
+        x ^= (x << 13) & M64
+        x ^= x >> 7
+        x ^= (x << 17) & M64
+        self.state = x
+        return x
+
+
+def layout_addresses(number, clients):
+    """Layout `number`: `clients` addresses 127.x.y.z, each in its own /24, as the simulator's
+    `Layout::random(number, clients)` (examples/sim/cluster.rs) draws them; BI servers first."""
+    r = XorShift(((number * 7919) & M64) ^ 0x1A2B3C4D)
+    seen, out = set(), []
+    while len(out) < clients:
+        x = r.next()
+        a = (127, x & 0xFF, (x >> 8) & 0xFF, 1 + ((x >> 16) % 254))
+        if (a[1], a[2]) not in seen:
+            seen.add((a[1], a[2]))
+            out.append("%d.%d.%d.%d" % a)
+    return out
+
+
+def set_layout(w, number):
+    addrs = layout_addresses(number, w.bi_servers + w.light)
+    w.addresses = (addrs[:w.bi_servers], addrs[w.bi_servers:])
 
 
 class Recorder:
@@ -261,7 +311,9 @@ def slim_status(doc):
 
 
 def client_addresses(w):
-    """BI servers and light clients, each in its own /24 of 127.10.0.0/16."""
+    """BI servers and light clients: a layout's, or each in its own /24 of 127.10.0.0/16."""
+    if w.addresses:
+        return w.addresses
     bi = ["127.10.%d.1" % (1 + i) for i in range(w.bi_servers)]
     light = ["127.10.%d.1" % (101 + i) for i in range(w.light)]
     return bi, light
@@ -433,12 +485,20 @@ def placement(rec, w):
 # ---------------------------------------------------------------------------------------------
 # The benchmark suite: processes, configurations, faults, charts, results.md.
 
-BALANCERS = [
-    ("kylin", "kylin (factor 1.25)"),
-    ("ip_hash", "ip_hash"),
-    ("hash", "hash $remote_addr consistent"),
-    ("round_robin", "round robin"),
-    ("least_conn", "least_conn"),
+# nginx 1.31's sticky learn on Kylin's session cookie: the server that answered the login (the
+# response that set JSESSIONID) gets every later request carrying that cookie.
+STICKY_LEARN = ("sticky learn create=$upstream_cookie_jsessionid lookup=$cookie_jsessionid "
+                "zone=sticky_sessions:1m;")
+
+# (name, label, directives in the upstream block) of every stock anchor.
+ANCHORS = [
+    ("ip_hash", "ip_hash", "ip_hash;"),
+    ("hash", "hash consistent", "hash $remote_addr consistent;"),
+    ("round_robin", "round robin", ""),
+    ("least_conn", "least_conn", "least_conn;"),
+    ("least_conn_sticky", "least_conn + sticky learn", "least_conn;\n        " + STICKY_LEARN),
+    ("hash_sticky", "hash consistent + sticky learn",
+     "hash $remote_addr consistent;\n        " + STICKY_LEARN),
 ]
 
 NGINX_CONF = """load_module {module};
@@ -463,17 +523,44 @@ http {{
 """
 
 
+class Balancer:
+    """A stock anchor, or kylin with extra directives in its block (a variant)."""
+
+    def __init__(self, name, label, directives, kylin):
+        self.name, self.label, self.directives, self.kylin = name, label, directives, kylin
+
+    def block(self, node_ports, store_port):
+        servers = "".join("        server 127.0.0.1:%d max_fails=1 fail_timeout=3s;\n" % p for p in node_ports)
+        if self.kylin:
+            store = ("        kylin_session_store redis://127.0.0.1:%d format=tomcat;\n" % store_port
+                     if store_port else "")
+            extra = "        %s\n" % self.directives if self.directives else ""
+            return ("kylin_upstream nodes {\n        zone nodes 256k;\n" + store + servers + extra
+                    + "        keepalive 64;\n    }")
+        method = "        %s\n" % self.directives if self.directives else ""
+        return "upstream nodes {\n" + method + "        zone nodes 256k;\n" + servers + "        keepalive 64;\n    }"
+
+
+def balancers(variants):
+    """kylin (defaults), then each --kylin-variant NAME=DIRECTIVES, then the stock anchors."""
+    out = [Balancer("kylin", "kylin", "", True)]
+    for v in variants:
+        name, sep, directives = v.partition("=")
+        name = name.strip()
+        if not sep or not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise SystemExit("--kylin-variant wants NAME=DIRECTIVES (NAME of letters, digits, - _ .): %r" % v)
+        if name in [b.name for b in out] + [a[0] for a in ANCHORS]:
+            raise SystemExit("--kylin-variant %s: that name is taken" % name)
+        out.append(Balancer(name, name, directives.strip(), True))
+    return out + [Balancer(n, l, d, False) for n, l, d in ANCHORS]
+
+
 def upstream_block(balancer, node_ports, store_port):
-    servers = "".join("        server 127.0.0.1:%d max_fails=1 fail_timeout=3s;\n" % p for p in node_ports)
-    if balancer == "kylin":
-        store = ("        kylin_session_store redis://127.0.0.1:%d format=tomcat;\n" % store_port
-                 if store_port else "")
-        return ("kylin_upstream nodes {\n        zone nodes 256k;\n" + store + servers
-                + "        keepalive 64;\n    }")
-    method = {"ip_hash": "ip_hash;", "hash": "hash $remote_addr consistent;",
-              "round_robin": "", "least_conn": "least_conn;"}[balancer]
-    return ("upstream nodes {\n        %s\n        zone nodes 256k;\n" % method + servers
-            + "        keepalive 64;\n    }")
+    """The upstream block of a balancer name (kylin or a stock anchor), as the scenarios use it."""
+    for b in balancers([]):
+        if b.name == balancer:
+            return b.block(node_ports, store_port)
+    raise KeyError(balancer)
 
 
 def free_port():
@@ -520,6 +607,21 @@ class Procs:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
+
+    def stop_many(self, names, sig=signal.SIGTERM):
+        """Signals all of them first, then waits: one wait instead of one per process."""
+        procs = [(n, self.procs.pop(n, None)) for n in names]
+        for _, p in procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(sig)
+        for _, p in procs:
+            if p is None:
+                continue
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
     def kill(self, name):
         p = self.procs.pop(name, None)
@@ -579,6 +681,56 @@ class DelayProxy:
         await asyncio.sleep(0.2)
 
 
+def proc_stat(pid):
+    """(ppid, CPU seconds used: user + system) of a process, or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_cpu(pid):
+    """CPU seconds used by the children of `pid` (nginx's workers)."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = proc_stat(int(d))
+            if st and st[0] == pid:
+                total += st[1]
+    return total
+
+
+def machine_cpu():
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def node_ports_for_bench():
+    """127.0.0.1:7071..7074, the simulator's server addresses (so `hash consistent` and kylin's
+    ring place a layout's clients as in bench/placement.md), when all four are free."""
+    fixed = [7071, 7072, 7073, 7074]
+    for p in fixed:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return [free_port() for _ in range(4)]
+        finally:
+            s.close()
+    return fixed
+
+
+SESSIONS = ("local", "shared")
+CACHES = ("bounded", "unbounded")
+CACHE_SIZE = {"bounded": 256, "unbounded": 0}
+GOAL_QPS, GOAL_P99 = 0.98, 1.05
+
+
 class Suite:
     def __init__(self, args):
         self.args = args
@@ -586,13 +738,25 @@ class Suite:
         self.tmp = tempfile.mkdtemp(prefix="kylin-bench-")
         self.out = os.path.join(args.out, "results")
         os.makedirs(self.out, exist_ok=True)
-        self.node_ports = [free_port() for _ in range(4)]
+        self.node_ports = node_ports_for_bench()
         self.redis_port = free_port()
         self.nginx_port = free_port()
         self.quick = args.quick
-        self.duration = 10.0 if self.quick else 30.0
-        self.warmup = 2.0 if self.quick else 5.0
-        self.workload = Workload(self.quick)
+        n = args.layouts or (2 if self.quick else 8)
+        self.layouts = list(range(args.seed, args.seed + n))
+        self.caches = ("bounded",) if self.quick else CACHES
+        self.duration = args.duration or (7.0 if self.quick else 9.0)
+        self.warmup = args.warmup if args.warmup is not None else 2.0
+        if self.warmup >= self.duration:
+            raise SystemExit("--warmup must be shorter than --duration")
+        self.fault_duration = 14.0 if self.quick else 20.0
+        self.fault_window = 4.0 if self.quick else 6.0
+        self.balancers = balancers(args.kylin_variant)
+        self.by_name = {b.name: b for b in self.balancers}
+        self.kylins = [b.name for b in self.balancers if b.kylin]
+        self.anchors = [b.name for b in self.balancers if not b.kylin]
+        self.workload = Workload()
+        self.cache_size = 256
         self.results = []
 
     # processes -----------------------------------------------------------------------------
@@ -610,7 +774,7 @@ class Suite:
 
     def node_args(self, i, shared):
         a = [sys.executable, os.path.join(HERE, "kylin_node.py"), "--port", str(self.node_ports[i]),
-             "--name", "node%d" % (i + 1), "--slots", "4", "--cache", "--cache-size", "256",
+             "--name", "node%d" % (i + 1), "--slots", "4", "--cache", "--cache-size", str(self.cache_size),
              "--hit-ms", "5", "--miss-ms", "60", "--tcp-nodelay"]
         if shared:
             a += ["--redis-port", str(self.redis_port)]
@@ -619,31 +783,84 @@ class Suite:
     def start_node(self, i, shared):
         self.procs.start("node%d" % i, self.node_args(i, shared), port=self.node_ports[i])
 
-    def start_nginx(self, balancer, shared):
+    def start_nodes(self, shared):
+        for i in range(4):  # all four start at once; then wait for each
+            self.procs.start("node%d" % i, self.node_args(i, shared))
+        for i in range(4):
+            if not wait_port(self.node_ports[i]):
+                raise RuntimeError("node%d did not start listening on %d" % (i + 1, self.node_ports[i]))
+
+    def write_conf(self, bal, shared, via_proxy=False):
+        """nginx.conf for one run, checked with `nginx -t`; returns (prefix, upstream block).
+        via_proxy: kylin reaches Redis through the delaying proxy (the redis-slow fault);
+        otherwise directly, as the nodes do."""
         prefix = os.path.join(self.tmp, "nginx")
         shutil.rmtree(prefix, ignore_errors=True)
         os.makedirs(os.path.join(prefix, "logs"))
         os.makedirs(os.path.join(prefix, "conf"))
-        conf = NGINX_CONF.format(module=self.args.module, port=self.nginx_port,
-                                 upstream=upstream_block(balancer, self.node_ports,
-                                                         self.proxy.port if shared else None))
+        block = bal.block(self.node_ports, (self.proxy.port if via_proxy else self.redis_port) if shared else None)
+        conf = NGINX_CONF.format(module=self.args.module, port=self.nginx_port, upstream=block)
         with open(os.path.join(prefix, "conf", "nginx.conf"), "w") as f:
             f.write(conf)
-        self.last_conf = conf
+        test = subprocess.run([self.args.nginx, "-p", prefix, "-c", "conf/nginx.conf", "-t", "-q"],
+                              capture_output=True, text=True)
+        if test.returncode != 0:
+            raise SystemExit("nginx -t failed for %s:\n%s\n%s" % (bal.name, test.stderr.strip(), block))
+        return prefix, block
+
+    def start_nginx(self, bal, shared, via_proxy=False):
+        prefix, block = self.write_conf(bal, shared, via_proxy)
         self.procs.start("nginx", [self.args.nginx, "-p", prefix, "-c", "conf/nginx.conf",
                                    "-g", "daemon off;"], port=self.nginx_port)
+        return block
+
+    # the plan ------------------------------------------------------------------------------
+    @staticmethod
+    def run_name(layout, cache, mode, bal, fault):
+        if fault:
+            return "fault-%s-%s" % (fault, bal)
+        return "L%d-%s-%s-%s" % (layout, mode, cache, bal)
+
+    def plan(self):
+        plan = []
+        for layout in self.layouts:
+            for ci, cache in enumerate(self.caches):
+                for si, mode in enumerate(SESSIONS):
+                    # Every balancer of a cell runs back to back, in an order shuffled per cell
+                    # (seeded), so that a slow spell of the shared machine hits no balancer
+                    # systematically.
+                    order = [b.name for b in self.balancers]
+                    random.Random(layout * 100 + ci * 10 + si).shuffle(order)
+                    plan += [(layout, cache, mode, b, None) for b in order]
+        first = self.layouts[0]
+        if not self.args.no_faults:
+            if self.quick:
+                plan += [(first, "bounded", "local", b, "node-kill") for b in ("kylin", "ip_hash")]
+            else:
+                plan += [(first, "bounded", "local", b, "node-kill") for b in self.kylins + self.anchors]
+                redis = self.kylins + ["ip_hash", "round_robin", "least_conn_sticky"]
+                plan += [(first, "bounded", "shared", b, f) for f in ("redis-stop", "redis-slow") for b in redis]
+        if self.args.only:
+            globs = [g.strip() for g in self.args.only.split(",") if g.strip()]
+            plan = [p for p in plan if any(fnmatch.fnmatchcase(self.run_name(*p), g) for g in globs)]
+        return plan
 
     # one run -------------------------------------------------------------------------------
-    async def one(self, balancer, shared, fault=None):
-        mode = "shared" if shared else "local"
-        name = "%s-%s%s" % (balancer, mode, "-" + fault if fault else "")
+    async def one(self, layout, cache, mode, bname, fault=None):
+        bal = self.by_name[bname]
+        shared = mode == "shared"
+        name = self.run_name(layout, cache, mode, bname, fault)
+        set_layout(self.workload, layout)
+        self.workload.seed = layout  # the same users (random streams) for every balancer of a layout
+        self.cache_size = CACHE_SIZE[cache]
         self.redis_cmd("FLUSHALL")
         self.proxy.delay = 0.0
-        for i in range(4):
-            self.start_node(i, shared)
-        self.start_nginx(balancer, shared)
-        dur = self.duration + (4.0 if self.quick and fault else 0.0)
-        f_at, f_end = (dur * 0.35, dur * 0.35 + (4.0 if self.quick else 6.0)) if fault else (None, None)
+        t_start = time.monotonic()
+        self.start_nodes(shared)
+        block = self.start_nginx(bal, shared, via_proxy=fault == "redis-slow")
+        t_start = time.monotonic() - t_start
+        dur = self.fault_duration if fault else self.duration
+        f_at, f_end = (round(dur * 0.35, 1), round(dur * 0.35 + self.fault_window, 1)) if fault else (None, None)
         events = []
         loop = asyncio.get_running_loop()
         if fault == "node-kill":
@@ -666,68 +883,215 @@ class Suite:
             async def fast():
                 self.proxy.delay = 0.0
             events = [(f_at, slow), (f_end, fast)]
-        print("  %-34s" % name, end="", flush=True)
         t = time.monotonic()
         nodes = [("127.0.0.1", p) for p in self.node_ports]
         keepalive = not self.args.close_connections
+        m0, c0 = machine_cpu(), os.times()
+        redis_p = self.procs.procs.get("redis")
+        r0 = proc_stat(redis_p.pid) if redis_p else None
         rec, samples, status = await run_load(self.workload, "127.0.0.1", self.nginx_port, nodes, dur,
-                                              self.nginx_port if balancer == "kylin" else None, events,
-                                              keepalive)
-        final = await get_json("127.0.0.1", self.nginx_port, "/kylin-status", 2.0)
+                                              self.nginx_port if bal.kylin else None, events, keepalive)
+        m1, c1 = machine_cpu(), os.times()
+        redis_p2 = self.procs.procs.get("redis")
+        r1 = proc_stat(redis_p2.pid) if redis_p2 else None
+        nginx_cpu = children_cpu(self.procs.procs["nginx"].pid)
+        final = await get_json("127.0.0.1", self.nginx_port, "/kylin-status", 2.0) if bal.kylin else None
+        t_stop = time.monotonic()
         self.procs.stop("nginx", signal.SIGQUIT)
-        for i in range(4):
-            self.procs.stop("node%d" % i)
+        self.procs.stop_many(["node%d" % i for i in range(4)])
+        t_stop = time.monotonic() - t_stop
         if fault == "redis-stop" and "redis" not in self.procs.procs:
             self.start_redis()
         summ = summarize(rec, samples, dur, self.warmup, nodes)
         series = per_second(rec, samples, dur, nodes)
-        res = {"name": name, "balancer": balancer, "sessions": mode, "fault": fault,
-               "client_keepalive": keepalive,
-               "duration_s": dur, "warmup_s": self.warmup, "summary": summ,
+        span = dur - self.warmup
+        node_cpu = [counter_delta(samples, i, "cpu_s", self.warmup, dur + 99) / span for i in range(4)]
+        ncpu = os.cpu_count() or 1
+        cpu = {"loadgen": round((c1.user - c0.user + c1.system - c0.system) / dur, 3),
+               "nodes": round(sum(node_cpu), 3), "node_max": round(max(node_cpu), 3),
+               "nginx_workers": round(nginx_cpu / dur, 3),
+               "redis": round((r1[1] - r0[1]) / dur, 3) if r0 and r1 and redis_p is redis_p2 else None,
+               "machine_busy": round((m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 3),
+               "cores": ncpu}
+        # Cores' worth of CPU used by others (other users of the machine): all busy time minus ours.
+        ours = cpu["loadgen"] + sum(node_cpu) * span / dur + cpu["nginx_workers"] + (cpu["redis"] or 0)
+        cpu["others"] = round(max(0.0, cpu["machine_busy"] * ncpu - ours), 3)
+        res = {"name": name, "balancer": bname, "label": bal.label, "kylin": bal.kylin,
+               "directives": bal.directives, "layout": layout, "cache": cache, "cache_size": self.cache_size,
+               "sessions": mode, "fault": fault, "client_keepalive": keepalive,
+               "addresses": {"bi": self.workload.addresses[0], "light": self.workload.addresses[1]},
+               "duration_s": dur, "warmup_s": self.warmup, "summary": summ, "cpu": cpu,
                "bi_server_placement": placement(rec, self.workload),
                "latency_quantiles": latency_quantiles(rec, self.warmup),
                "per_second": series, "kylin_status_final": slim_status(final),
                "kylin_status_series": status, "errors_sample": rec.errors[:20],
-               "nginx_conf_upstream": upstream_block(balancer, self.node_ports,
-                                                     self.proxy.port if shared else None)}
+               "nginx_conf_upstream": block,
+               "overhead_s": {"start": round(t_start, 2), "stop": round(t_stop, 2)}}
         if fault:
-            res["fault_window_s"] = [round(f_at, 1), round(f_end, 1)]
+            res["fault_window_s"] = [f_at, f_end]
             res["fault_summary"] = fault_summary(rec, series, f_at, f_end, dur, fault)
         with open(os.path.join(self.out, name + ".json"), "w") as f:
             json.dump(res, f, indent=1)
         self.results.append(res)
         s = summ
-        print("%6.1f q/s  p50 %6.1f  p99 %7.1f ms  busiest/mean %4.2f  hit %.2f  401 %4d  err %3d  (%.0fs)"
-              % (s["throughput_qps"], s["p50_ms"], s["p99_ms"], s["busiest_over_mean_in_flight"] or 0,
-                 s["cache_hit_ratio"] or 0, s["unauthorized_401"], s["errors"], time.monotonic() - t),
-              flush=True)
+        print("%7.1f q/s  p50 %5.1f  p99 %6.1f ms  hit %.2f  401 %5d  err %3d  cpu: lg %.2f nodes %.2f nginx %.2f others %.2f  (%.1fs: start %.1f stop %.1f)"
+              % (s["throughput_qps"], s["p50_ms"], s["p99_ms"], s["cache_hit_ratio"] or 0,
+                 s["unauthorized_401"], s["errors"], cpu["loadgen"], cpu["nodes"], cpu["nginx_workers"],
+                 cpu["others"], time.monotonic() - t, t_start, t_stop), flush=True)
         return res
 
+    def print_layout_row(self, layout):
+        cells = [c for c in analyse(self.results, self.kylins, self.anchors) if c["layout"] == layout]
+        if not cells:
+            return
+        for k in self.kylins:
+            parts = []
+            for c in cells:
+                kv = c["kylin"].get(k)
+                if kv:
+                    parts.append("%s/%s %.2fx q/s %.2fx p99 (best %s)" % (
+                        c["sessions"], c["cache"], kv["qps_ratio"], kv["p99_ratio"], c["best"]))
+            if parts:
+                print("layout %d, %s / best stock: %s" % (layout, k, "; ".join(parts)), flush=True)
+
+    def load_results(self):
+        """--report-only: the runs of the last suite, from bench/results/*.json."""
+        with open(os.path.join(self.out, "summary.json")) as f:
+            meta = json.load(f)
+        self.quick, self.layouts = meta["quick"], meta["layouts"]
+        self.duration, self.warmup, self.node_ports = meta["duration_s"], meta["warmup_s"], meta["node_ports"]
+        self.elapsed = meta["elapsed_s"]
+        self.balancers = [Balancer(b["name"], b["label"], b["directives"], b["kylin"]) for b in meta["balancers"]]
+        self.by_name = {b.name: b for b in self.balancers}
+        self.kylins = [b.name for b in self.balancers if b.kylin]
+        self.anchors = [b.name for b in self.balancers if not b.kylin]
+        self.caches = tuple(c for c in CACHES if any(x["cache"] == c for x in meta["cells"])) or self.caches
+        self.fault_duration = meta.get("fault_duration_s", self.fault_duration)
+        self.fault_window = meta.get("fault_window_s", self.fault_window)
+        self.args.only = meta.get("only")
+        order = {}
+        for f in sorted(os.listdir(self.out)):
+            if f.endswith(".json") and f != "summary.json":
+                with open(os.path.join(self.out, f)) as fh:
+                    r = json.load(fh)
+                order[r["name"]] = r
+        seq = meta.get("order") or sorted(order)
+        self.results = [order[n] for n in seq if n in order]
+
+    def finish(self):
+        self.cells = analyse(self.results, self.kylins, self.anchors)
+        self.summary = summarize_cells(self.cells, self.kylins)
+        for k, s in self.summary.items():
+            print("summary %s / best stock over %d cells: q/s worst %.3f geomean %.3f; p99 worst %.3f geomean %.3f; "
+                  "goal met in %d; 401s %d" % (k, s["cells"], s["qps_worst"], s["qps_geomean"], s["p99_worst"],
+                                             s["p99_geomean"], s["cells_meeting_goal"], s["unauthorized_401"]))
+        with open(os.path.join(self.out, "summary.json"), "w") as f:
+            json.dump({"cells": self.cells, "summary": self.summary, "elapsed_s": round(self.elapsed),
+                       "quick": self.quick, "layouts": self.layouts, "duration_s": self.duration,
+                       "warmup_s": self.warmup, "node_ports": self.node_ports,
+                       "fault_duration_s": self.fault_duration, "fault_window_s": self.fault_window,
+                       "only": self.args.only, "order": [r["name"] for r in self.results],
+                       "balancers": [{"name": b.name, "label": b.label, "kylin": b.kylin,
+                                      "directives": b.directives} for b in self.balancers]}, f, indent=1)
+        charts(self)
+        write_markdown(self, os.path.join(self.args.out, "results.md"))
+        print("wrote %s/*.json, *.png and %s/results.md (runs: %.0f s)"
+              % (self.out, self.args.out, self.elapsed))
+
     async def main(self):
+        if self.args.report_only:
+            self.load_results()
+            self.finish()
+            return
         started = time.monotonic()
+        plan = self.plan()
+        if not plan:
+            raise SystemExit("nothing to run (--only matched no run)")
+        if not self.args.only:  # a whole run replaces every earlier result
+            for f in os.listdir(self.out):
+                if f.endswith(".json") or f.endswith(".png"):
+                    os.remove(os.path.join(self.out, f))
         self.start_redis()
         self.proxy = DelayProxy(self.redis_port)
         await self.proxy.start()
-        print("cluster: 4 nodes (4 slots, result cache 256, hit 5 ms, miss 60 ms), redis :%d, nginx :%d"
-              % (self.redis_port, self.nginx_port), flush=True)
-        plan = [(b, s, None) for s in (False, True) for b, _ in BALANCERS]
-        if self.quick:
-            plan += [("kylin", False, "node-kill"), ("ip_hash", False, "node-kill")]
-        else:
-            plan += [(b, False, "node-kill") for b, _ in BALANCERS]
-            plan += [(b, True, f) for f in ("redis-stop", "redis-slow") for b in ("kylin", "ip_hash", "round_robin")]
-        if self.args.only:
-            only = self.args.only.split(",")
-            plan = [p for p in plan if "%s-%s%s" % (p[0], "shared" if p[1] else "local",
-                                                     "-" + p[2] if p[2] else "") in only]
-        for b, s, f in plan:
-            await self.one(b, s, f)
+        for name in sorted({p[3] for p in plan}):  # every configuration passes `nginx -t` before any run
+            for shared in sorted({p[2] == "shared" for p in plan if p[3] == name}):
+                self.write_conf(self.by_name[name], shared)
+        print("cluster: 4 nodes on ports %s (4 slots, result cache 256 or unbounded, hit 5 ms, miss 60 ms), "
+              "redis :%d, nginx :%d; %d runs (%d layouts from %d x %s caches x local/shared sessions x %d balancers%s)"
+              % (",".join(map(str, self.node_ports)), self.redis_port, self.nginx_port, len(plan),
+                 len(self.layouts), self.layouts[0], "/".join(self.caches), len(self.balancers),
+                 "" if self.args.no_faults else ", plus faults"), flush=True)
+        for n, (layout, cache, mode, b, fault) in enumerate(plan):
+            elapsed = time.monotonic() - started
+            eta = elapsed / n * (len(plan) - n) if n else 0
+            print("[%3d/%d %4.0fs, ~%3.0fs left] %-38s" % (n + 1, len(plan), elapsed, eta,
+                                                          self.run_name(layout, cache, mode, b, fault)),
+                  end="", flush=True)
+            await self.one(layout, cache, mode, b, fault)
+            nxt = plan[n + 1] if n + 1 < len(plan) else None
+            if not fault and (nxt is None or nxt[0] != layout or nxt[4]):
+                self.print_layout_row(layout)
         await self.proxy.close()
         self.elapsed = time.monotonic() - started
-        charts(self.results, self.out)
-        write_markdown(self, os.path.join(self.args.out, "results.md"))
-        print("wrote %s/*.json, *.png and %s/results.md in %.0f s"
-              % (self.out, self.args.out, self.elapsed))
+        self.finish()
+
+
+def analyse(results, kylins, anchors):
+    """One entry per cell (layout x sessions x cache): the best anchor by queries/s, and each
+    kylin variant's ratios to it."""
+    by = {}
+    for r in results:
+        if not r["fault"]:
+            by.setdefault((r["layout"], r["sessions"], r["cache"]), {})[r["balancer"]] = r
+    cells = []
+    for key in sorted(by, key=lambda k: (k[0], CACHES.index(k[2]), SESSIONS.index(k[1]))):
+        runs = by[key]
+        stock = [(n, runs[n]["summary"]) for n in anchors if n in runs]
+        if not stock:
+            continue
+        best_name, best = max(stock, key=lambda x: x[1]["throughput_qps"])
+        cell = {"layout": key[0], "sessions": key[1], "cache": key[2], "best": best_name,
+                "best_qps": best["throughput_qps"], "best_p99_ms": best["p99_ms"],
+                "runs": {n: {k: r["summary"][k] for k in ("throughput_qps", "p50_ms", "p99_ms", "cache_hit_ratio",
+                                                          "unauthorized_401", "errors", "busiest_over_mean_in_flight")}
+                         for n, r in runs.items()},
+                "kylin": {}}
+        for k in kylins:
+            if k not in runs:
+                continue
+            s = runs[k]["summary"]
+            qr = s["throughput_qps"] / best["throughput_qps"] if best["throughput_qps"] else float("nan")
+            pr = s["p99_ms"] / best["p99_ms"] if best["p99_ms"] else float("nan")
+            cell["kylin"][k] = {"qps": s["throughput_qps"], "p99_ms": s["p99_ms"],
+                                "qps_ratio": round(qr, 3), "p99_ratio": round(pr, 3),
+                                "cache_hit_ratio": s["cache_hit_ratio"], "unauthorized_401": s["unauthorized_401"],
+                                "errors": s["errors"],
+                                "goal": bool(qr >= GOAL_QPS and pr <= GOAL_P99 and s["unauthorized_401"] == 0)}
+        cells.append(cell)
+    return cells
+
+
+def geomean(vals):
+    vals = [v for v in vals if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def summarize_cells(cells, kylins):
+    out = {}
+    for k in kylins:
+        rows = [c["kylin"][k] for c in cells if k in c["kylin"]]
+        if not rows:
+            continue
+        out[k] = {"cells": len(rows),
+                  "qps_worst": min(r["qps_ratio"] for r in rows),
+                  "qps_geomean": round(geomean([r["qps_ratio"] for r in rows]), 3),
+                  "p99_worst": max(r["p99_ratio"] for r in rows),
+                  "p99_geomean": round(geomean([r["p99_ratio"] for r in rows]), 3),
+                  "cells_meeting_goal": sum(r["goal"] for r in rows),
+                  "unauthorized_401": sum(r["unauthorized_401"] for r in rows),
+                  "errors": sum(r["errors"] for r in rows)}
+    return out
 
 
 def fault_summary(rec, series, f_at, f_end, dur, fault):
@@ -776,62 +1140,102 @@ def fault_summary(rec, series, f_at, f_end, dur, fault):
 # ---------------------------------------------------------------------------------------------
 # Charts.
 
-def charts(results, out):
+def cell_label(c):
+    return "L%d %s %s" % (c["layout"], "loc" if c["sessions"] == "local" else "shr",
+                          "bnd" if c["cache"] == "bounded" else "unb")
+
+
+def charts(suite):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    label = dict(BALANCERS)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
-    for mode in ("local", "shared"):
-        runs = [r for r in results if r["sessions"] == mode and not r["fault"]]
-        if not runs:
-            continue
-        fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.1 * len(runs) + 0.6), sharex=True, sharey=True,
-                                 squeeze=False)
-        axes = axes[:, 0]
-        for ax, r in zip(axes, runs):
-            ser = r["per_second"]
-            for k, (node, vals) in enumerate(sorted(ser["node_in_flight"].items())):
-                ax.plot([t + 0.5 for t in ser["t"]], [v if v is not None else float("nan") for v in vals],
-                        color=colors[k % 4], label=node, lw=1.6)
-            s = r["summary"]
-            ax.set_title("%s: busiest/mean %.2f, p99 %.0f ms, cache hits %.0f%%, 401s %d"
-                         % (label[r["balancer"]], s["busiest_over_mean_in_flight"] or 0, s["p99_ms"],
-                            100 * (s["cache_hit_ratio"] or 0), s["unauthorized_401"]), fontsize=9, loc="left")
-            ax.axvspan(0, r["warmup_s"], color="0.92")
-            ax.set_ylabel("in flight\n(run + queue)", fontsize=8)
-            ax.grid(alpha=0.3)
-        axes[0].legend(ncol=4, fontsize=8, loc="upper right")
-        axes[-1].set_xlabel("seconds (grey: warm-up, not counted)")
-        fig.suptitle("Per-node load over time, %s sessions (4 query slots per node)" % (
-            "node-local" if mode == "local" else "Redis-shared"), fontsize=11)
+    out, results, cells = suite.out, suite.results, suite.cells
+    label = {b.name: b.label for b in suite.balancers}
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+              "#bcbd22", "#17becf"]
+    if cells:
+        xs = list(range(len(cells)))
+        width = max(8.0, 0.38 * len(cells) + 2.5)
+
+        def layout_bands(ax):
+            for i, c in enumerate(cells):
+                if c["layout"] % 2 == 0:
+                    ax.axvspan(i - 0.5, i + 0.5, color="0.94", lw=0)
+
+        # 1. kylin / best anchor per cell.
+        fig, axes = plt.subplots(2, 1, figsize=(width, 6.4), sharex=True)
+        for ax, key, goal, title in ((axes[0], "qps_ratio", GOAL_QPS, "queries/s: kylin / best stock (higher is better)"),
+                                     (axes[1], "p99_ratio", GOAL_P99, "p99 latency: kylin / best stock (lower is better)")):
+            layout_bands(ax)
+            ax.axhline(1.0, color="0.55", lw=0.8)
+            ax.axhline(goal, color="#d62728", lw=1.0, ls="--", label="goal %.2f" % goal)
+            for j, k in enumerate(suite.kylins):
+                pts = [(i + (j - (len(suite.kylins) - 1) / 2) * 0.15, c["kylin"][k][key])
+                       for i, c in enumerate(cells) if k in c["kylin"]]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=6, color=colors[j % len(colors)], label=k)
+            ax.set_title(title, fontsize=10, loc="left")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=8, loc="best")
+        axes[1].set_xticks(xs)
+        axes[1].set_xticklabels([cell_label(c) for c in cells], rotation=90, fontsize=8)
+        axes[1].set_xlim(-0.6, len(cells) - 0.4)
+        fig.suptitle("Kylin vs the best stock balancer of each cell (layout x sessions x cache)\n"
+                     "loc = node-local, shr = Redis-shared sessions; bnd = LRU 256, unb = unbounded cache",
+                     fontsize=10)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "load-%s.png" % mode), dpi=90)
+        fig.savefig(os.path.join(out, "ratios.png"), dpi=90)
         plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for ax, mode in zip(axes, ("local", "shared")):
-        for r in [r for r in results if r["sessions"] == mode and not r["fault"]]:
-            lq = r["latency_quantiles"]
-            ax.plot(lq["ms"], [100 * q for q in lq["q"]], label=label[r["balancer"]], lw=1.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("query latency, ms (log)")
-        ax.set_title("%s sessions" % ("node-local" if mode == "local" else "Redis-shared"), fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.axhline(99, color="0.5", lw=0.8, ls="--")
-    axes[0].set_ylabel("% of queries at or below")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
-            break
-    fig.suptitle("Query latency distribution (CDF; dashed: p99)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "latency.png"), dpi=90)
-    plt.close(fig)
+        # 2. Every balancer's queries/s per cell.
+        fig, ax = plt.subplots(figsize=(width, 4.8))
+        layout_bands(ax)
+        markers = "os^vD<>pXh"
+        for j, b in enumerate(suite.balancers):
+            pts = [(i, c["runs"][b.name]["throughput_qps"]) for i, c in enumerate(cells) if b.name in c["runs"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], markers[j % len(markers)],
+                    ms=8 if b.kylin else 5, color="k" if b.name == "kylin" else colors[j % len(colors)],
+                    mfc="none" if not b.kylin else None, label=label[b.name])
+        ax.set_xticks(xs)
+        ax.set_xticklabels([cell_label(c) for c in cells], rotation=90, fontsize=8)
+        ax.set_xlim(-0.6, len(cells) - 0.4)
+        ax.set_ylabel("queries/s (200s)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, ncol=4, loc="lower left")
+        ax.set_title("Queries/s of every balancer per cell (filled: kylin)", fontsize=10, loc="left")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "qps.png"), dpi=90)
+        plt.close(fig)
 
+    # 3. Latency CDFs of the first layout, bounded cache.
+    ran = sorted({r["layout"] for r in results if not r["fault"]})
+    first = [r for r in results if not r["fault"] and ran and r["layout"] == ran[0] and r["cache"] == "bounded"]
+    if first:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+        for ax, mode in zip(axes, SESSIONS):
+            for j, b in enumerate(suite.balancers):
+                for r in first:
+                    if r["sessions"] == mode and r["balancer"] == b.name:
+                        lq = r["latency_quantiles"]
+                        ax.plot(lq["ms"], [100 * q for q in lq["q"]], label=label[b.name], lw=2.2 if b.kylin else 1.3,
+                                color="k" if b.name == "kylin" else colors[j % len(colors)])
+            ax.set_xscale("log")
+            ax.set_xlabel("query latency, ms (log)")
+            ax.set_title("%s sessions" % ("node-local" if mode == "local" else "Redis-shared"), fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.axhline(99, color="0.5", lw=0.8, ls="--")
+        axes[0].set_ylabel("% of queries at or below")
+        axes[0].legend(fontsize=8, loc="lower right")
+        fig.suptitle("Query latency distribution, layout %d, bounded cache (CDF; dashed: p99)" % ran[0],
+                     fontsize=11)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "latency.png"), dpi=90)
+        plt.close(fig)
+
+    # 4. Fault runs: per-node requests per second.
     for fault in sorted({r["fault"] for r in results if r["fault"]}):
         runs = [r for r in results if r["fault"] == fault]
-        fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.3 * len(runs) + 0.6), sharex=True, squeeze=False)
+        fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.1 * len(runs) + 0.8), sharex=True, squeeze=False)
         axes = axes[:, 0]
         for ax, r in zip(axes, runs):
             ser = r["per_second"]
@@ -843,7 +1247,7 @@ def charts(results, out):
             ax.axvspan(a, b, color="#ffdddd")
             fs = r["fault_summary"]
             ax.set_title("%s (%s sessions): errors %d, 401s %d during; 401s %d after; recovery %s"
-                         % (label[r["balancer"]], r["sessions"], fs["errors_during"], fs["unauthorized_during"],
+                         % (r["label"], r["sessions"], fs["errors_during"], fs["unauthorized_during"],
                             fs["unauthorized_after"],
                             "%.0f s" % fs["recovery_s"] if fs["recovery_s"] is not None else "not within the run"),
                          fontsize=9, loc="left")
@@ -851,7 +1255,8 @@ def charts(results, out):
             ax.grid(alpha=0.3)
         axes[0].legend(ncol=5, fontsize=8, loc="upper right")
         axes[-1].set_xlabel("seconds (red: fault)")
-        fig.suptitle("Fault: %s; per-node requests per second" % fault, fontsize=11)
+        fig.suptitle("Fault: %s, layout %d, bounded cache; per-node requests per second" % (fault, runs[0]["layout"]),
+                     fontsize=11)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "fault-%s.png" % fault), dpi=90)
         plt.close(fig)
@@ -867,108 +1272,195 @@ def sh(cmd):
         return "?"
 
 
+def fmt_ratio(v, goal_ok):
+    return ("**%.3f**" % v) if not goal_ok else "%.3f" % v
+
+
 def write_markdown(suite, path):
-    label = dict(BALANCERS)
+    label = {b.name: b.label for b in suite.balancers}
+    w = suite.workload
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+    commit = sh("git -C %s rev-parse --short HEAD" % ROOT)
+    dirty = sh("git -C %s status --porcelain -- src Cargo.toml Cargo.lock build.rs" % ROOT)
+    n_runs = len(suite.results)
+    cmd = "scripts/bench" + (" --quick" if suite.quick else "") + "".join(
+        " --kylin-variant '%s=%s'" % (b.name, b.directives) for b in suite.balancers if b.kylin and b.name != "kylin")
+    if suite.args.only:
+        cmd += " --only '%s'" % suite.args.only
     lines = [
-        "# Benchmarks: kylin vs stock nginx balancers on a simulated Kylin cluster",
+        "# Benchmark: kylin vs stock nginx balancers on a simulated Kylin cluster (issue #13)",
         "",
-        "Written by `scripts/bench%s` on %s, %.0f s wall time." % (
-            " --quick" if suite.quick else "", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            suite.elapsed),
+        "Written by `%s` on %s: %d runs, %.0f s wall time (%.1f min)." % (
+            cmd, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), n_runs,
+            suite.elapsed, suite.elapsed / 60),
         "",
-        "Reproduce: `scripts/bench%s` (from a clean clone; it installs what it needs)." % (
-            " --quick" if suite.quick else ""),
+        "Module: commit %s%s of this checkout, built against %s. Machine: %s cores (%s), memory %s, kernel %s; "
+        "Python %s. The machine is shared with other jobs: see the CPU check below." % (
+            commit or "?", " (with uncommitted changes to the module)" if dirty else "",
+            sh("%s -v 2>&1" % suite.args.nginx).replace("nginx version: ", ""), sh("nproc"), cpu or "?",
+            sh("free -h | awk '/^Mem:/{print $2}'"), platform.release(), platform.python_version()),
         "",
-        "Machine: %s cores (%s), %s, kernel %s; %s; Python %s." % (
-            sh("nproc"), cpu or "?", "memory " + sh("free -h | awk '/^Mem:/{print $2}'") + " (`free -h`)",
-            platform.release(), sh("%s -v 2>&1" % suite.args.nginx), platform.python_version()),
-        "",
-        "```",
-        sh("free -h"),
-        "```",
-        "",
+    ]
+    if suite.quick:
+        lines += ["**This is a `--quick` run**: %d layouts, the bounded cache only, %.0f s runs, one fault "
+                  "(node-kill, kylin and `ip_hash`). It omits the unbounded cache, the other layouts and the "
+                  "other fault runs of the full run; its numbers are a smoke test, not the benchmark." % (
+                      len(suite.layouts), suite.duration), ""]
+    lines += [
         "## Setup",
         "",
-        "- One nginx binary (the vendored 1.28 build, 2 workers, the module loaded in every run), "
-        "`keepalive 64`, `max_fails=1 fail_timeout=3s` on every server; only the balancing "
-        "method changes.",
-        "- 4 simulated Kylin nodes (`scripts/kylin_node.py --slots 4 --cache --cache-size 256 "
-        "--hit-ms 5 --miss-ms 60`): each runs 4 queries at once and queues the rest; a query is "
-        "fast (5 ms) only on a node that answered it recently (per-node LRU of 256 results), "
-        "60 ms otherwise. Node-local sessions: a query with a session another node created gets "
-        "401. Redis-shared sessions (`--redis-port`): login does `SET <id> EX`; a node accepts a "
-        "session that is local or whose key exists in Redis.",
-        "- Load (`scripts/loadgen.py`), every client from its own /24 of 127.10.0.0/16: "
-        "%(bi_servers)d BI servers each running %(bi_sessions)d user sessions at once (mean think "
-        "time %(bi_think)s s, %(bi_queries)s queries per session then a new login, a hot set of "
-        "%(bi_hot)d queries per BI server, %(adhoc)d%% ad hoc queries) and %(light)d light clients "
-        "(one user each, a query every %(light_think)s s on average from its own %(light_set)d). "
-        "A 401 counts and the user logs in again." % dict(suite.workload.describe(),
-                                                          adhoc=int(100 * suite.workload.bi_adhoc)),
-        "- %.0f s per run, the first %.0f s (warm-up) not counted; nodes restarted (cold caches, "
-        "no sessions) and Redis flushed before every run. Kylin in the shared case: "
-        "`kylin_session_store redis://... format=tomcat` (default timeout 100ms)." % (
-            suite.duration, suite.warmup),
-        "- Busiest/mean: the busiest node's time-averaged in-flight requests (running + queued, "
-        "sampled every 0.25 s from each node) over the mean of the 4 nodes; 1.00 is perfect. "
-        "Cache hits: share of queries answered from the node's result cache. Errors: 5xx and "
-        "failed connections seen by clients.",
+        "- One nginx binary for every run (%s, built by `scripts/bench` from `../shared/nginx`, 2 workers, the "
+        "module loaded in every run), `zone`, `keepalive 64`, `max_fails=1 fail_timeout=3s` on every server; only "
+        "the balancing directives change. Kylin: `kylin_upstream nodes { ... }` with the module's defaults, plus "
+        "`kylin_session_store redis://... format=tomcat` in the Redis-shared cells%s." % (
+            sh("%s -v 2>&1" % suite.args.nginx).replace("nginx version: ", ""),
+            "".join("; variant `%s`: `%s` in the block" % (b.name, b.directives)
+                    for b in suite.balancers if b.kylin and b.name != "kylin")),
+        "- Stock anchors (directives in the `upstream` block): %s." % (
+            "; ".join("%s: %s" % (l, "`%s`" % d.replace("\n        ", " ") if d else "none")
+                      for n, l, d in ANCHORS)),
+        "- 4 simulated Kylin nodes on 127.0.0.1:%s (`scripts/kylin_node.py --slots 4 --cache --cache-size 256|0 "
+        "--hit-ms 5 --miss-ms 60`, one process each): each runs 4 queries at once and queues the rest; a query is "
+        "fast (5 ms) only on a node that answered it before (per-node result cache: an LRU of 256 entries, or "
+        "unbounded), 60 ms otherwise. Node-local sessions: a query with a session another node created gets 401. "
+        "Redis-shared sessions: login does `SET <id> EX`; a node accepts a session that is local or whose key is "
+        "in Redis." % ",".join(map(str, suite.node_ports)),
+        "- Load (`scripts/loadgen.py`), issue #13's setting as `examples/factor_sim.rs cluster --think 5 "
+        "--adhoc 0.03` simulates it: %(bi_servers)d BI servers x %(bi_sessions)d concurrent user sessions (think "
+        "time exponential, mean %(think)g ms, capped at 10x; %(q0)d-%(q1)d queries per session, then a new login; a "
+        "hot set of %(bi_hot)d queries per BI server, %(adhoc)g%% ad hoc), and %(light)d light clients (one user "
+        "each, a query every %(light_think)g s on average from its own %(light_set)d). A 401 counts and the user "
+        "logs in again." % dict(w.describe(), think=w.bi_think * 1000, q0=w.bi_queries[0], q1=w.bi_queries[1],
+                                adhoc=100 * w.bi_adhoc),
+        "- Layouts: layout N gives every client its own address 127.x.y.z (one per /24), drawn by the "
+        "simulator's seeded `Layout::random(N)` (the same addresses as layout N of `bench/placement.md`; BI "
+        "servers first). `ip_hash` hashes only the first three octets, `hash consistent` the whole address, kylin "
+        "its own ring: each layout places the BI servers differently. Layouts run: %s." % (
+            ", ".join(map(str, sorted({r["layout"] for r in suite.results})))),
+        "- Cells: layout x sessions (node-local, Redis-shared) x cache (%s). Every balancer of a cell runs back to "
+        "back, in a seeded shuffled order; %.0f s per run, the first %.0f s (warm-up) not counted; nodes restarted "
+        "(cold caches, no sessions) and Redis flushed before every run; the same user streams (seed) for every "
+        "balancer of a layout." % (", ".join(suite.caches), suite.duration, suite.warmup),
+        "- Best stock = the anchor with the most queries/s (200 answers) in the cell; its p99 is the p99 "
+        "reference. Goal (issue #13): kylin >= %.2fx its queries/s, p99 <= %.2fx, zero 401, in every cell. "
+        "One run per balancer and cell: the best of six noisy anchors is biased upwards, so ratios a few percent "
+        "under 1 are within the noise of this machine." % (GOAL_QPS, GOAL_P99),
     ]
     if any(not r["client_keepalive"] for r in suite.results):
-        lines.append(
-            "- Every run opened one client connection per request (`Connection: close`): "
-            "`--close-connections` was given.")
+        lines.append("- Every run opened one client connection per request (`--close-connections`).")
     lines.append("")
-    for mode, title in (("local", "Node-local sessions (Kylin 4 / Tomcat default)"),
-                        ("shared", "Redis-shared sessions (tomcat-redis-session-manager)")):
-        runs = [r for r in suite.results if r["sessions"] == mode and not r["fault"]]
-        if not runs:
-            continue
-        lines += ["## " + title, "",
-                  "| balancer | queries/s | p50 ms | p99 ms | busiest/mean in-flight | busiest/mean requests "
-                  "| cache hits | 401s | logins | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in runs:
-            s = r["summary"]
-            lines.append("| %s | %.1f | %.1f | %.1f | %.2f | %.2f | %.0f%% | %d | %d | %d |" % (
-                label[r["balancer"]], s["throughput_qps"], s["p50_ms"], s["p99_ms"],
-                s["busiest_over_mean_in_flight"] or 0, s["busiest_over_mean_requests"] or 0,
-                100 * (s["cache_hit_ratio"] or 0), s["unauthorized_401"], s["logins"], s["errors"]))
+
+    if suite.summary:
+        lines += ["## Summary: kylin / best stock balancer of each cell", "",
+                  "| kylin | cells | worst q/s ratio | geomean q/s ratio | worst p99 ratio | geomean p99 ratio "
+                  "| cells meeting the goal | 401s | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, s in suite.summary.items():
+            lines.append("| %s | %d | %.3f | %.3f | %.3f | %.3f | %d of %d | %d | %d |" % (
+                k + (" (defaults)" if k == "kylin" else ""), s["cells"], s["qps_worst"], s["qps_geomean"],
+                s["p99_worst"], s["p99_geomean"], s["cells_meeting_goal"], s["cells"], s["unauthorized_401"],
+                s["errors"]))
+        best_count = {}
+        for c in suite.cells:
+            best_count[c["best"]] = best_count.get(c["best"], 0) + 1
+        lines += ["", "Best stock balancer: " + ", ".join("%s in %d cells" % (label[n], v) for n, v in
+                                                          sorted(best_count.items(), key=lambda x: -x[1])) + ".", ""]
+        lines += ["![kylin / best stock per cell](results/ratios.png)", "",
+                  "![queries/s per cell](results/qps.png)", ""]
+
+        # One row per layout.
+        keys = [(m, c) for c in suite.caches for m in SESSIONS]
+        lines += ["## Per layout: kylin's q/s ratio (best stock balancer)", "",
+                  "| layout | BI servers | kylin | " + " | ".join("%s, %s cache" % (m, c) for m, c in keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for layout in suite.layouts:
+            lc = {(c["sessions"], c["cache"]): c for c in suite.cells if c["layout"] == layout}
+            if not lc:
+                continue
+            bi = next((r["addresses"]["bi"] for r in suite.results if r["layout"] == layout), [])
+            for k in suite.kylins:
+                vals = []
+                for key in keys:
+                    c = lc.get(key)
+                    kv = c["kylin"].get(k) if c else None
+                    vals.append("%s (%s)" % (fmt_ratio(kv["qps_ratio"], kv["goal"]), label[c["best"]]) if kv else "-")
+                lines.append("| %d | %s | %s | %s |" % (layout, " ".join(bi), k, " | ".join(vals)))
+        lines += ["", "Bold: the cell misses the goal (q/s, p99 or 401s).", ""]
+
+        lines += ["## Per cell", "",
+                  "| layout | sessions | cache | best stock | its q/s | its p99 ms | kylin | q/s | q/s ratio | p99 ms "
+                  "| p99 ratio | cache hits | 401s | goal |",
+                  "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for c in suite.cells:
+            for k in suite.kylins:
+                kv = c["kylin"].get(k)
+                if not kv:
+                    continue
+                lines.append("| %d | %s | %s | %s | %.0f | %.1f | %s | %.0f | %.3f | %.1f | %.3f | %.0f%% | %d | %s |" % (
+                    c["layout"], c["sessions"], c["cache"], label[c["best"]], c["best_qps"], c["best_p99_ms"], k,
+                    kv["qps"], kv["qps_ratio"], kv["p99_ms"], kv["p99_ratio"], 100 * (kv["cache_hit_ratio"] or 0),
+                    kv["unauthorized_401"], "yes" if kv["goal"] else "**no**"))
         lines.append("")
-        lines.append("Where each BI server's queries went (share per node):")
-        lines.append("")
-        for r in runs:
-            pl = "; ".join("BI %s: %s" % (a, " ".join("%s %.0f%%" % (n, 100 * v) for n, v in d.items()))
-                           for a, d in r["bi_server_placement"].items())
-            lines.append("- %s: %s" % (label[r["balancer"]], pl))
-        lines += ["", "![per-node load](results/load-%s.png)" % mode, ""]
-    lines += ["![latency](results/latency.png)", ""]
+        names = [b.name for b in suite.balancers]
+        lines += ["## Every balancer per cell: queries/s, p99 ms, 401s", "",
+                  "| layout | sessions | cache | " + " | ".join(label[n] for n in names) + " |",
+                  "|---|---|---|" + "---:|" * len(names)]
+        for c in suite.cells:
+            vals = []
+            for n in names:
+                r = c["runs"].get(n)
+                vals.append("%.0f / %.0f%s" % (r["throughput_qps"], r["p99_ms"],
+                                                " / %d" % r["unauthorized_401"] if r["unauthorized_401"] else "")
+                            if r else "-")
+            lines.append("| %d | %s | %s | %s |" % (c["layout"], c["sessions"], c["cache"], " | ".join(vals)))
+        lines += ["", "![latency](results/latency.png)", ""]
+
+    runs = suite.results
+    if runs:
+        def stat(key):
+            v = [r["cpu"][key] for r in runs if r["cpu"].get(key) is not None]
+            return (sum(v) / len(v), max(v)) if v else (float("nan"), float("nan"))
+        lines += ["## CPU check", "",
+                  "The nodes are sleep-driven: the numbers measure balancing only while no process saturates a "
+                  "core. Per run, CPU used as a share of one core (mean over runs / the highest run):", "",
+                  "| process | mean | max |", "|---|---:|---:|"]
+        for key, what in (("loadgen", "load generator (one asyncio process)"),
+                          ("node_max", "busiest node process (measured window)"),
+                          ("nodes", "all 4 node processes"), ("nginx_workers", "nginx, both workers"),
+                          ("redis", "redis-server"),
+                          ("others", "everything else on the machine (other jobs; cores' worth)")):
+            m, x = stat(key)
+            lines.append("| %s | %.2f | %.2f |" % (what, m, x))
+        mb = stat("machine_busy")
+        lines += ["", "Whole machine busy (all %d cores): mean %.0f%%, highest run %.0f%%." % (
+            runs[0]["cpu"]["cores"], 100 * mb[0], 100 * mb[1]), ""]
+
     faults = [r for r in suite.results if r["fault"]]
     if faults:
-        lines += ["## Faults", "",
-                  "node-kill: node2 is killed (SIGKILL) and restarted after the window, losing its "
-                  "node-local sessions and cache. redis-stop: `SHUTDOWN SAVE`, started again after "
-                  "the window (sessions kept in its dump). redis-slow: nginx reaches Redis through "
-                  "a proxy that delays every reply by 300 ms during the window (the nodes reach Redis "
-                  "directly). Recovery: seconds after the window until node2 is back to half its "
-                  "earlier share of requests (node-kill) or the busiest/mean in-flight ratio is back "
-                  "near its earlier level (Redis faults).",
+        lines += ["## Faults (layout %d, bounded cache)" % faults[0]["layout"], "",
+                  "node-kill: node2 is killed (SIGKILL) and restarted after the window, losing its node-local "
+                  "sessions and cache. redis-stop: `SHUTDOWN SAVE`, started again after the window (sessions kept "
+                  "in its dump). redis-slow: nginx reaches Redis through a proxy that delays every reply by 300 ms "
+                  "during the window (the nodes reach Redis directly). %.0f s runs, window of %.0f s. Recovery: "
+                  "seconds after the window until node2 is back to half its earlier share of requests (node-kill) "
+                  "or the busiest/mean in-flight ratio is back near its earlier level (Redis faults)." % (
+                      suite.fault_duration, suite.fault_window),
                   "",
-                  "| fault | balancer | sessions | window s | errors during | 401s during | 401s after "
+                  "| fault | balancer | sessions | window s | queries/s | errors during | 401s during | 401s after "
                   "| p99 during ms | recovery s |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in faults:
             f = r["fault_summary"]
-            lines.append("| %s | %s | %s | %s-%s | %d | %d | %d | %.0f | %s |" % (
-                r["fault"], label[r["balancer"]], r["sessions"], r["fault_window_s"][0], r["fault_window_s"][1],
-                f["errors_during"], f["unauthorized_during"], f["unauthorized_after"], f["p99_during_ms"],
-                "%.0f" % f["recovery_s"] if f["recovery_s"] is not None else "-"))
+            lines.append("| %s | %s | %s | %s-%s | %.0f | %d | %d | %d | %.0f | %s |" % (
+                r["fault"], r["label"], r["sessions"], r["fault_window_s"][0], r["fault_window_s"][1],
+                r["summary"]["throughput_qps"], f["errors_during"], f["unauthorized_during"], f["unauthorized_after"],
+                f["p99_during_ms"], "%.0f" % f["recovery_s"] if f["recovery_s"] is not None else "-"))
         lines.append("")
         for fault in sorted({r["fault"] for r in faults}):
             lines += ["![%s](results/fault-%s.png)" % (fault, fault), ""]
-    lines += ["Raw numbers: one JSON file per run in `bench/results/` (summary, per-second series "
-              "per node, latency quantiles, the kylin status page over time, the upstream block used).", ""]
+    lines += ["Raw numbers: `bench/results/summary.json` (cells and summary) and one JSON file per run in "
+              "`bench/results/` (summary, CPU, per-second series per node, latency quantiles, the kylin status "
+              "page over time, the upstream block used).", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -991,17 +1483,31 @@ def main():
     r.add_argument("--duration", type=float, default=20.0)
     r.add_argument("--warmup", type=float, default=2.0)
     r.add_argument("--bi-servers", type=int, default=3)
-    r.add_argument("--bi-sessions", type=int, default=20)
-    r.add_argument("--light", type=int, default=60)
+    r.add_argument("--bi-sessions", type=int, default=6)
+    r.add_argument("--light", type=int, default=9)
+    r.add_argument("--think", type=float, default=5.0, help="BI sessions' mean think time, ms")
+    r.add_argument("--adhoc", type=float, default=0.03, help="share of ad hoc BI queries")
+    r.add_argument("--layout", type=int, help="client addresses of layout N (default: 127.10.N.1)")
     r.add_argument("--json", help="write the summary here")
     s = sub.add_parser("suite", help="the whole benchmark (scripts/bench)")
     s.add_argument("--nginx", required=True)
     s.add_argument("--module", required=True)
-    s.add_argument("--quick", action="store_true")
+    s.add_argument("--quick", action="store_true",
+                   help="2 layouts, bounded cache only, 7 s runs, one fault (node-kill: kylin, ip_hash)")
+    s.add_argument("--layouts", type=int, help="number of address layouts (default 8; --quick: 2)")
+    s.add_argument("--seed", type=int, default=1, help="first layout number (layouts S..S+N-1; default 1)")
+    s.add_argument("--kylin-variant", action="append", default=[], metavar="NAME=DIRECTIVES",
+                   help="an extra kylin row with these directives in its block (repeatable), "
+                        "e.g. 'kylin-requests=kylin_balance requests;'")
+    s.add_argument("--duration", type=float, help="seconds per cell run (default 9; --quick: 7)")
+    s.add_argument("--warmup", type=float, help="seconds not counted at the start of a run (default 2)")
+    s.add_argument("--no-faults", action="store_true", help="skip the fault runs")
+    s.add_argument("--report-only", action="store_true",
+                   help="run nothing: rewrite results.md and the charts from OUT/results/*.json")
     s.add_argument("--out", default=os.path.join(ROOT, "bench"))
     s.add_argument("--close-connections", action="store_true",
                    help="one client connection per request in every run (default: keep-alive)")
-    s.add_argument("--only", help="comma-separated run names (e.g. kylin-shared,ip_hash-local-node-kill)")
+    s.add_argument("--only", help="comma-separated run names or globs (e.g. 'L1-local-bounded-*,fault-node-kill-kylin')")
     args = ap.parse_args()
 
     if args.cmd == "run":
@@ -1010,6 +1516,9 @@ def main():
         nodes = [(loopback(h), int(p)) for h, _, p in (n.partition(":") for n in args.node)]
         w = Workload()
         w.bi_servers, w.bi_sessions, w.light = args.bi_servers, args.bi_sessions, args.light
+        w.bi_think, w.bi_adhoc = args.think / 1000.0, args.adhoc
+        if args.layout is not None:
+            set_layout(w, args.layout)
         duration = min(args.duration, 3600.0)
         rec, samples, _ = asyncio.run(run_load(w, loopback(host), int(port or 80), nodes, duration))
         summ = report(rec, samples, duration, args.warmup, nodes, w)
@@ -1018,6 +1527,10 @@ def main():
                 json.dump(summ, f, indent=1)
         return 0
 
+    if args.layouts is not None and not 1 <= args.layouts <= 64:
+        raise SystemExit("--layouts must be between 1 and 64")
+    if args.seed < 0:
+        raise SystemExit("--seed must be >= 0")
     suite = Suite(args)
 
     def on_signal(signum, _frame):
