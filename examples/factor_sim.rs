@@ -15,7 +15,8 @@
 //! `scripts/kylin_node.py --slots 4 --cache --cache-size 256 --hit-ms 5 --miss-ms 60`; like it,
 //! the cache is looked up and filled when the query arrives, and logins and 401s take no slot).
 //! 1 ms of overhead per request (network, nginx), outside the slots.
-//! Load (`scripts/loadgen.py`'s workload at the size), closed loop: 3 BI servers with 6
+//! Load (`scripts/loadgen.py`'s workload at the size; loadgen.py now defaults to the heavy
+//! setting below, think 5 ms and 3% ad hoc), closed loop: 3 BI servers with 6
 //! concurrent user sessions each (think time exponential, mean 80 ms, capped at 800 ms; 15 to
 //! 40 queries per session, then a new login; each BI server's queries come from its own hot set
 //! of 100, half Pareto(1.2)-ranked, half uniform, 10% ad hoc never repeated), and 9 light
@@ -41,7 +42,7 @@
 //! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
 //! busiest/mean time-averaged in-flight, and per candidate its ratio to the best anchor of the
 //! cell (by queries/s): worst and geometric mean over all cells. `--think` (default 80 ms, as
-//! loadgen.py), `--adhoc` (0.10), `--bi` (3 BI servers), `--sessions` (6 per BI server) and `--per-session` (15,40)
+//! loadgen.py had it), `--adhoc` (0.10), `--bi` (3 BI servers), `--sessions` (6 per BI server) and `--per-session` (15,40)
 //! change the workload; `--think 5 --adhoc 0.03` is the heavy setting that reproduces the
 //! issue's table (bench/placement.md). `--only` keeps the candidates whose name contains
 //! NAME; `--detail` adds every balancer's numbers per cell. Output: markdown on stdout.

@@ -716,6 +716,7 @@ def node_ports_for_bench():
     fixed = [7071, 7072, 7073, 7074]
     for p in fixed:
         s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the nodes bind: TIME_WAIT is no obstacle
         try:
             s.bind(("127.0.0.1", p))
         except OSError:
@@ -961,6 +962,8 @@ class Suite:
         self.quick, self.layouts = meta["quick"], meta["layouts"]
         self.duration, self.warmup, self.node_ports = meta["duration_s"], meta["warmup_s"], meta["node_ports"]
         self.elapsed = meta["elapsed_s"]
+        self.run_info = meta.get("run_info") or run_info()
+        self.rewritten = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         self.balancers = [Balancer(b["name"], b["label"], b["directives"], b["kylin"]) for b in meta["balancers"]]
         self.by_name = {b.name: b for b in self.balancers}
         self.kylins = [b.name for b in self.balancers if b.kylin]
@@ -991,6 +994,7 @@ class Suite:
                        "warmup_s": self.warmup, "node_ports": self.node_ports,
                        "fault_duration_s": self.fault_duration, "fault_window_s": self.fault_window,
                        "only": self.args.only, "order": [r["name"] for r in self.results],
+                       "run_info": self.run_info,
                        "balancers": [{"name": b.name, "label": b.label, "kylin": b.kylin,
                                       "directives": b.directives} for b in self.balancers]}, f, indent=1)
         charts(self)
@@ -1003,6 +1007,7 @@ class Suite:
             self.load_results()
             self.finish()
             return
+        self.run_info = run_info()
         started = time.monotonic()
         plan = self.plan()
         if not plan:
@@ -1035,6 +1040,14 @@ class Suite:
         await self.proxy.close()
         self.elapsed = time.monotonic() - started
         self.finish()
+
+
+def run_info():
+    """When the suite ran and which module it measured (the last commit of the module's sources)."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": sh("git -C %s rev-parse --short HEAD" % ROOT),
+            "module_commit": sh("git -C %s log -1 --format=%%h -- src Cargo.toml Cargo.lock build.rs" % ROOT),
+            "module_dirty": bool(sh("git -C %s status --porcelain -- src Cargo.toml Cargo.lock build.rs" % ROOT))}
 
 
 def analyse(results, kylins, anchors):
@@ -1280,8 +1293,7 @@ def write_markdown(suite, path):
     label = {b.name: b.label for b in suite.balancers}
     w = suite.workload
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
-    commit = sh("git -C %s rev-parse --short HEAD" % ROOT)
-    dirty = sh("git -C %s status --porcelain -- src Cargo.toml Cargo.lock build.rs" % ROOT)
+    info = suite.run_info
     n_runs = len(suite.results)
     cmd = "scripts/bench" + (" --quick" if suite.quick else "") + "".join(
         " --kylin-variant '%s=%s'" % (b.name, b.directives) for b in suite.balancers if b.kylin and b.name != "kylin")
@@ -1290,13 +1302,16 @@ def write_markdown(suite, path):
     lines = [
         "# Benchmark: kylin vs stock nginx balancers on a simulated Kylin cluster (issue #13)",
         "",
-        "Written by `%s` on %s: %d runs, %.0f s wall time (%.1f min)." % (
-            cmd, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), n_runs,
-            suite.elapsed, suite.elapsed / 60),
+        "Written by `%s` on %s: %d runs, %.0f s wall time (%.1f min)%s." % (
+            cmd, info["date"], n_runs, suite.elapsed, suite.elapsed / 60,
+            "; report rewritten from its JSON by `--report-only` on %s" % suite.rewritten
+            if getattr(suite, "rewritten", None) else ""),
         "",
-        "Module: commit %s%s of this checkout, built against %s. Machine: %s cores (%s), memory %s, kernel %s; "
-        "Python %s. The machine is shared with other jobs: see the CPU check below." % (
-            commit or "?", " (with uncommitted changes to the module)" if dirty else "",
+        "Module: as of commit %s (the last change to `src/`, `Cargo.*`, `build.rs`%s; checkout at %s), built "
+        "against %s. Machine: %s cores (%s), memory %s, kernel %s; Python %s. The machine is shared with other "
+        "jobs: see the CPU check below." % (
+            info["module_commit"] or "?", ", plus uncommitted changes" if info["module_dirty"] else "",
+            info["commit"] or "?",
             sh("%s -v 2>&1" % suite.args.nginx).replace("nginx version: ", ""), sh("nproc"), cpu or "?",
             sh("free -h | awk '/^Mem:/{print $2}'"), platform.release(), platform.python_version()),
         "",
@@ -1365,6 +1380,18 @@ def write_markdown(suite, path):
             best_count[c["best"]] = best_count.get(c["best"], 0) + 1
         lines += ["", "Best stock balancer: " + ", ".join("%s in %d cells" % (label[n], v) for n, v in
                                                           sorted(best_count.items(), key=lambda x: -x[1])) + ".", ""]
+        pairs = [(c["runs"]["hash_sticky"], c["runs"]["hash"]) for c in suite.cells
+                 if "hash" in c["runs"] and "hash_sticky" in c["runs"] and c["runs"]["hash"]["throughput_qps"]
+                 and c["runs"]["hash"]["p99_ms"]]
+        if pairs:
+            q = sorted(a["throughput_qps"] / b["throughput_qps"] for a, b in pairs)
+            p99 = sorted(a["p99_ms"] / b["p99_ms"] for a, b in pairs)
+            lines += ["Noise: without failures, `hash consistent` with and without `sticky learn` place every "
+                      "request alike, so their ratio shows the run-to-run spread on this machine. Over %d cells: "
+                      "queries/s %.3f to %.3f (median %.3f, mean absolute difference %.1f%%), p99 %.3f to %.3f. "
+                      "The best of six anchors is biased upwards by that spread." % (
+                          len(q), q[0], q[-1], q[len(q) // 2], 100 * sum(abs(x - 1) for x in q) / len(q),
+                          p99[0], p99[-1]), ""]
         lines += ["![kylin / best stock per cell](results/ratios.png)", "",
                   "![queries/s per cell](results/qps.png)", ""]
 
@@ -1531,6 +1558,7 @@ def main():
         raise SystemExit("--layouts must be between 1 and 64")
     if args.seed < 0:
         raise SystemExit("--seed must be >= 0")
+    args.nginx, args.module = os.path.abspath(args.nginx), os.path.abspath(args.module)
     suite = Suite(args)
 
     def on_signal(signum, _frame):
