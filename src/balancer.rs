@@ -30,7 +30,8 @@
 //! [`Request::moved`]. A movable request then follows its client: to where it was moved
 //! ([`Route::Moved`]) while that server is usable, else by steps 2 and 3; a shared session's
 //! learned route plays no part (it would pin the client's sessions to where they began).
-//! Node-local and unknown sessions keep their learned route, as with `requests`.
+//! Node-local and unknown sessions keep their learned route, as with `requests`, and nginx's
+//! own `sticky` (the operator's pin, [`Request::sticky`]) is followed by every request.
 
 use crate::ring::Ring;
 
@@ -227,18 +228,23 @@ pub struct Request {
     pub balance: Balance,
     /// With [`Balance::Clients`]: the server the request's client was moved to, if it was.
     pub moved: Option<usize>,
+    /// `learned` is the server nginx's own `sticky` names (1.29.6+): the operator's pin,
+    /// followed whatever moves (a request that may move still leaves it when it is over its
+    /// bound with `requests`, as a learned route).
+    pub sticky: bool,
 }
 
 impl Request {
     /// A request with nothing learned or moved, balanced by requests (for tests and tools).
     pub const fn new(key: u64, movable: bool) -> Request {
-        Request { key, learned: None, movable, balance: Balance::Requests, moved: None }
+        Request { key, learned: None, movable, balance: Balance::Requests, moved: None, sticky: false }
     }
 
-    /// Whether the request follows its client's placement rather than its learned route.
+    /// Whether the request follows its client's placement rather than its learned route
+    /// (nginx's `sticky` pins it otherwise).
     #[inline]
     pub fn follows_client(&self) -> bool {
-        self.movable && self.balance == Balance::Clients
+        self.movable && self.balance == Balance::Clients && !self.sticky
     }
 }
 
@@ -662,6 +668,21 @@ mod tests {
             }
         }
 
+        /// With `kylin_balance clients`, nginx's `sticky` still pins: its server is followed by
+        /// every request while usable, moved client or not.
+        #[test]
+        fn clients_mode_follows_nginx_sticky(
+            key in any::<u64>(),
+            pin in 0usize..5,
+            moved in proptest::option::of(0usize..5),
+            movable in any::<bool>(),
+        ) {
+            let r = ring(5);
+            let req = Request { key, learned: Some(pin), movable, balance: Balance::Clients, moved, sticky: true };
+            let c = pick(&r, &mut Set::up(5), req, 1250).unwrap();
+            prop_assert_eq!((c.server, c.route), (pin, Route::Learned));
+        }
+
         /// With `kylin_balance clients`: whatever the loads, the bound, the learned route and
         /// where the client was moved, a request lands on a usable server; a pinned request
         /// goes to its learned server while usable (never moved, never spilled); a movable one
@@ -680,7 +701,7 @@ mod tests {
             let mut s = Set::up(5);
             s.load = loads;
             s.up = up.clone();
-            let req = Request { key, learned, movable, balance: Balance::Clients, moved };
+            let req = Request { key, learned, movable, balance: Balance::Clients, moved, sticky: false };
             let c = pick(&r, &mut s, req, 1250);
             let first_up = r.order(key).find(|&i| up[i]);
             let Some(c) = c else {

@@ -450,8 +450,22 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
                 .chain([(load::upstream_key(&kcf.name), Use::Counts)])
                 .chain(crate::session_check::store_slot_keys(kcf)),
         );
+        let primaries = (*peers).number;
+        if kcf.balance.is_none() && kcf.balance_factor.is_none() && primaries > shm::PLACEMENT_SERVERS {
+            // The default cannot place clients on this many servers: balance requests, and say so.
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                (*cf).log,
+                "upstream \"{}\" has {} servers: client placement handles up to {}, so it balances requests (\"kylin_balance requests\") in {}:{}",
+                (*us).host,
+                primaries,
+                shm::PLACEMENT_SERVERS,
+                kcf.file.map(|f| f.to_string_lossy()).unwrap_or_default(),
+                kcf.line
+            );
+            kcf.balance = Some(Balance::Requests);
+        }
         if kcf.balance() == Balance::Clients {
-            let primaries = (*peers).number;
             if primaries > shm::PLACEMENT_SERVERS {
                 ngx_log_error!(
                     NGX_LOG_EMERG,
@@ -1022,6 +1036,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         movable: pd.movable,
         balance,
         moved: None,
+        sticky: hinted.is_some(),
     };
     // Client placement: where the request's client lives, asked on its first try only (a
     // retry walks the key's order, as with every balance).

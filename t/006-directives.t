@@ -322,7 +322,7 @@ qr/\[emerg\] .*"kylin_balance off" cannot be used with "kylin_balance_factor", w
 
 === TEST 19: kylin_balance clients places clients on up to 64 servers
 --- http_config eval
-"kylin_upstream many {\n" . CORE::join("", map { "        server 127.0.0.1:$_;\n" } 1 .. 65) . "    }\n"
+"kylin_upstream many {\n        kylin_balance clients;\n" . CORE::join("", map { "        server 127.0.0.1:$_;\n" } 1 .. 65) . "    }\n"
 --- config
 --- must_die
 --- error_log eval
@@ -354,3 +354,17 @@ qr/"a":\{"balance":"requests","balance_factor":1\.5,.*"b":\{"balance":"off","bal
 GET /st?format=prometheus
 --- response_body_like eval
 qr/(?=.*^kylin_upstream_balance\{upstream="a",balance="requests"\} 1$)(?=.*^kylin_upstream_balance\{upstream="a",balance="clients"\} 0$)(?=.*^kylin_upstream_balance\{upstream="c",balance="clients"\} 1$)(?=.*^kylin_upstream_moved_clients\{upstream="c"\} 0$)(?!.*^kylin_upstream_moved_clients\{upstream="a"\})(?=.*^kylin_server_clients_moved_in\{upstream="c",server="127\.0\.0\.1:1"\} 0$)(?=.*^kylin_server_decisions_total\{upstream="c",server="127\.0\.0\.1:1",route="moved"\} 0$)/sm
+
+
+
+=== TEST 22: by default, a block of more than 64 servers balances requests, and nginx -t says so
+--- http_config eval
+"kylin_upstream many {\n" . CORE::join("", map { "        server 127.0.0.1:$_;\n" } 1 .. 65) . "    }\n"
+--- config
+    location = /st { kylin_status; }
+--- request
+GET /st
+--- response_body_like eval
+qr/"many":\{"balance":"requests","balance_factor":1\.25,/
+--- error_log eval
+qr/\[warn\] .*upstream "many" has 65 servers: client placement handles up to 64, so it balances requests \("kylin_balance requests"\) in \S+nginx\.conf:\d+/

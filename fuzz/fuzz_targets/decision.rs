@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
         _ => Balance::Off,
     };
     let moved = (flags & 16 != 0).then(|| (at(3 * n + 2) as usize) % (n + 2));
-    let req = Request { key, learned, movable: flags & 2 != 0, balance, moved };
+    let req = Request { key, learned, movable: flags & 2 != 0, balance, moved, sticky: flags & 32 != 0 };
     let loads = s.load.clone();
     let up = s.up.clone();
     let weights = s.weight.clone();
