@@ -8,6 +8,7 @@
 //!   [`balancer::choose`] and nginx's round-robin peer bookkeeping).
 
 pub mod balancer;
+pub mod health;
 pub mod session;
 pub mod store;
 pub mod key;
