@@ -22,6 +22,8 @@ pub mod routes;
 #[cfg(not(test))]
 mod conf;
 #[cfg(not(test))]
+mod probe;
+#[cfg(not(test))]
 mod session_check;
 #[cfg(not(test))]
 mod shm;

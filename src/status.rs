@@ -39,6 +39,7 @@ unsafe fn servers_of(
     upstream: &[u8],
     table: Option<&LoadTable<'static>>,
     now: i64,
+    health: Option<&crate::health::CheckConf>,
     out: &mut Vec<ServerReport>,
 ) -> u64 {
     let mut live_weight = 0;
@@ -48,7 +49,10 @@ unsafe fn servers_of(
         while !p.is_null() {
             let peer = &*p;
             let failed = peer.max_fails != 0 && peer.fails >= peer.max_fails && now - peer.checked <= peer.fail_timeout;
-            let state = if peer.down != 0 && peer.down == crate::upstream::DRAINING {
+            let health = health.map(|h| crate::probe::health_report(table, upstream, peer.name.as_bytes(), h.mandatory));
+            let state = if let Some(hs) = health.as_ref().filter(|h| h.holds_back() && peer.down == 0) {
+                hs.state
+            } else if peer.down != 0 && peer.down == crate::upstream::DRAINING {
                 "draining"
             } else if peer.down != 0 {
                 "down"
@@ -83,6 +87,7 @@ unsafe fn servers_of(
                 failures: c(Counter::Failures),
                 moved: c(Counter::Moved),
                 clients_moved_in: None,
+                health,
             });
             p = peer.next;
         }
@@ -118,11 +123,11 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let mut servers = Vec::new();
         let mut live_weight = 0;
         if !peers.is_null() {
-            live_weight = read_locked(peers, || servers_of(peers, false, &kcf.name, table.as_ref(), now, &mut servers));
+            live_weight = read_locked(peers, || servers_of(peers, false, &kcf.name, table.as_ref(), now, kcf.health.as_ref(), &mut servers));
             // The backup list has a lock of its own, taken once the primary one is released.
             let backup = (*peers).next;
             if !backup.is_null() {
-                read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, &mut servers));
+                read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, kcf.health.as_ref(), &mut servers));
             }
         }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());

@@ -41,6 +41,7 @@ use crate::load::{self, Counter, Slot, Use};
 use crate::ring::{key_hash, Ring};
 use crate::session::{self, RequestSession, SetSession};
 use crate::shm;
+use crate::health::{self, Health};
 
 /// nginx's NGX_PEER_NEXT (403/404 passed to the next server): not a failure, not a response
 /// to learn from.
@@ -81,6 +82,8 @@ pub struct Group {
     ids: Vec<u64>,
     /// Ring index -> the server's shared counters (resolved in each worker).
     slots: Vec<Option<&'static Slot>>,
+    /// Ring index -> the server's health slot (health checks; resolved in each worker).
+    health: Vec<Option<&'static Slot>>,
     /// Hash of the servers' names and weights in ring index order: what the shared client
     /// placement's tables must describe (see `shm::with_placement`).
     layout: u64,
@@ -346,6 +349,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
     let ids = s.names.iter().map(key_hash).collect();
     let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
     let slots = vec![None; s.weights.len()];
+    let health = vec![None; s.weights.len()];
     let mut id = Vec::with_capacity(s.names.bytes.len() + 5 * s.weights.len());
     for (name, w) in s.names.iter().zip(&s.weights) {
         id.extend_from_slice(name);
@@ -353,7 +357,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
         id.extend_from_slice(&w.to_le_bytes());
     }
     let layout = key_hash(&id);
-    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, layout }, s.refs))
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, layout }, s.refs))
 }
 
 /// Builds the state from snapshots of the primary list and its backup list.
@@ -439,7 +443,7 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         }
 
         let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        match shm::load_zone(cf, server_count(peers) + 2) {
+        match shm::load_zone(cf, 2 * server_count(peers) + 2) {
             Some(z) => kcf.load_zone = z,
             None => return NGX_ERROR as ngx_int_t,
         }
@@ -450,6 +454,9 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
                 .chain([(load::upstream_key(&kcf.name), Use::Counts)])
                 .chain(crate::session_check::store_slot_keys(kcf)),
         );
+        // Each server's health slot (health checks and run-time drain), kept across reloads
+        // while the server stays.
+        shm::note_fresh_keys(server_names(peers).map(|n| load::health_key(&kcf.name, n)));
         if kcf.balance() == Balance::Clients {
             let primaries = (*peers).number;
             if primaries > shm::PLACEMENT_SERVERS {
@@ -754,6 +761,32 @@ struct NginxServers<'a, 'g> {
     now: i64,
     /// A single server without backups is always tried (as round robin does).
     single: bool,
+    gate: Gate,
+}
+
+/// What the module's own availability tests need from the configuration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gate {
+    /// `kylin_health_check` is set: unhealthy servers take nothing.
+    pub health: bool,
+    /// ... `mandatory`: servers not checked yet take nothing either.
+    pub mandatory: bool,
+}
+
+impl Gate {
+    pub fn of(kcf: &SrvConf) -> Gate {
+        Gate { health: kcf.health.is_some(), mandatory: kcf.health.as_ref().is_some_and(|h| h.mandatory) }
+    }
+
+    /// Whether the health record in `slot` lets the server take requests (a server without a
+    /// health slot, the zone being full, is not held back).
+    #[inline]
+    pub fn admits(&self, slot: Option<&Slot>) -> bool {
+        if !self.health {
+            return true;
+        }
+        slot.is_none_or(|h| Health::unpack(h.cell(health::cell::STATE).load(core::sync::atomic::Ordering::Relaxed)).admits(self.mandatory))
+    }
 }
 
 /// The `down` value of a draining server (`server ... drain`, nginx 1.29.6+), which still
@@ -783,7 +816,7 @@ impl NginxServers<'_, '_> {
         if !self.single && failed(p, self.now) {
             return false;
         }
-        true
+        self.gate.admits(self.group.health.get(i).copied().flatten())
     }
 }
 
@@ -888,6 +921,7 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
                 for (i, server) in g.names.iter().enumerate() {
                     g.slots[i] = table.claim(load::server_key(name, server), Use::Counts, generation);
                     missing += usize::from(g.slots[i].is_none());
+                    g.health[i] = table.claim(load::health_key(name, server), Use::Counts, generation);
                 }
             }
             (missing, table.capacity())
@@ -913,12 +947,12 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
 
 /// The live weight (sum of weights of primary servers not down or failed): the denominator
 /// of the load bound.
-fn live_weight(group: &Group, peers: &Peers<'_>, now: i64) -> u64 {
+fn live_weight(group: &Group, peers: &Peers<'_>, now: i64, gate: Gate) -> u64 {
     group
         .weights
         .iter()
         .enumerate()
-        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)))
+        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.admits(group.health.get(i).copied().flatten()))
         .map(|(_, &w)| u64::from(w))
         .sum()
 }
@@ -945,7 +979,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let picked = if pd.on_backup {
             match kcf.state.as_deref() {
                 // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
-                Some(state) => get_backup(pd, pc, state, Locked::backup(pd.rrp.peers), key, now),
+                Some(state) => get_backup(pd, pc, state, Gate::of(kcf), Locked::backup(pd.rrp.peers), key, now),
                 None => Err(NGX_ERROR as ngx_int_t),
             }
         } else {
@@ -984,6 +1018,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
+    let gate = Gate::of(kcf);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
@@ -1003,7 +1038,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let single = guard.single();
     let Some(peers) = guard.peers(&state.primary_peers) else { return Err(NGX_ERROR as ngx_int_t) };
     if state.live_at.get() != now {
-        state.live_weight.set(live_weight(&state.primary, &peers, now));
+        state.live_weight.set(live_weight(&state.primary, &peers, now, gate));
         state.live_at.set(now);
     }
     // The server nginx's `sticky` names (its cookie, route or learned session), else the
@@ -1015,7 +1050,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         total: state.total.map_or(0, |t| t.inflight()),
         live_weight: state.live_weight.get(),
     };
-    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single };
+    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single, gate };
     let mut req = Request {
         key,
         learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
@@ -1048,7 +1083,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     // No primary server is usable: as round robin, release the primary list, then lock the
     // backup list.
     match guard.into_backup() {
-        Some(b) => get_backup(pd, pc, state, b, key, now),
+        Some(b) => get_backup(pd, pc, state, gate, b, key, now),
         None => Err(NGX_BUSY as ngx_int_t),
     }
 }
@@ -1168,7 +1203,7 @@ unsafe fn sticky_hint(_pd: &mut PeerData, _pc: *mut ngx_peer_connection_t) -> Op
 /// primary server can take (it then moves to the backup list, as with round robin), or one
 /// already on it.
 #[inline(never)]
-unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, gate: Gate, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
     if guard.changed_since(&pd.rrp) {
         return Err(NGX_BUSY as ngx_int_t);
     }
@@ -1183,7 +1218,7 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &
     let Some(peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
     // Backups start with a clean tried bitmap when the request moves to them.
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
-    let mut bs = NginxServers { group, peers, tried, now, single: false };
+    let mut bs = NginxServers { group, peers, tried, now, single: false, gate };
     let req = Request::new(key, pd.movable);
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(NGX_BUSY as ngx_int_t);
