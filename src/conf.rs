@@ -278,7 +278,7 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 11] = [
     },
     ngx_command_t {
         name: ngx_string!("kylin_status"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(crate::status::kylin_status),
         conf: 0,
         offset: 0,

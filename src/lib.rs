@@ -8,6 +8,7 @@
 //!   [`balancer::choose`] and nginx's round-robin peer bookkeeping).
 
 pub mod balancer;
+pub mod drain;
 pub mod health;
 pub mod session;
 pub mod store;
@@ -21,6 +22,8 @@ pub mod routes;
 
 #[cfg(not(test))]
 mod conf;
+#[cfg(not(test))]
+mod admin;
 #[cfg(not(test))]
 mod probe;
 #[cfg(not(test))]

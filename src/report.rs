@@ -34,6 +34,9 @@ pub struct ServerReport {
     pub clients_moved_in: Option<u64>,
     /// The server's active health check (`kylin_health_check`; `None` otherwise).
     pub health: Option<HealthReport>,
+    /// Learned sessions (live routes) that lead to this server: what it still holds while it
+    /// drains; `None` without a routes zone.
+    pub sessions: Option<u64>,
 }
 
 /// A server's health-check record, from its health slot's cells
@@ -211,6 +214,7 @@ fn server_json(s: &ServerReport) -> Value {
         "moved": s.moved,
         "clients_moved_in": s.clients_moved_in,
         "health": s.health.as_ref().map(health_json),
+        "sessions": s.sessions,
     })
 }
 
@@ -402,6 +406,9 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
             }
             if let Some(n) = s.clients_moved_in {
                 f.add("kylin_server_clients_moved_in", "gauge", "Clients that placement moved to this server from their hot home, right now.", &base, n as f64);
+            }
+            if let Some(n) = s.sessions {
+                f.add("kylin_server_sessions", "gauge", "Learned sessions (live routes) that lead to the server: what it still holds while it drains.", &base, n as f64);
             }
             f.add("kylin_server_spilled_out_total", "counter", "Movable requests that left this server because it was over its bound.", &base, s.spilled_out as f64);
             f.add("kylin_server_failures_total", "counter", "Tries that failed (nginx's proxy_next_upstream failures).", &base, s.failures as f64);

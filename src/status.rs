@@ -20,14 +20,24 @@ use crate::load::{self, Counter, LoadTable};
 use crate::report::{self, ServerReport, UpstreamReport};
 use crate::shm;
 
-/// `kylin_status;` in a location: that location serves the status document.
+/// `kylin_status [write=on|off];` in a location: that location serves the status document
+/// (and with `write=on` accepts drain commands, see [`crate::admin`]).
 pub unsafe extern "C" fn kylin_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
     // SAFETY: inside a location, cf->ctx is an http conf ctx whose loc_conf holds the core
-    // module's location configuration.
+    // module's location configuration; cf->args holds the directive's words.
     unsafe {
+        let arg = (*cf).args.as_ref().and_then(|a| a.as_slice::<ngx::ffi::ngx_str_t>().get(1).copied());
+        let write = match arg.as_ref().map(|a| a.as_bytes()) {
+            None | Some(b"write=off") => false,
+            Some(b"write=on") => true,
+            Some(_) => {
+                ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "invalid parameter \"{}\" in \"kylin_status\" directive: it must be \"write=on\" or \"write=off\"", arg.unwrap_or_default());
+                return ngx::core::NGX_CONF_ERROR as *mut c_char;
+            }
+        };
         let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
         let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-        (*clcf).handler = Some(status_handler);
+        (*clcf).handler = Some(if write { crate::admin::write_handler } else { status_handler });
     }
     ptr::null_mut()
 }
@@ -52,7 +62,7 @@ unsafe fn servers_of(
             let health = health.map(|h| crate::probe::health_report(table, upstream, peer.name.as_bytes(), h.mandatory));
             let state = if let Some(hs) = health.as_ref().filter(|h| h.holds_back() && peer.down == 0) {
                 hs.state
-            } else if peer.down != 0 && peer.down == crate::upstream::DRAINING {
+            } else if (peer.down != 0 && peer.down == crate::upstream::DRAINING) || (peer.down == 0 && crate::admin::drained(table, upstream, peer.name.as_bytes())) {
                 "draining"
             } else if peer.down != 0 {
                 "down"
@@ -88,6 +98,7 @@ unsafe fn servers_of(
                 moved: c(Counter::Moved),
                 clients_moved_in: None,
                 health,
+                sessions: None,
             });
             p = peer.next;
         }
@@ -130,6 +141,13 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
                 read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, kcf.health.as_ref(), &mut servers));
             }
         }
+        let addresses: Vec<Vec<u8>> = servers.iter().map(|s| s.address.as_bytes().to_vec()).collect();
+        let refs: Vec<&[u8]> = addresses.iter().map(|a| a.as_slice()).collect();
+        if let Some(held) = crate::admin::sessions_held(kcf, &refs, now) {
+            for (s, n) in servers.iter_mut().zip(held) {
+                s.sessions = Some(n);
+            }
+        }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
         let factor = kcf.balance_factor();
         let bound = Bound { factor_milli: factor, total: in_flight, live_weight };
@@ -160,7 +178,7 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
     }
 }
 
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request.
     unsafe {
         if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {

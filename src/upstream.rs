@@ -779,13 +779,15 @@ impl Gate {
     }
 
     /// Whether the health record in `slot` lets the server take requests (a server without a
-    /// health slot, the zone being full, is not held back).
+    /// health slot, the zone being full, is not held back), and, unless the request's session
+    /// lives there (`own_session`), whether it is not drained at run time.
     #[inline]
-    pub fn admits(&self, slot: Option<&Slot>) -> bool {
-        if !self.health {
-            return true;
+    pub fn admits(&self, slot: Option<&Slot>, own_session: bool) -> bool {
+        let Some(h) = slot else { return true };
+        if !own_session && h.cell(crate::drain::CELL).load(core::sync::atomic::Ordering::Relaxed) != 0 {
+            return false;
         }
-        slot.is_none_or(|h| Health::unpack(h.cell(health::cell::STATE).load(core::sync::atomic::Ordering::Relaxed)).admits(self.mandatory))
+        !self.health || Health::unpack(h.cell(health::cell::STATE).load(core::sync::atomic::Ordering::Relaxed)).admits(self.mandatory)
     }
 }
 
@@ -797,9 +799,11 @@ pub const DRAINING: ngx_uint_t = ngx::ffi::NGX_HTTP_UPSTREAM_DRAINING as ngx_uin
 pub const DRAINING: ngx_uint_t = 0;
 
 impl NginxServers<'_, '_> {
-    /// nginx's tests, with the `down` bits in `allowed` let through.
+    /// nginx's tests, with the `down` bits in `allowed` let through, and the module's own
+    /// (health checks, run-time drain: a drained server takes only requests of sessions that
+    /// live there, `own_session`).
     #[inline]
-    fn check(&mut self, i: usize, allowed: ngx_uint_t) -> bool {
+    fn check(&mut self, i: usize, allowed: ngx_uint_t, own_session: bool) -> bool {
         let bits = usize::BITS as usize;
         // SAFETY: the tried bitmap covers every peer of the group (round robin sized it for
         // the larger list).
@@ -816,19 +820,19 @@ impl NginxServers<'_, '_> {
         if !self.single && failed(p, self.now) {
             return false;
         }
-        self.gate.admits(self.group.health.get(i).copied().flatten())
+        self.gate.admits(self.group.health.get(i).copied().flatten(), own_session)
     }
 }
 
 impl Servers for NginxServers<'_, '_> {
     #[inline]
     fn usable(&mut self, i: usize) -> bool {
-        self.check(i, 0)
+        self.check(i, 0, false)
     }
 
     #[inline]
     fn usable_for_session(&mut self, i: usize) -> bool {
-        self.check(i, DRAINING)
+        self.check(i, DRAINING, true)
     }
 
     #[inline]
@@ -952,7 +956,7 @@ fn live_weight(group: &Group, peers: &Peers<'_>, now: i64, gate: Gate) -> u64 {
         .weights
         .iter()
         .enumerate()
-        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.admits(group.health.get(i).copied().flatten()))
+        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.admits(group.health.get(i).copied().flatten(), false))
         .map(|(_, &w)| u64::from(w))
         .sum()
 }
