@@ -106,13 +106,13 @@ POST /st
 
 
 
-=== TEST 4: kylin_status takes no arguments
+=== TEST 4: kylin_status takes only write=on|off
 --- http_config
 --- config
     location = /st { kylin_status json; }
 --- must_die
 --- error_log eval
-qr/\[emerg\] .*invalid number of arguments in "kylin_status" directive/
+qr/\[emerg\] .*invalid parameter "json" in "kylin_status" directive/
 
 
 
