@@ -331,6 +331,12 @@ unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
     unsafe { crate::probe::start(cycle) }
 }
 
+unsafe extern "C" fn exit_process(_cycle: *mut ngx::ffi::ngx_cycle_t) {
+    // SAFETY: nginx calls exit_process in the process's only thread, from its event loop's
+    // end; the probers (if this process runs them) are freed once.
+    unsafe { crate::probe::stop() }
+}
+
 #[used]
 #[allow(non_upper_case_globals)]
 #[cfg_attr(not(feature = "export-modules"), no_mangle)]
@@ -338,6 +344,7 @@ pub static mut ngx_http_kylin_upstream_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX) as _,
     init_module: Some(init_module),
     init_process: Some(init_process),
+    exit_process: Some(exit_process),
     // SAFETY: taking the address of a static; nginx reads the table while parsing.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_KYLIN_UPSTREAM_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,

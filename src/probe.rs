@@ -29,9 +29,20 @@ use crate::health::{self, cell, Health, Outcome, Parsed, Reason, Transition};
 use crate::load::{self, Slot, Use};
 use crate::shm;
 
+/// The probers of this process (raw `Box<Prober>` pointers), freed at `exit_process`.
+static PROBERS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+fn probers() -> std::sync::MutexGuard<'static, Vec<usize>> {
+    // Only this process's event loop thread uses it: a poisoned lock still holds the list.
+    PROBERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The probes of one upstream.
 struct Prober {
     tick: ngx_event_t,
+    /// The cycle the prober belongs to: with `master_process off` a reload swaps the cycle in
+    /// the same process, and the old configuration's prober stops.
+    cycle: *mut ngx_cycle_t,
     kcf: *const SrvConf,
     uscf: *mut ngx_http_upstream_srv_conf_t,
     probes: Vec<Box<Probe>>,
@@ -84,6 +95,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             let p = Box::into_raw(Box::new(Prober {
                 // SAFETY: an all-zero event is its initial state (as ngx_pcalloc gives).
                 tick: core::mem::zeroed(),
+                cycle,
                 kcf,
                 uscf,
                 probes: Vec::new(),
@@ -95,9 +107,31 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             (*p).tick.set_cancelable(1);
             // The first round right away (the first event loop iteration).
             ngx_add_timer(&mut (*p).tick, 1);
+            probers().push(p as usize);
         }
     }
     NGX_OK as ngx_int_t
+}
+
+/// Frees the probers of this process (`exit_process`): timers deleted, connections closed.
+pub unsafe fn stop() {
+    let all = core::mem::take(&mut *probers());
+    for p in all {
+        // SAFETY: p came from Box::into_raw in `start` and is freed only here, once; its
+        // timers and connections are its own.
+        unsafe {
+            let mut pr = Box::from_raw(p as *mut Prober);
+            if pr.tick.timer_set() != 0 {
+                ngx_del_timer(&mut pr.tick);
+            }
+            for probe in &mut pr.probes {
+                if probe.timer.timer_set() != 0 {
+                    ngx_del_timer(&mut probe.timer);
+                }
+                close(probe);
+            }
+        }
+    }
 }
 
 /// One server as the peer list has it.
@@ -157,7 +191,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
     // SAFETY: ev is a Prober's tick; the prober lives as long as the worker.
     unsafe {
         let pr = &mut *((*ev).data as *mut Prober);
-        if ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 {
+        if ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 || ngx::ffi::ngx_cycle != pr.cycle as *mut _ {
             return;
         }
         let kcf = &*pr.kcf;
