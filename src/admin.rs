@@ -30,6 +30,16 @@ pub fn drained(table: Option<&LoadTable<'static>>, upstream: &[u8], server: &[u8
         .is_some_and(|s| s.cell(drain::CELL).load(Ordering::Relaxed) != 0)
 }
 
+/// The share of new clients a primary server ramping up (`kylin_slow_start`) takes now;
+/// `None` when it is not ramping (or there is no slow start).
+pub fn ramp(table: Option<&LoadTable<'static>>, kcf: &SrvConf, server: &[u8]) -> Option<f64> {
+    let slow = kcf.slow_start_ms?;
+    let slot = table?.find(load::health_key(&kcf.name, server))?;
+    let back = slot.cell(crate::health::cell::RAMP_MS).load(Ordering::Relaxed);
+    let elapsed = crate::health::unix_ms().saturating_sub(back);
+    (back != 0 && elapsed < slow).then(|| crate::health::ramp_ratio(elapsed, slow))
+}
+
 /// Learned sessions that each of `addresses` still holds (live routes in the upstream's
 /// routes zone); `None` without a routes zone.
 pub fn sessions_held(kcf: &SrvConf, addresses: &[&[u8]], now: i64) -> Option<Vec<u64>> {
@@ -138,6 +148,10 @@ unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde
             let mut cur = cell.load(Ordering::Relaxed);
             while let Err(now) = cell.compare_exchange_weak(cur, drain::next_mark(cur, cmd.drain, now_ms), Ordering::Relaxed, Ordering::Relaxed) {
                 cur = now;
+            }
+            if cur != 0 && !cmd.drain {
+                // Back from draining: its slow start (`kylin_slow_start`) begins.
+                slot.cell(crate::health::cell::RAMP_MS).store(now_ms, Ordering::Relaxed);
             }
             marked.push(n.as_slice());
         }

@@ -83,6 +83,8 @@ pub struct SrvConf {
     /// `kylin_health_check`, and where it was written (for the `zone` check after parsing).
     pub health: Option<crate::health::CheckConf>,
     pub health_at: (Option<&'static CStr>, ngx_uint_t),
+    /// `kylin_slow_start`, ms.
+    pub slow_start_ms: Option<u64>,
 }
 
 impl Default for SrvConf {
@@ -110,6 +112,7 @@ impl Default for SrvConf {
             cache_keyer: core::cell::Cell::new(None),
             health: None,
             health_at: (None, 0),
+            slow_start_ms: None,
         }
     }
 }
@@ -219,7 +222,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 11] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 12] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -296,6 +299,14 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 11] = [
         name: ngx_string!("kylin_health_check"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_ANY) as ngx_uint_t,
         set: Some(kylin_health_check),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_slow_start"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_slow_start),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -926,6 +937,28 @@ unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_comm
         }
         Err(e) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{} in \"kylin_health_check\" directive", e);
+            conf_error()
+        }
+    }
+}
+
+/// `kylin_slow_start time;`
+unsafe extern "C" fn kylin_slow_start(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_slow_start", kcf.slow_start_ms.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    match crate::health::parse_time_ms(value.as_bytes()).filter(|&ms| (1..=3_600_000).contains(&ms)) {
+        Some(ms) => {
+            kcf.slow_start_ms = Some(ms);
+            CONF_OK
+        }
+        None => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid value \"{}\" in \"kylin_slow_start\" directive: it must be a time from 1ms to 1h (for example 30s)", value);
             conf_error()
         }
     }

@@ -399,12 +399,52 @@ pub mod cell {
     pub const LAST_FAIL_MS: usize = 2;
     /// When the server last became healthy, Unix ms (0: never seen turn healthy).
     pub const UP_SINCE_MS: usize = 3;
-    /// Probes made.
-    pub const CHECKS: usize = 4;
-    /// Probes failed.
-    pub const FAILURES: usize = 5;
+    /// Probes made (low 32 bits) and failed (high 32 bits), added to in one atomic step
+    /// (`1 | failed << 32`; the low half would carry over after 2^32 probes, 136 years at one
+    /// a second).
+    pub const COUNTS: usize = 4;
+    /// When the server came back (healthy again after being unhealthy, undrained, or added
+    /// by a reload), Unix ms: the start of its slow start; 0 for never.
+    pub const RAMP_MS: usize = 5;
     /// Duration of the last probe, microseconds.
     pub const LAST_DURATION_US: usize = 6;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow start
+
+/// Whether a new client with stickiness key `key` may go to a server that came back
+/// `elapsed_ms` ago, with `kylin_slow_start` `slow_start_ms`: a share of the keys that grows
+/// linearly from 0 to all over the ramp. The same keys keep being admitted as the share grows
+/// (a client admitted once stays), and which keys depends on the key alone, so a key turned
+/// away goes to its usual next server.
+#[inline]
+pub fn ramp_admits(key: u64, elapsed_ms: u64, slow_start_ms: u64) -> bool {
+    if elapsed_ms >= slow_start_ms {
+        return true;
+    }
+    // A fixed bijective mix of the key (the ring uses the key's own bits) to 0..2^16.
+    let mut x = key ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let point = x >> 48;
+    // point / 2^16 < elapsed / slow_start, without division.
+    u128::from(point) * u128::from(slow_start_ms) < u128::from(elapsed_ms) << 16
+}
+
+/// Wall-clock time, Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The share of new clients a server ramping up takes now (1 when not ramping).
+pub fn ramp_ratio(elapsed_ms: u64, slow_start_ms: u64) -> f64 {
+    if slow_start_ms == 0 || elapsed_ms >= slow_start_ms {
+        1.0
+    } else {
+        elapsed_ms as f64 / slow_start_ms as f64
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -673,7 +713,28 @@ mod tests {
         assert_eq!(c.request(b"10.0.0.1:7070"), b"GET /kylin/api/health HTTP/1.1\r\nHost: 10.0.0.1:7070\r\nUser-Agent: nginx-kylin-health-check\r\nAccept: */*\r\n\r\n".to_vec());
     }
 
+    #[test]
+    fn slow_start_share() {
+        let keys: Vec<u64> = (0..20_000u64).map(|k| crate::ring::key_hash(&k.to_le_bytes())).collect();
+        for (elapsed, want) in [(0u64, 0.0), (2_500, 0.25), (5_000, 0.5), (7_500, 0.75), (10_000, 1.0)] {
+            let share = keys.iter().filter(|&&k| ramp_admits(k, elapsed, 10_000)).count() as f64 / keys.len() as f64;
+            assert!((share - want).abs() < 0.02, "{elapsed}: {share}");
+            assert!((ramp_ratio(elapsed, 10_000) - want).abs() < 1e-9);
+        }
+        assert_eq!(ramp_ratio(5, 0), 1.0);
+    }
+
     proptest! {
+        /// A key admitted at some point of the ramp stays admitted later.
+        #[test]
+        fn ramp_is_monotonic(key in any::<u64>(), a in 0u64..100_000, b in 0u64..100_000, slow in 1u64..100_000) {
+            let (early, late) = (a.min(b), a.max(b));
+            if ramp_admits(key, early, slow) {
+                prop_assert!(ramp_admits(key, late, slow));
+            }
+            prop_assert!(ramp_admits(key, slow, slow));
+        }
+
         #[test]
         fn parser_is_total_and_prefix_stable(bytes in proptest::collection::vec(any::<u8>(), 0..400), eof in any::<bool>()) {
             let _ = parse_answer(&bytes, eof);

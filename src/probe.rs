@@ -482,13 +482,17 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
     slot.cell(cell::STATE).store(h.pack(), Ordering::Relaxed);
     slot.cell(cell::LAST_CHECK_MS).store(now_ms, Ordering::Relaxed);
     slot.cell(cell::LAST_DURATION_US).store(elapsed.saturating_mul(1000), Ordering::Relaxed);
-    slot.cell(cell::CHECKS).fetch_add(1, Ordering::Relaxed);
-    if let Outcome::Fail(..) = outcome {
-        slot.cell(cell::FAILURES).fetch_add(1, Ordering::Relaxed);
+    let failed = matches!(outcome, Outcome::Fail(..));
+    slot.cell(cell::COUNTS).fetch_add(1 | (u64::from(failed) << 32), Ordering::Relaxed);
+    if failed {
         slot.cell(cell::LAST_FAIL_MS).store(now_ms, Ordering::Relaxed);
     }
     if t == Transition::Up {
         slot.cell(cell::UP_SINCE_MS).store(now_ms, Ordering::Relaxed);
+        // Back from unhealthy: its slow start begins (a first check passing is no return).
+        if before == health::State::Unhealthy {
+            slot.cell(cell::RAMP_MS).store(now_ms, Ordering::Relaxed);
+        }
     }
     if t != Transition::None {
         // SAFETY: the prober's configuration lives as long as the worker; the cycle's log too.
@@ -517,10 +521,7 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
     }
 }
 
-/// Wall-clock time, Unix milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::health::unix_ms;
 
 /// The health-check report of a server, from its health slot (an unchecked record when the
 /// slot is missing: the zone is full).

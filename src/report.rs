@@ -37,6 +37,9 @@ pub struct ServerReport {
     /// Learned sessions (live routes) that lead to this server: what it still holds while it
     /// drains; `None` without a routes zone.
     pub sessions: Option<u64>,
+    /// The share (0 to 1) of new clients the server takes while it ramps up after coming back
+    /// (`kylin_slow_start`); `None` when it is not ramping.
+    pub slow_start: Option<f64>,
 }
 
 /// A server's health-check record, from its health slot's cells
@@ -68,8 +71,8 @@ impl HealthReport {
         };
         HealthReport {
             state: h.state().as_str(mandatory),
-            checks: cells[cell::CHECKS],
-            failures: cells[cell::FAILURES],
+            checks: cells[cell::COUNTS] & 0xffff_ffff,
+            failures: cells[cell::COUNTS] >> 32,
             consecutive_failures: u64::from(h.fails),
             consecutive_passes: u64::from(h.passes),
             last_check_ms: cells[cell::LAST_CHECK_MS],
@@ -215,6 +218,7 @@ fn server_json(s: &ServerReport) -> Value {
         "clients_moved_in": s.clients_moved_in,
         "health": s.health.as_ref().map(health_json),
         "sessions": s.sessions,
+        "slow_start": s.slow_start,
     })
 }
 
@@ -407,6 +411,9 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
             if let Some(n) = s.clients_moved_in {
                 f.add("kylin_server_clients_moved_in", "gauge", "Clients that placement moved to this server from their hot home, right now.", &base, n as f64);
             }
+            if let Some(r) = s.slow_start {
+                f.add("kylin_server_slow_start_ratio", "gauge", "Share of new clients a server ramping up after coming back takes now (absent when not ramping).", &base, r);
+            }
             if let Some(n) = s.sessions {
                 f.add("kylin_server_sessions", "gauge", "Learned sessions (live routes) that lead to the server: what it still holds while it drains.", &base, n as f64);
             }
@@ -481,12 +488,12 @@ mod tests {
         assert!(!r.holds_back());
         assert_eq!(HealthReport::from_cells(&cells, true).state, "checking");
         cells[cell::STATE] = Health { state: StateBits(2), fails: 3, passes: 0, last_reason: Reason::Status, last_status: 503 }.pack();
-        cells[cell::CHECKS] = 9;
-        cells[cell::FAILURES] = 4;
+        cells[cell::COUNTS] = 9 | (4 << 32);
         cells[cell::LAST_CHECK_MS] = 1_700_000_000_250;
         cells[cell::LAST_DURATION_US] = 1500;
         let r = HealthReport::from_cells(&cells, false);
         assert!(r.holds_back());
+        assert_eq!((r.checks, r.failures), (9, 4));
         let mut u = sample();
         u.servers[0].health = Some(r);
         u.servers[0].state = "unhealthy";

@@ -166,11 +166,24 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
         // The new configuration's generation: stamp and claim its slots, reclaim unused ones.
         let keys = core::mem::take(&mut *load_keys());
         let fresh = core::mem::take(&mut *fresh_keys());
+        // A reload (the zone kept): servers that are new to the running configuration begin
+        // their slow start now (`kylin_slow_start`).
+        let reload = !data.is_null();
+        let now_ms = crate::health::unix_ms();
         let Some(prepared) = with_load_claims(zone, |t| {
+            let mut added = Vec::new();
             for &k in &fresh {
-                t.reset_stale(k);
+                if (t.find(k).is_none() || t.reset_stale(k)) && reload {
+                    added.push(k);
+                }
             }
-            (t.prepare(&keys), t.capacity())
+            let p = t.prepare(&keys);
+            for k in added {
+                if let Some(s) = t.find(k) {
+                    s.cell(crate::health::cell::RAMP_MS).store(now_ms, Ordering::Relaxed);
+                }
+            }
+            (p, t.capacity())
         }) else {
             return NGX_ERROR as ngx_int_t;
         };

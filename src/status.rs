@@ -99,6 +99,7 @@ unsafe fn servers_of(
                 clients_moved_in: None,
                 health,
                 sessions: None,
+                slow_start: None,
             });
             p = peer.next;
         }
@@ -147,6 +148,9 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
             for (s, n) in servers.iter_mut().zip(held) {
                 s.sessions = Some(n);
             }
+        }
+        for s in servers.iter_mut().filter(|s| !s.backup) {
+            s.slow_start = crate::admin::ramp(table.as_ref(), kcf, s.address.as_bytes());
         }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
         let factor = kcf.balance_factor();

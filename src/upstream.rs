@@ -764,18 +764,49 @@ struct NginxServers<'a, 'g> {
     gate: Gate,
 }
 
-/// What the module's own availability tests need from the configuration.
+/// What the module's own availability tests need from the configuration and the request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Gate {
     /// `kylin_health_check` is set: unhealthy servers take nothing.
     pub health: bool,
     /// ... `mandatory`: servers not checked yet take nothing either.
     pub mandatory: bool,
+    /// `kylin_slow_start`, ms (0: off): a server that came back takes a growing share of
+    /// new clients ([`health::ramp_admits`]).
+    pub slow_start_ms: u64,
+    /// The request's stickiness key and the time (Unix ms), for the slow start.
+    pub key: u64,
+    pub now_ms: u64,
 }
 
 impl Gate {
     pub fn of(kcf: &SrvConf) -> Gate {
-        Gate { health: kcf.health.is_some(), mandatory: kcf.health.as_ref().is_some_and(|h| h.mandatory) }
+        Gate {
+            health: kcf.health.is_some(),
+            mandatory: kcf.health.as_ref().is_some_and(|h| h.mandatory),
+            slow_start_ms: 0,
+            key: 0,
+            now_ms: 0,
+        }
+    }
+
+    /// With the slow start of `kcf` for a request with `key`.
+    pub fn ramping(mut self, kcf: &SrvConf, key: u64) -> Gate {
+        if let Some(ms) = kcf.slow_start_ms {
+            // SAFETY: nginx's cached time, updated by this process's event loop only.
+            let t = unsafe { &*ngx::ffi::ngx_cached_time };
+            self.slow_start_ms = ms;
+            self.key = key;
+            self.now_ms = (t.sec.max(0) as u64).saturating_mul(1000) + t.msec as u64;
+        }
+        self
+    }
+
+    /// Whether the server of `slot` counts as live (health and run-time drain, not the slow
+    /// start), for the live weight.
+    #[inline]
+    pub fn live(&self, slot: Option<&Slot>) -> bool {
+        Gate { slow_start_ms: 0, ..*self }.admits(slot, false)
     }
 
     /// Whether the health record in `slot` lets the server take requests (a server without a
@@ -784,8 +815,16 @@ impl Gate {
     #[inline]
     pub fn admits(&self, slot: Option<&Slot>, own_session: bool) -> bool {
         let Some(h) = slot else { return true };
-        if !own_session && h.cell(crate::drain::CELL).load(core::sync::atomic::Ordering::Relaxed) != 0 {
-            return false;
+        if !own_session {
+            if h.cell(crate::drain::CELL).load(core::sync::atomic::Ordering::Relaxed) != 0 {
+                return false;
+            }
+            if self.slow_start_ms > 0 {
+                let back = h.cell(health::cell::RAMP_MS).load(core::sync::atomic::Ordering::Relaxed);
+                if back != 0 && !health::ramp_admits(self.key, self.now_ms.saturating_sub(back), self.slow_start_ms) {
+                    return false;
+                }
+            }
         }
         !self.health || Health::unpack(h.cell(health::cell::STATE).load(core::sync::atomic::Ordering::Relaxed)).admits(self.mandatory)
     }
@@ -956,7 +995,7 @@ fn live_weight(group: &Group, peers: &Peers<'_>, now: i64, gate: Gate) -> u64 {
         .weights
         .iter()
         .enumerate()
-        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.admits(group.health.get(i).copied().flatten(), false))
+        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.live(group.health.get(i).copied().flatten()))
         .map(|(_, &w)| u64::from(w))
         .sum()
 }
@@ -1022,7 +1061,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
-    let gate = Gate::of(kcf);
+    let gate = Gate::of(kcf).ramping(kcf, key);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
@@ -1077,7 +1116,14 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
             }
         }
     }
-    if let Some(choice) = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }) {
+    let mut choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
+    if choice.is_none() && ps.gate.slow_start_ms > 0 {
+        // Every usable server is ramping up and none admits this key: the slow start never
+        // turns a request away, so choose as if there were none.
+        ps.gate.slow_start_ms = 0;
+        choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
+    }
+    if let Some(choice) = choice {
         // SAFETY: pc is the request's peer connection.
         return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
             true => Ok(choice),
@@ -1222,7 +1268,8 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &
     let Some(peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
     // Backups start with a clean tried bitmap when the request moves to them.
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
-    let mut bs = NginxServers { group, peers, tried, now, single: false, gate };
+    // No slow start among backups.
+    let mut bs = NginxServers { group, peers, tried, now, single: false, gate: Gate { slow_start_ms: 0, ..gate } };
     let req = Request::new(key, pd.movable);
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(NGX_BUSY as ngx_int_t);
