@@ -348,8 +348,13 @@ unsafe fn send(p: &mut Probe) {
                     fail_conn(p, Reason::Connect);
                 }
                 return;
+            } else if p.reused {
+                // The kept-alive connection had been closed: once more, on a new one.
+                close(p);
+                connect(p);
+                return;
             } else {
-                fail_conn(p, if p.reused { Reason::Closed } else { Reason::Connect });
+                fail_conn(p, Reason::Connect);
                 return;
             }
         }
