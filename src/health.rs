@@ -165,9 +165,10 @@ fn count(v: &[u8]) -> Option<u32> {
 }
 
 /// Why a probe failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Reason {
+    #[default]
     None = 0,
     /// The connection could not be made (refused, unreachable).
     Connect = 1,
@@ -285,11 +286,6 @@ pub struct Health {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateBits(pub u8);
 
-impl Default for Reason {
-    fn default() -> Reason {
-        Reason::None
-    }
-}
 
 /// What a recorded probe changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,7 +360,7 @@ impl Health {
 
     /// Packs the record into one word (see [`Health::unpack`]).
     pub fn pack(&self) -> u64 {
-        u64::from(self.state.0 & 0xff)
+        u64::from(self.state.0)
             | (u64::from(self.fails.min(FAILS_MAX)) << 8)
             | (u64::from(self.passes.min(PASSES_MAX)) << 32)
             | ((self.last_reason as u64 & 0xf) << 48)

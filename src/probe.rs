@@ -45,6 +45,9 @@ struct Prober {
     cycle: *mut ngx_cycle_t,
     kcf: *const SrvConf,
     uscf: *mut ngx_http_upstream_srv_conf_t,
+    /// Boxed: each probe's address is its connection's and its timer's `data`, and must not
+    /// move when the vector grows.
+    #[allow(clippy::vec_box)]
     probes: Vec<Box<Probe>>,
 }
 
@@ -191,7 +194,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
     // SAFETY: ev is a Prober's tick; the prober lives as long as the worker.
     unsafe {
         let pr = &mut *((*ev).data as *mut Prober);
-        if ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 || ngx::ffi::ngx_cycle != pr.cycle as *mut _ {
+        if ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 || !ptr::eq(ngx::ffi::ngx_cycle, pr.cycle) {
             return;
         }
         let kcf = &*pr.kcf;
@@ -237,7 +240,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             let p = &mut pr.probes[i];
             p.seen = true;
             if !p.in_flight {
-                begin(&mut **p);
+                begin(p);
             }
         }
         // Servers gone from the list (`resolve`): forget them once idle.
