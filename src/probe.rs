@@ -63,6 +63,8 @@ struct Probe {
     conn: *mut ngx_connection_t,
     /// Bounds a probe in flight.
     timer: ngx_event_t,
+    /// The connection's log: the cycle's, saying what the connection is for.
+    log: ngx::ffi::ngx_log_t,
     in_flight: bool,
     /// The probe runs on a kept-alive connection (not yet known to be alive).
     reused: bool,
@@ -220,6 +222,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
                         conn: ptr::null_mut(),
                         // SAFETY: an all-zero event is its initial state.
                         timer: core::mem::zeroed(),
+                        log: *(*ngx::ffi::ngx_cycle).log,
                         in_flight: false,
                         reused: false,
                         sent: 0,
@@ -233,6 +236,11 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
                     p.timer.data = raw as *mut c_void;
                     p.timer.handler = Some(probe_timeout);
                     p.timer.log = (*ngx::ffi::ngx_cycle).log;
+                    // nginx's own messages about the connection end "while checking the health
+                    // of ..." (see log_handler).
+                    p.log.action = ptr::null_mut();
+                    p.log.handler = Some(log_handler);
+                    p.log.data = raw as *mut c_void;
                     pr.probes.push(p);
                     pr.probes.len() - 1
                 }
@@ -252,6 +260,24 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             false
         });
         ngx_add_timer(ev, conf.interval_ms as ngx_msec_t);
+    }
+}
+
+/// Ends nginx's messages about a probe's connection with what it is for.
+unsafe extern "C" fn log_handler(log: *mut ngx::ffi::ngx_log_t, buf: *mut u8, len: usize) -> *mut u8 {
+    // SAFETY: nginx passes the log (whose data is its probe, alive as long as the log) and the
+    // room left in its message buffer.
+    unsafe {
+        let p = &*((*log).data as *const Probe);
+        let kcf = &*(*p.prober).kcf;
+        let text = format!(
+            " while checking the health of server {} of upstream \"{}\"",
+            String::from_utf8_lossy(&p.name),
+            String::from_utf8_lossy(&kcf.name)
+        );
+        let n = text.len().min(len);
+        ptr::copy_nonoverlapping(text.as_ptr(), buf, n);
+        buf.add(n)
     }
 }
 
@@ -299,7 +325,7 @@ unsafe fn connect(p: &mut Probe) {
         pc.socklen = p.sockaddr.len() as ngx::ffi::socklen_t;
         pc.name = &mut p.name_str;
         pc.get = Some(ngx_event_get_peer);
-        pc.log = (*ngx::ffi::ngx_cycle).log;
+        pc.log = &mut p.log;
         pc.set_log_error(ngx::ffi::ngx_connection_log_error_e_NGX_ERROR_INFO as _);
         let rc = ngx_event_connect_peer(&mut pc);
         if rc == NGX_ERROR as ngx_int_t || rc == ngx::ffi::NGX_BUSY as ngx_int_t || rc == ngx::ffi::NGX_DECLINED as ngx_int_t {
