@@ -221,3 +221,52 @@ GET /t
 --- response_body_like eval
 qr/\A\n(?=[^\n]*a)(?=[^\n]*b)(?=[^\n]*c)[abc]{20}\n\z/s
 --- timeout: 20
+
+
+
+=== TEST 11: every primary unhealthy: the healthy backup takes the requests
+--- http_config
+    kylin_upstream kylin_nodes {
+        zone kylin_nodes 64k;
+        kylin_hash $arg_k;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT backup;
+        kylin_health_check interval=100ms;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT;
+        location / { return 200 "a"; }
+        location = /kylin/api/health { return 503; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT;
+        location / { return 200 "b"; }
+        location = /kylin/api/health { return 500; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT;
+        location / { return 200 "c"; }
+        location = /kylin/api/health { return 204; } }
+--- config eval: main::wait_then_twenty(500)
+--- request
+GET /t
+--- response_body_like eval
+qr/\A\nc{20}\n\z/
+--- timeout: 20
+
+
+
+=== TEST 12: no healthy server at all: 502, as with every server down
+--- http_config
+    kylin_upstream kylin_nodes {
+        zone kylin_nodes 64k;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        kylin_health_check interval=100ms;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT;
+        location / { return 200 "a"; }
+        location = /kylin/api/health { return 503; } }
+--- config eval: main::wait_then_twenty(500)
+--- request
+GET /t
+--- response_body_like eval
+qr/\A\n(?:<html>.*?502 Bad Gateway.*?<\/html>\s*){20}\z/s
+--- error_log eval
+qr/no live upstreams while connecting to upstream/
+--- timeout: 20
