@@ -292,6 +292,7 @@ unsafe fn close(p: &mut Probe) {
 
 /// Starts a probe: on the kept-alive connection if there is one, else on a new one.
 unsafe fn begin(p: &mut Probe) {
+    // SAFETY: the prober's configuration lives as long as the worker.
     let Some(timeout) = (unsafe { conf_of(p) }).map(|c| c.timeout_ms) else { return };
     p.in_flight = true;
     p.sent = 0;
