@@ -222,8 +222,9 @@ class Test:
         counted = "" if srv and srv[0]["requests"] == REQUESTS else "live server %s counted %s of %d requests" % (
             self.live(r), srv[0]["requests"] if srv else None, REQUESTS)
         z = doc.get("load_zone")
-        # The current and the previous configuration (1,501 servers and the upstream each).
-        limit = 2 * (FILLERS + 2)
+        # The current and the previous configuration: 1,501 servers with two slots each (load
+        # counters, and health and drain state) and the upstream's total.
+        limit = 2 * (2 * (FILLERS + 1) + 1)
         if not srv or srv[0].get("load_slot") is not True:
             zone = "live server %s: load_slot %s" % (self.live(r), srv[0].get("load_slot") if srv else None)
         elif not z:

@@ -26,7 +26,7 @@ use ngx::ffi::{
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_int_t, ngx_module_t, ngx_parse_size, ngx_parse_time, ngx_pcalloc,
     ngx_shm_zone_t, ngx_str_t, ngx_uint_t, ngx_url_t, NGX_ERROR, NGX_CONF_BLOCK, NGX_CONF_NOARGS,
-    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    NGX_CONF_1MORE, NGX_CONF_ANY, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
     NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPSTREAM_CREATE, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleServerConf, Merge, MergeConfigError};
@@ -80,6 +80,11 @@ pub struct SrvConf {
     /// the store's verdict cache zone (see `shm::session_key`).
     pub routes_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
     pub cache_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
+    /// `kylin_health_check`, and where it was written (for the `zone` check after parsing).
+    pub health: Option<crate::health::CheckConf>,
+    pub health_at: (Option<&'static CStr>, ngx_uint_t),
+    /// `kylin_slow_start`, ms.
+    pub slow_start_ms: Option<u64>,
 }
 
 impl Default for SrvConf {
@@ -105,6 +110,9 @@ impl Default for SrvConf {
             name: Vec::new(),
             routes_keyer: core::cell::Cell::new(None),
             cache_keyer: core::cell::Cell::new(None),
+            health: None,
+            health_at: (None, 0),
+            slow_start_ms: None,
         }
     }
 }
@@ -214,7 +222,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 10] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 12] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -273,7 +281,7 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 10] = [
     },
     ngx_command_t {
         name: ngx_string!("kylin_status"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(crate::status::kylin_status),
         conf: 0,
         offset: 0,
@@ -283,6 +291,22 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 10] = [
         name: ngx_string!("kylin_session_routes"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
         set: Some(kylin_session_routes),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_health_check"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_ANY) as ngx_uint_t,
+        set: Some(kylin_health_check),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_slow_start"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(kylin_slow_start),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -310,7 +334,18 @@ unsafe extern "C" fn init_process(cycle: *mut ngx::ffi::ngx_cycle_t) -> ngx_int_
         return ngx::ffi::NGX_OK as ngx_int_t;
     }
     // SAFETY: nginx calls init_process with the process's cycle.
-    unsafe { crate::session_check::start_health_checks(cycle) }
+    let rc = unsafe { crate::session_check::start_health_checks(cycle) };
+    if rc != ngx::ffi::NGX_OK as ngx_int_t {
+        return rc;
+    }
+    // SAFETY: as above.
+    unsafe { crate::probe::start(cycle) }
+}
+
+unsafe extern "C" fn exit_process(_cycle: *mut ngx::ffi::ngx_cycle_t) {
+    // SAFETY: nginx calls exit_process in the process's only thread, from its event loop's
+    // end; the probers (if this process runs them) are freed once.
+    unsafe { crate::probe::stop() }
 }
 
 #[used]
@@ -320,6 +355,7 @@ pub static mut ngx_http_kylin_upstream_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX) as _,
     init_module: Some(init_module),
     init_process: Some(init_process),
+    exit_process: Some(exit_process),
     // SAFETY: taking the address of a static; nginx reads the table while parsing.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_KYLIN_UPSTREAM_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
@@ -570,6 +606,22 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 directive,
                 host,
                 file,
+                line
+            );
+            return ngx::ffi::NGX_ERROR as ngx_int_t;
+        }
+        // SAFETY: uscf is valid.
+        if kcf.enabled && kcf.health.is_some() && unsafe { (*uscf).shm_zone.is_null() } {
+            // SAFETY: uscf is valid.
+            let host = unsafe { (*uscf).host };
+            let (file, line) = kcf.health_at;
+            ngx_log_error!(
+                NGX_LOG_EMERG,
+                // SAFETY: cf is the http block's configuration; its log lives as long as cf.
+                unsafe { (*cf).log },
+                "\"kylin_health_check\" requires \"zone\" in upstream \"{}\" (health states are shared by all worker processes) in {}:{}",
+                host,
+                file.map(|f| f.to_string_lossy()).unwrap_or_default(),
                 line
             );
             return ngx::ffi::NGX_ERROR as ngx_int_t;
@@ -863,4 +915,51 @@ unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_com
     }
     kcf.store = Some(mode);
     CONF_OK
+}
+
+/// `kylin_health_check [uri=/kylin/api/health] [interval=5s] [timeout=1s] [fails=1]
+/// [passes=1] [status=200-399] [body=text] [port=number] [mandatory];`
+unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_health_check", kcf.health.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and its parameters.
+    let params: Vec<&[u8]> = unsafe { args(cf) }.iter().skip(1).map(|a| a.as_bytes()).collect();
+    match crate::health::parse_params(&params) {
+        Ok(c) => {
+            kcf.health = Some(c);
+            // SAFETY: cf is valid while parsing.
+            kcf.health_at = unsafe { conf_position(cf) };
+            CONF_OK
+        }
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{} in \"kylin_health_check\" directive", e);
+            conf_error()
+        }
+    }
+}
+
+/// `kylin_slow_start time;`
+unsafe extern "C" fn kylin_slow_start(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_slow_start", kcf.slow_start_ms.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and one value.
+    let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
+    match crate::health::parse_time_ms(value.as_bytes()).filter(|&ms| (1..=3_600_000).contains(&ms)) {
+        Some(ms) => {
+            kcf.slow_start_ms = Some(ms);
+            CONF_OK
+        }
+        None => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid value \"{}\" in \"kylin_slow_start\" directive: it must be a time from 1ms to 1h (for example 30s)", value);
+            conf_error()
+        }
+    }
 }

@@ -21,6 +21,8 @@
 
 pub mod balancer;
 pub mod dashboard;
+pub mod drain;
+pub mod health;
 pub mod session;
 pub mod store;
 pub mod key;
@@ -33,6 +35,10 @@ pub mod routes;
 
 #[cfg(not(test))]
 mod conf;
+#[cfg(not(test))]
+mod admin;
+#[cfg(not(test))]
+mod probe;
 #[cfg(not(test))]
 mod session_check;
 #[cfg(not(test))]

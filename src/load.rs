@@ -181,6 +181,17 @@ pub fn store_key(urls: &[u8]) -> u64 {
     valid(xxhash_rust::xxh3::xxh3_64_with_seed(urls, 0x73746f7265))
 }
 
+/// The key of a server's health slot: its health-check record ([`crate::health::cell`]) and
+/// its run-time drain mark. A counting slot (its in-flight field stays 0), so it is reclaimed
+/// like the server's counters once no configuration names the server.
+pub fn health_key(upstream: &[u8], server: &[u8]) -> u64 {
+    let mut buf = Vec::with_capacity(upstream.len() + server.len() + 1);
+    buf.extend_from_slice(upstream);
+    buf.push(0);
+    buf.extend_from_slice(server);
+    valid(xxhash_rust::xxh3::xxh3_64_with_seed(&buf, 0x6865_616c_7468))
+}
+
 /// The key of an upstream's own slot (its in-flight total).
 pub fn upstream_key(upstream: &[u8]) -> u64 {
     valid(xxhash_rust::xxh3::xxh3_64_with_seed(upstream, 0x6b796c696e))
@@ -357,6 +368,22 @@ impl<'a> LoadTable<'a> {
         Prepared { generation, reclaimed, failed }
     }
 
+    /// Clears the cells of `key`'s slot if the running (committed) configuration does not use
+    /// it: state that a configuration without the slot's server left there (a server removed
+    /// by one reload and added again by a later one starts afresh). Call before
+    /// [`prepare`](LoadTable::prepare) stamps the new configuration's slots. Returns whether
+    /// it cleared. Callers serialise claims and sweeps.
+    pub fn reset_stale(&self, key: u64) -> bool {
+        let Some(s) = self.find(key) else { return false };
+        if s.generation() >= self.committed() {
+            return false;
+        }
+        for c in &s.counters {
+            c.store(0, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Records that the configuration of `generation` runs (nginx committed it).
     pub fn commit(&self, generation: u64) {
         self.header.committed.fetch_max(generation, Ordering::Relaxed);
@@ -400,6 +427,32 @@ mod tests {
 
     fn table(n: usize) -> (Header, Vec<Slot>) {
         (Header::default(), (0..n).map(|_| Slot::default()).collect())
+    }
+
+    #[test]
+    fn a_server_removed_and_added_again_starts_afresh() {
+        let (h, slots) = table(16);
+        let t = LoadTable::new(&h, &slots);
+        let a = health_key(b"up", b"10.0.0.1:7070");
+        let b = health_key(b"up", b"10.0.0.2:7070");
+        assert_ne!(a, server_key(b"up", b"10.0.0.1:7070"));
+        // Configuration 1 has both servers.
+        let p = t.prepare(&[(a, Use::Counts), (b, Use::Counts)]);
+        t.commit(p.generation);
+        t.find(a).unwrap().cell(0).store(7, Ordering::Relaxed);
+        t.find(b).unwrap().cell(0).store(9, Ordering::Relaxed);
+        // Configuration 2 keeps b only: nothing is cleared for the keys it names.
+        assert!(!t.reset_stale(b));
+        let p = t.prepare(&[(b, Use::Counts)]);
+        t.commit(p.generation);
+        assert_eq!(t.find(b).unwrap().cell(0).load(Ordering::Relaxed), 9);
+        // Configuration 3 adds a again: its old state is gone, b's stays.
+        assert!(t.reset_stale(a));
+        assert!(!t.reset_stale(b));
+        let p = t.prepare(&[(a, Use::Counts), (b, Use::Counts)]);
+        t.commit(p.generation);
+        assert_eq!(t.find(a).unwrap().cell(0).load(Ordering::Relaxed), 0);
+        assert_eq!(t.find(b).unwrap().cell(0).load(Ordering::Relaxed), 9);
     }
 
     #[test]

@@ -32,6 +32,85 @@ pub struct ServerReport {
     pub moved: u64,
     /// Clients placement has moved here (`kylin_balance clients`; `None` otherwise).
     pub clients_moved_in: Option<u64>,
+    /// The server's active health check (`kylin_health_check`; `None` otherwise).
+    pub health: Option<HealthReport>,
+    /// Learned sessions (live routes) that lead to this server: what it still holds while it
+    /// drains; `None` without a routes zone.
+    pub sessions: Option<u64>,
+    /// The share (0 to 1) of new clients the server takes while it ramps up after coming back
+    /// (`kylin_slow_start`); `None` when it is not ramping.
+    pub slow_start: Option<f64>,
+}
+
+/// A server's health-check record, from its health slot's cells
+/// ([`crate::health::cell`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HealthReport {
+    pub state: &'static str,
+    pub checks: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    pub consecutive_passes: u64,
+    /// Unix ms; 0 for never.
+    pub last_check_ms: u64,
+    pub last_duration_us: u64,
+    pub last_failure_ms: u64,
+    pub last_failure_reason: Option<String>,
+    pub healthy_since_ms: u64,
+}
+
+impl HealthReport {
+    /// The report of a health slot's cells.
+    pub fn from_cells(cells: &[u64; 8], mandatory: bool) -> HealthReport {
+        use crate::health::{cell, Health, Reason};
+        let h = Health::unpack(cells[cell::STATE]);
+        let reason = match h.last_reason {
+            Reason::None => None,
+            Reason::Status => Some(format!("status {}", h.last_status)),
+            r => Some(r.as_str().to_string()),
+        };
+        HealthReport {
+            state: h.state().as_str(mandatory),
+            checks: cells[cell::COUNTS] & 0xffff_ffff,
+            failures: cells[cell::COUNTS] >> 32,
+            consecutive_failures: u64::from(h.fails),
+            consecutive_passes: u64::from(h.passes),
+            last_check_ms: cells[cell::LAST_CHECK_MS],
+            last_duration_us: cells[cell::LAST_DURATION_US],
+            last_failure_ms: cells[cell::LAST_FAIL_MS],
+            last_failure_reason: reason,
+            healthy_since_ms: cells[cell::UP_SINCE_MS],
+        }
+    }
+
+    /// Whether it keeps the server from taking requests.
+    pub fn holds_back(&self) -> bool {
+        matches!(self.state, "unhealthy" | "checking")
+    }
+}
+
+/// Unix ms as seconds, `null` for 0 (never).
+fn unix_seconds(ms: u64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        Value::from(ms as f64 / 1000.0)
+    }
+}
+
+fn health_json(h: &HealthReport) -> Value {
+    json!({
+        "state": h.state,
+        "checks": h.checks,
+        "failures": h.failures,
+        "consecutive_failures": h.consecutive_failures,
+        "consecutive_passes": h.consecutive_passes,
+        "last_check": unix_seconds(h.last_check_ms),
+        "last_check_ms": h.last_duration_us as f64 / 1000.0,
+        "last_failure": unix_seconds(h.last_failure_ms),
+        "last_failure_reason": h.last_failure_reason,
+        "healthy_since": unix_seconds(h.healthy_since_ms),
+    })
 }
 
 /// A shared session table, zone-wide: the learned routes, or a store's cache of answers.
@@ -137,6 +216,9 @@ fn server_json(s: &ServerReport) -> Value {
         "failures": s.failures,
         "moved": s.moved,
         "clients_moved_in": s.clients_moved_in,
+        "health": s.health.as_ref().map(health_json),
+        "sessions": s.sessions,
+        "slow_start": s.slow_start,
     })
 }
 
@@ -297,9 +379,25 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
         for s in &u.servers {
             let srv = s.address.as_str();
             let base = [("upstream", up), ("server", srv)];
-            for state in ["up", "down", "failed", "draining"] {
+            for state in ["up", "down", "failed", "draining", "unhealthy", "checking"] {
                 let l = [("upstream", up), ("server", srv), ("state", state)];
-                f.add("kylin_server_state", "gauge", "1 for the server's current state (up, down, failed, draining).", &l, f64::from(u8::from(s.state == state)));
+                f.add("kylin_server_state", "gauge", "1 for the server's current state (up, down, failed, draining, unhealthy, checking).", &l, f64::from(u8::from(s.state == state)));
+            }
+            if let Some(h) = &s.health {
+                for state in ["unchecked", "checking", "healthy", "unhealthy"] {
+                    let l = [("upstream", up), ("server", srv), ("state", state)];
+                    f.add("kylin_server_health", "gauge", "1 for the server's health-check state (unchecked, checking, healthy, unhealthy).", &l, f64::from(u8::from(h.state == state)));
+                }
+                f.add("kylin_server_health_checks_total", "counter", "Health-check probes made.", &base, h.checks as f64);
+                f.add("kylin_server_health_failures_total", "counter", "Health-check probes that failed.", &base, h.failures as f64);
+                f.add("kylin_server_health_consecutive_failures", "gauge", "Health-check probes failed in a row, up to now.", &base, h.consecutive_failures as f64);
+                f.add("kylin_server_health_last_check_timestamp_seconds", "gauge", "When the last health-check probe ended (Unix time; 0 if never).", &base, h.last_check_ms as f64 / 1000.0);
+                f.add("kylin_server_health_last_check_duration_seconds", "gauge", "How long the last health-check probe took.", &base, h.last_duration_us as f64 / 1e6);
+                f.add("kylin_server_health_last_failure_timestamp_seconds", "gauge", "When a health-check probe last failed (Unix time; 0 if never).", &base, h.last_failure_ms as f64 / 1000.0);
+                if let Some(r) = &h.last_failure_reason {
+                    let l = [("upstream", up), ("server", srv), ("reason", r.as_str())];
+                    f.add("kylin_server_health_last_failure_info", "gauge", "Why the last failed health-check probe failed (the reason label).", &l, 1.0);
+                }
             }
             f.add("kylin_server_backup", "gauge", "1 for backup servers.", &base, f64::from(u8::from(s.backup)));
             f.add("kylin_server_weight", "gauge", "The server's weight.", &base, s.weight as f64);
@@ -312,6 +410,12 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
             }
             if let Some(n) = s.clients_moved_in {
                 f.add("kylin_server_clients_moved_in", "gauge", "Clients that placement moved to this server from their hot home, right now.", &base, n as f64);
+            }
+            if let Some(r) = s.slow_start {
+                f.add("kylin_server_slow_start_ratio", "gauge", "Share of new clients a server ramping up after coming back takes now (absent when not ramping).", &base, r);
+            }
+            if let Some(n) = s.sessions {
+                f.add("kylin_server_sessions", "gauge", "Learned sessions (live routes) that lead to the server: what it still holds while it drains.", &base, n as f64);
             }
             f.add("kylin_server_spilled_out_total", "counter", "Movable requests that left this server because it was over its bound.", &base, s.spilled_out as f64);
             f.add("kylin_server_failures_total", "counter", "Tries that failed (nginx's proxy_next_upstream failures).", &base, s.failures as f64);
@@ -373,6 +477,40 @@ mod tests {
             routes_timeout_seconds: 28800,
             store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, latency_seconds: 0.5, ..Default::default() }),
         }
+    }
+
+    #[test]
+    fn health_fields() {
+        use crate::health::{cell, Health, Reason, StateBits};
+        let mut cells = [0u64; 8];
+        let r = HealthReport::from_cells(&cells, false);
+        assert_eq!((r.state, r.last_failure_reason.as_deref()), ("unchecked", None));
+        assert!(!r.holds_back());
+        assert_eq!(HealthReport::from_cells(&cells, true).state, "checking");
+        cells[cell::STATE] = Health { state: StateBits(2), fails: 3, passes: 0, last_reason: Reason::Status, last_status: 503 }.pack();
+        cells[cell::COUNTS] = 9 | (4 << 32);
+        cells[cell::LAST_CHECK_MS] = 1_700_000_000_250;
+        cells[cell::LAST_DURATION_US] = 1500;
+        let r = HealthReport::from_cells(&cells, false);
+        assert!(r.holds_back());
+        assert_eq!((r.checks, r.failures), (9, 4));
+        let mut u = sample();
+        u.servers[0].health = Some(r);
+        u.servers[0].state = "unhealthy";
+        let v: Value = serde_json::from_str(&to_json("1.28.3", 0, &[u.clone()], None)).unwrap();
+        let h = &v["upstreams"]["kylin_nodes"]["servers"][0]["health"];
+        assert_eq!(h["state"], "unhealthy");
+        assert_eq!(h["consecutive_failures"], 3);
+        assert_eq!(h["last_failure_reason"], "status 503");
+        assert_eq!(h["last_check"], 1_700_000_000.25);
+        assert_eq!(h["last_check_ms"], 1.5);
+        assert_eq!(h["last_failure"], Value::Null);
+        assert_eq!(v["upstreams"]["kylin_nodes"]["servers"][1]["health"], Value::Null);
+        let text = to_prometheus(&[u], None);
+        assert!(text.contains("kylin_server_health{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\",state=\"unhealthy\"} 1\n"), "{text}");
+        assert!(text.contains("kylin_server_health_last_failure_info{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\",reason=\"status 503\"} 1\n"));
+        assert!(text.contains("kylin_server_state{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\",state=\"unhealthy\"} 1\n"));
+        assert!(!text.contains("kylin_server_health{upstream=\"kylin_nodes\",server=\"10.0.0.2:7070\""));
     }
 
     #[test]

@@ -296,6 +296,30 @@ impl<'a> RouteTable<'a> {
         n
     }
 
+    /// How many live (not idle for more than `timeout`) routes lead to each of `peers`: the
+    /// sessions a server still holds, for draining it. One walk of the recency list, most
+    /// recent first, stopping at the first expired route (the list is in `last_used` order
+    /// up to a second, so at most a few routes idle for just over `timeout` are missed).
+    pub fn count_by_peer(&self, peers: &[u64], now: i64, timeout: i64) -> Vec<u64> {
+        let mut counts = vec![0u64; peers.len()];
+        let mut i = self.hdr.lru_head;
+        let mut steps = 0;
+        while i != NIL && steps < self.entries.len() {
+            let e = &self.entries[i as usize];
+            if now - e.last_used > timeout + 1 {
+                break;
+            }
+            if now - e.last_used <= timeout {
+                for (c, &p) in counts.iter_mut().zip(peers) {
+                    *c += u64::from(e.peer == p);
+                }
+            }
+            i = e.next;
+            steps += 1;
+        }
+        counts
+    }
+
     /// The server of `key`'s session, refreshing its idle time; `None` if unknown or expired.
     pub fn lookup(&mut self, key: u128, now: i64, timeout: i64) -> Option<u64> {
         self.find_live(key, now, timeout).map(|i| self.entries[i].peer)
@@ -423,6 +447,22 @@ mod tests {
     }
 
     const H: i64 = 3600;
+
+    #[test]
+    fn sessions_held_per_server() {
+        let mut r = region(8192);
+        let mut t = RouteTable::format(bytes(&mut r), [1, 2]).unwrap();
+        for k in 1..=10u128 {
+            t.insert(k, if k <= 7 { 100 } else { 200 }, k as i64, H);
+        }
+        assert_eq!(t.count_by_peer(&[100, 200, 300], 10, H), vec![7, 3, 0]);
+        // Routes idle for longer than the timeout are not counted.
+        assert_eq!(t.count_by_peer(&[100, 200], H + 5, H), vec![3, 3]);
+        assert_eq!(t.count_by_peer(&[100, 200], 100 + H, H), vec![0, 0]);
+        // A moved route counts for its new server.
+        t.insert(1, 200, 11, H);
+        assert_eq!(t.count_by_peer(&[100, 200], 11, H), vec![6, 4]);
+    }
 
     #[test]
     fn insert_lookup_update_remove() {

@@ -43,6 +43,9 @@ static LOAD_SLOTS_NEEDED: AtomicUsize = AtomicUsize::new(0);
 /// The keys the configuration being parsed uses (collected by `init_upstream`, claimed and
 /// stamped when the zone is set up; see [`crate::load`] on generations).
 static LOAD_KEYS: Mutex<Vec<(u64, Use)>> = Mutex::new(Vec::new());
+/// Keys of slots whose state must not outlive their server's removal (health slots): cleared
+/// when the running configuration does not name them (see `LoadTable::reset_stale`).
+static FRESH_KEYS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
 #[repr(C)]
 struct LoadRegion {
@@ -60,6 +63,20 @@ pub fn reset_for_new_configuration() {
     LOAD_ZONE_PTR.store(ptr::null_mut(), Ordering::Relaxed);
     LOAD_SLOTS_NEEDED.store(0, Ordering::Relaxed);
     load_keys().clear();
+    fresh_keys().clear();
+}
+
+fn fresh_keys() -> std::sync::MutexGuard<'static, Vec<u64>> {
+    // As load_keys.
+    FRESH_KEYS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Notes slots of the configuration whose state a configuration without them must not leave
+/// behind (see [`FRESH_KEYS`]); also claims them as counting slots.
+pub fn note_fresh_keys(keys: impl IntoIterator<Item = u64>) {
+    let keys: Vec<u64> = keys.into_iter().collect();
+    load_keys().extend(keys.iter().map(|&k| (k, Use::Counts)));
+    fresh_keys().extend(keys);
 }
 
 fn load_keys() -> std::sync::MutexGuard<'static, Vec<(u64, Use)>> {
@@ -148,7 +165,26 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
         }
         // The new configuration's generation: stamp and claim its slots, reclaim unused ones.
         let keys = core::mem::take(&mut *load_keys());
-        let Some(prepared) = with_load_claims(zone, |t| (t.prepare(&keys), t.capacity())) else {
+        let fresh = core::mem::take(&mut *fresh_keys());
+        // A reload (the zone kept): servers that are new to the running configuration begin
+        // their slow start now (`kylin_slow_start`).
+        let reload = !data.is_null();
+        let now_ms = crate::health::unix_ms();
+        let Some(prepared) = with_load_claims(zone, |t| {
+            let mut added = Vec::new();
+            for &k in &fresh {
+                if (t.find(k).is_none() || t.reset_stale(k)) && reload {
+                    added.push(k);
+                }
+            }
+            let p = t.prepare(&keys);
+            for k in added {
+                if let Some(s) = t.find(k) {
+                    s.cell(crate::health::cell::RAMP_MS).store(now_ms, Ordering::Relaxed);
+                }
+            }
+            (p, t.capacity())
+        }) else {
             return NGX_ERROR as ngx_int_t;
         };
         let (p, capacity) = prepared;

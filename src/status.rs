@@ -23,14 +23,24 @@ use crate::load::{self, Counter, LoadTable};
 use crate::report::{self, ServerReport, UpstreamReport};
 use crate::shm;
 
-/// `kylin_status;` in a location: that location serves the status document.
+/// `kylin_status [write=on|off];` in a location: that location serves the status document
+/// (and with `write=on` accepts drain commands, see [`crate::admin`]).
 pub unsafe extern "C" fn kylin_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
     // SAFETY: inside a location, cf->ctx is an http conf ctx whose loc_conf holds the core
-    // module's location configuration.
+    // module's location configuration; cf->args holds the directive's words.
     unsafe {
+        let arg = (*cf).args.as_ref().and_then(|a| a.as_slice::<ngx::ffi::ngx_str_t>().get(1).copied());
+        let write = match arg.as_ref().map(|a| a.as_bytes()) {
+            None | Some(b"write=off") => false,
+            Some(b"write=on") => true,
+            Some(_) => {
+                ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "invalid parameter \"{}\" in \"kylin_status\" directive: it must be \"write=on\" or \"write=off\"", arg.unwrap_or_default());
+                return ngx::core::NGX_CONF_ERROR as *mut c_char;
+            }
+        };
         let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
         let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-        (*clcf).handler = Some(status_handler);
+        (*clcf).handler = Some(if write { crate::admin::write_handler } else { status_handler });
     }
     ptr::null_mut()
 }
@@ -42,6 +52,7 @@ unsafe fn servers_of(
     upstream: &[u8],
     table: Option<&LoadTable<'static>>,
     now: i64,
+    health: Option<&crate::health::CheckConf>,
     out: &mut Vec<ServerReport>,
 ) -> u64 {
     let mut live_weight = 0;
@@ -51,7 +62,10 @@ unsafe fn servers_of(
         while !p.is_null() {
             let peer = &*p;
             let failed = peer.max_fails != 0 && peer.fails >= peer.max_fails && now - peer.checked <= peer.fail_timeout;
-            let state = if peer.down != 0 && peer.down == crate::upstream::DRAINING {
+            let health = health.map(|h| crate::probe::health_report(table, upstream, peer.name.as_bytes(), h.mandatory));
+            let state = if let Some(hs) = health.as_ref().filter(|h| h.holds_back() && peer.down == 0) {
+                hs.state
+            } else if (peer.down != 0 && peer.down == crate::upstream::DRAINING) || (peer.down == 0 && crate::admin::drained(table, upstream, peer.name.as_bytes())) {
                 "draining"
             } else if peer.down != 0 {
                 "down"
@@ -86,6 +100,9 @@ unsafe fn servers_of(
                 failures: c(Counter::Failures),
                 moved: c(Counter::Moved),
                 clients_moved_in: None,
+                health,
+                sessions: None,
+                slow_start: None,
             });
             p = peer.next;
         }
@@ -121,12 +138,22 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let mut servers = Vec::new();
         let mut live_weight = 0;
         if !peers.is_null() {
-            live_weight = read_locked(peers, || servers_of(peers, false, &kcf.name, table.as_ref(), now, &mut servers));
+            live_weight = read_locked(peers, || servers_of(peers, false, &kcf.name, table.as_ref(), now, kcf.health.as_ref(), &mut servers));
             // The backup list has a lock of its own, taken once the primary one is released.
             let backup = (*peers).next;
             if !backup.is_null() {
-                read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, &mut servers));
+                read_locked(backup, || servers_of(backup, true, &kcf.name, table.as_ref(), now, kcf.health.as_ref(), &mut servers));
             }
+        }
+        let addresses: Vec<Vec<u8>> = servers.iter().map(|s| s.address.as_bytes().to_vec()).collect();
+        let refs: Vec<&[u8]> = addresses.iter().map(|a| a.as_slice()).collect();
+        if let Some(held) = crate::admin::sessions_held(kcf, &refs, now) {
+            for (s, n) in servers.iter_mut().zip(held) {
+                s.sessions = Some(n);
+            }
+        }
+        for s in servers.iter_mut().filter(|s| !s.backup) {
+            s.slow_start = crate::admin::ramp(table.as_ref(), kcf, s.address.as_bytes());
         }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
         let factor = kcf.balance_factor();
@@ -226,7 +253,7 @@ unsafe fn header_only(r: *mut ngx_http_request_t) -> bool {
     }
 }
 
-unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a valid request.
     unsafe {
         if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize == 0 {

@@ -41,6 +41,7 @@ use crate::load::{self, Counter, Slot, Use};
 use crate::ring::{key_hash, Ring};
 use crate::session::{self, RequestSession, SetSession};
 use crate::shm;
+use crate::health::{self, Health};
 
 /// nginx's NGX_PEER_NEXT (403/404 passed to the next server): not a failure, not a response
 /// to learn from.
@@ -81,6 +82,8 @@ pub struct Group {
     ids: Vec<u64>,
     /// Ring index -> the server's shared counters (resolved in each worker).
     slots: Vec<Option<&'static Slot>>,
+    /// Ring index -> the server's health slot (health checks; resolved in each worker).
+    health: Vec<Option<&'static Slot>>,
     /// Hash of the servers' names and weights in ring index order: what the shared client
     /// placement's tables must describe (see `shm::with_placement`).
     layout: u64,
@@ -346,6 +349,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
     let ids = s.names.iter().map(key_hash).collect();
     let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
     let slots = vec![None; s.weights.len()];
+    let health = vec![None; s.weights.len()];
     let mut id = Vec::with_capacity(s.names.bytes.len() + 5 * s.weights.len());
     for (name, w) in s.names.iter().zip(&s.weights) {
         id.extend_from_slice(name);
@@ -353,7 +357,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
         id.extend_from_slice(&w.to_le_bytes());
     }
     let layout = key_hash(&id);
-    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, layout }, s.refs))
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, layout }, s.refs))
 }
 
 /// Builds the state from snapshots of the primary list and its backup list.
@@ -439,7 +443,7 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         }
 
         let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        match shm::load_zone(cf, server_count(peers) + 2) {
+        match shm::load_zone(cf, 2 * server_count(peers) + 2) {
             Some(z) => kcf.load_zone = z,
             None => return NGX_ERROR as ngx_int_t,
         }
@@ -450,6 +454,9 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
                 .chain([(load::upstream_key(&kcf.name), Use::Counts)])
                 .chain(crate::session_check::store_slot_keys(kcf)),
         );
+        // Each server's health slot (health checks and run-time drain), kept across reloads
+        // while the server stays.
+        shm::note_fresh_keys(server_names(peers).map(|n| load::health_key(&kcf.name, n)));
         let primaries = (*peers).number;
         if kcf.balance.is_none() && kcf.balance_factor.is_none() && primaries > shm::PLACEMENT_SERVERS {
             // The default cannot place clients on this many servers: balance requests, and say so.
@@ -768,6 +775,73 @@ struct NginxServers<'a, 'g> {
     now: i64,
     /// A single server without backups is always tried (as round robin does).
     single: bool,
+    gate: Gate,
+}
+
+/// What the module's own availability tests need from the configuration and the request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gate {
+    /// `kylin_health_check` is set: unhealthy servers take nothing.
+    pub health: bool,
+    /// ... `mandatory`: servers not checked yet take nothing either.
+    pub mandatory: bool,
+    /// `kylin_slow_start`, ms (0: off): a server that came back takes a growing share of
+    /// new clients ([`health::ramp_admits`]).
+    pub slow_start_ms: u64,
+    /// The request's stickiness key and the time (Unix ms), for the slow start.
+    pub key: u64,
+    pub now_ms: u64,
+}
+
+impl Gate {
+    pub fn of(kcf: &SrvConf) -> Gate {
+        Gate {
+            health: kcf.health.is_some(),
+            mandatory: kcf.health.as_ref().is_some_and(|h| h.mandatory),
+            slow_start_ms: 0,
+            key: 0,
+            now_ms: 0,
+        }
+    }
+
+    /// With the slow start of `kcf` for a request with `key`.
+    pub fn ramping(mut self, kcf: &SrvConf, key: u64) -> Gate {
+        if let Some(ms) = kcf.slow_start_ms {
+            // SAFETY: nginx's cached time, updated by this process's event loop only.
+            let t = unsafe { &*ngx::ffi::ngx_cached_time };
+            self.slow_start_ms = ms;
+            self.key = key;
+            self.now_ms = (t.sec.max(0) as u64).saturating_mul(1000) + t.msec as u64;
+        }
+        self
+    }
+
+    /// Whether the server of `slot` counts as live (health and run-time drain, not the slow
+    /// start), for the live weight.
+    #[inline]
+    pub fn live(&self, slot: Option<&Slot>) -> bool {
+        Gate { slow_start_ms: 0, ..*self }.admits(slot, false)
+    }
+
+    /// Whether the health record in `slot` lets the server take requests (a server without a
+    /// health slot, the zone being full, is not held back), and, unless the request's session
+    /// lives there (`own_session`), whether it is not drained at run time.
+    #[inline]
+    pub fn admits(&self, slot: Option<&Slot>, own_session: bool) -> bool {
+        let Some(h) = slot else { return true };
+        if !own_session {
+            if h.cell(crate::drain::CELL).load(core::sync::atomic::Ordering::Relaxed) != 0 {
+                return false;
+            }
+            if self.slow_start_ms > 0 {
+                let back = h.cell(health::cell::RAMP_MS).load(core::sync::atomic::Ordering::Relaxed);
+                if back != 0 && !health::ramp_admits(self.key, self.now_ms.saturating_sub(back), self.slow_start_ms) {
+                    return false;
+                }
+            }
+        }
+        !self.health || Health::unpack(h.cell(health::cell::STATE).load(core::sync::atomic::Ordering::Relaxed)).admits(self.mandatory)
+    }
 }
 
 /// The `down` value of a draining server (`server ... drain`, nginx 1.29.6+), which still
@@ -778,9 +852,11 @@ pub const DRAINING: ngx_uint_t = ngx::ffi::NGX_HTTP_UPSTREAM_DRAINING as ngx_uin
 pub const DRAINING: ngx_uint_t = 0;
 
 impl NginxServers<'_, '_> {
-    /// nginx's tests, with the `down` bits in `allowed` let through.
+    /// nginx's tests, with the `down` bits in `allowed` let through, and the module's own
+    /// (health checks, run-time drain: a drained server takes only requests of sessions that
+    /// live there, `own_session`).
     #[inline]
-    fn check(&mut self, i: usize, allowed: ngx_uint_t) -> bool {
+    fn check(&mut self, i: usize, allowed: ngx_uint_t, own_session: bool) -> bool {
         let bits = usize::BITS as usize;
         // SAFETY: the tried bitmap covers every peer of the group (round robin sized it for
         // the larger list).
@@ -797,19 +873,19 @@ impl NginxServers<'_, '_> {
         if !self.single && failed(p, self.now) {
             return false;
         }
-        true
+        self.gate.admits(self.group.health.get(i).copied().flatten(), own_session)
     }
 }
 
 impl Servers for NginxServers<'_, '_> {
     #[inline]
     fn usable(&mut self, i: usize) -> bool {
-        self.check(i, 0)
+        self.check(i, 0, false)
     }
 
     #[inline]
     fn usable_for_session(&mut self, i: usize) -> bool {
-        self.check(i, DRAINING)
+        self.check(i, DRAINING, true)
     }
 
     #[inline]
@@ -902,6 +978,7 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
                 for (i, server) in g.names.iter().enumerate() {
                     g.slots[i] = table.claim(load::server_key(name, server), Use::Counts, generation);
                     missing += usize::from(g.slots[i].is_none());
+                    g.health[i] = table.claim(load::health_key(name, server), Use::Counts, generation);
                 }
             }
             (missing, table.capacity())
@@ -927,12 +1004,12 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
 
 /// The live weight (sum of weights of primary servers not down or failed): the denominator
 /// of the load bound.
-fn live_weight(group: &Group, peers: &Peers<'_>, now: i64) -> u64 {
+fn live_weight(group: &Group, peers: &Peers<'_>, now: i64, gate: Gate) -> u64 {
     group
         .weights
         .iter()
         .enumerate()
-        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)))
+        .filter(|&(i, _)| peers.get(i).is_some_and(|p| p.down == 0 && !failed(p, now)) && gate.live(group.health.get(i).copied().flatten()))
         .map(|(_, &w)| u64::from(w))
         .sum()
 }
@@ -959,7 +1036,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let picked = if pd.on_backup {
             match kcf.state.as_deref() {
                 // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
-                Some(state) => get_backup(pd, pc, state, Locked::backup(pd.rrp.peers), key, now),
+                Some(state) => get_backup(pd, pc, state, Gate::of(kcf), Locked::backup(pd.rrp.peers), key, now),
                 None => Err(NGX_ERROR as ngx_int_t),
             }
         } else {
@@ -998,6 +1075,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
+    let gate = Gate::of(kcf).ramping(kcf, key);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
@@ -1017,7 +1095,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let single = guard.single();
     let Some(peers) = guard.peers(&state.primary_peers) else { return Err(NGX_ERROR as ngx_int_t) };
     if state.live_at.get() != now {
-        state.live_weight.set(live_weight(&state.primary, &peers, now));
+        state.live_weight.set(live_weight(&state.primary, &peers, now, gate));
         state.live_at.set(now);
     }
     // The server nginx's `sticky` names (its cookie, route or learned session), else the
@@ -1029,7 +1107,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
         total: state.total.map_or(0, |t| t.inflight()),
         live_weight: state.live_weight.get(),
     };
-    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single };
+    let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single, gate };
     let mut req = Request {
         key,
         learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
@@ -1053,7 +1131,14 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
             }
         }
     }
-    if let Some(choice) = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound }) {
+    let mut choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
+    if choice.is_none() && ps.gate.slow_start_ms > 0 {
+        // Every usable server is ramping up and none admits this key: the slow start never
+        // turns a request away, so choose as if there were none.
+        ps.gate.slow_start_ms = 0;
+        choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
+    }
+    if let Some(choice) = choice {
         // SAFETY: pc is the request's peer connection.
         return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
             true => Ok(choice),
@@ -1063,7 +1148,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     // No primary server is usable: as round robin, release the primary list, then lock the
     // backup list.
     match guard.into_backup() {
-        Some(b) => get_backup(pd, pc, state, b, key, now),
+        Some(b) => get_backup(pd, pc, state, gate, b, key, now),
         None => Err(NGX_BUSY as ngx_int_t),
     }
 }
@@ -1183,7 +1268,7 @@ unsafe fn sticky_hint(_pd: &mut PeerData, _pc: *mut ngx_peer_connection_t) -> Op
 /// primary server can take (it then moves to the backup list, as with round robin), or one
 /// already on it.
 #[inline(never)]
-unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
+unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &UpstreamState, gate: Gate, mut guard: Locked<Backup>, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
     if guard.changed_since(&pd.rrp) {
         return Err(NGX_BUSY as ngx_int_t);
     }
@@ -1198,7 +1283,8 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &
     let Some(peers) = guard.peers(refs) else { return Err(NGX_BUSY as ngx_int_t) };
     // Backups start with a clean tried bitmap when the request moves to them.
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
-    let mut bs = NginxServers { group, peers, tried, now, single: false };
+    // No slow start among backups.
+    let mut bs = NginxServers { group, peers, tried, now, single: false, gate: Gate { slow_start_ms: 0, ..gate } };
     let req = Request::new(key, pd.movable);
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(NGX_BUSY as ngx_int_t);

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Scenario test: `kylin_slow_start` after a node comes back (healthy again, or undrained).
+
+nginx with two workers and two upstreams over the same three Kylin stand-ins, both with
+`kylin_health_check` (interval 100 ms): `ramp` has `kylin_slow_start 3s`, `plain` has none.
+Node n0 turns DOWN, then UP again. Every 0.25 s, 90 session-less clients (one request each,
+from their own addresses) ask each upstream. Checks:
+  1. control    - through `plain`, n0 takes its whole share of the clients as soon as it is
+                  healthy again;
+  2. ramp       - through `ramp`, n0's share grows from about 0 to its whole share over 3 s,
+                  never shrinking, and only clients whose home n0 is go there;
+  3. sessions   - a session that lives on n0 goes back to it at once, not held back by the ramp;
+  4. status     - the status page shows the share (`slow_start`) while n0 ramps, null after;
+  5. undrain    - a node undrained through `kylin_status write=on` ramps up the same way;
+  6. reload     - a node that `nginx -s reload` adds ramps up too (nodes already there do not);
+and no alert or crash in the error log. Prints the shares it measured.
+
+Usage: scenario_slow_start.py --nginx PATH --module PATH [--keep]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from scenario import free_ports, start_nginx, status_problems, stop_nginx  # noqa: E402
+from scenario_health import Node, get  # noqa: E402
+from scenario_runtime_drain import post  # noqa: E402
+
+SLOW = 3.0
+CLIENTS = 90
+
+CONF = """
+load_module {module};
+worker_processes 2;
+error_log logs/error.log info;
+pid logs/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    kylin_upstream ramp {{
+        zone ramp 64k;
+{servers}
+        kylin_health_check interval=100ms timeout=300ms 'body="status":"UP"';
+        kylin_slow_start {slow}ms;
+    }}
+    kylin_upstream plain {{
+        zone plain 64k;
+{servers}
+        kylin_health_check interval=100ms timeout=300ms 'body="status":"UP"';
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location /ramp/ {{ proxy_pass http://ramp/; }}
+        location /plain/ {{ proxy_pass http://plain/; }}
+        location = /status {{ kylin_status write=on; }}
+    }}
+}}
+"""
+
+
+class Scenario:
+    def __init__(self, nginx, module, keep):
+        self.nginx, self.module, self.keep = nginx, module, keep
+        self.results = []
+        *ports, self.port = free_ports(5)
+        self.ports = ports
+        self.nodes = [Node(p, "n%d" % i) for i, p in enumerate(ports)]
+
+    def check(self, name, ok, detail):
+        self.results.append(ok)
+        print("%s: %s (%s)" % ("ok" if ok else "FAILED", name, detail))
+        sys.stdout.flush()
+
+    def conf(self, n=3):
+        servers = "\n".join("        server 127.0.0.1:%d;" % p for p in self.ports[:n])
+        return CONF.format(module=self.module, port=self.port, servers=servers, slow=int(SLOW * 1000))
+
+    def clients(self, up, node):
+        """The clients (indices) of upstream `up` that land on `node` now."""
+        return {a for a in range(CLIENTS) if get(self.port, "/%s/q" % up, "10.%d.%d.9" % (a // 200, a % 200))[1] == node}
+
+    def server(self, up, i):
+        _, body, _ = get(self.port, "/status", "127.0.0.1")
+        doc = json.loads(body)
+        addr = "127.0.0.1:%d" % self.ports[i]
+        return next(s for s in doc["upstreams"][up]["servers"] if s["address"] == addr), doc
+
+    def until(self, cond, limit):
+        start = time.time()
+        while time.time() - start < limit:
+            if cond():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def run(self):
+        prefix, master = start_nginx(self.nginx, self.conf(), self.port, "kylin-scenario-slow-")
+        self.prefix, self.master = prefix, master
+        try:
+            self.body()
+        finally:
+            bad = stop_nginx(prefix, master, self.keep)
+            self.check("no alerts or crashes in the error log; graceful stop", not bad, "%s" % bad[:3])
+
+    def ramp_run(self, back, node, home):
+        """Samples n's share through both upstreams for SLOW + 0.5 s after `back()`."""
+        back()
+        t0 = time.time()
+        samples = []
+        while time.time() - t0 < SLOW + 0.6:
+            t = time.time() - t0
+            samples.append((t, self.clients("ramp", node), self.clients("plain", node)))
+            if len(samples) == 2:
+                s, _ = self.server("ramp", int(node[1:]))
+                self.ratio_seen = s["slow_start"]
+            time.sleep(0.15)
+        return samples
+
+    def body(self):
+        n0 = self.nodes[0]
+        time.sleep(0.5)
+        home = self.clients("ramp", "n0")
+        home_plain = self.clients("plain", "n0")
+        # A session that lives on n0 (through `ramp`).
+        sid = None
+        for a in range(300):
+            status, node, cookie = get(self.port, "/ramp/login", "10.99.%d.1" % a)
+            if node == "n0":
+                sid = cookie
+                break
+        n0.health = "DOWN"
+        self.until(lambda: self.server("ramp", 0)[0]["state"] == "unhealthy" and self.server("plain", 0)[0]["state"] == "unhealthy", 5)
+        gone = self.clients("ramp", "n0")
+
+        def back():
+            n0.health = "UP"
+            self.until(lambda: self.server("plain", 0)[0]["state"] == "up", 5)
+
+        self.ratio_seen = None
+        samples = self.ramp_run(back, "n0", home)
+        # The session, right after n0 is back (the ramp has barely begun).
+        _, body, _ = get(self.port, "/ramp/q", "10.98.0.1", sid)
+        shares = ["%.1fs %d/%d" % (t, len(r), len(home)) for t, r, _ in samples]
+        print("n0's clients through `ramp` after it came back:", ", ".join(shares))
+        print("... through `plain`:", ", ".join("%.1fs %d/%d" % (t, len(p), len(home_plain)) for t, _, p in samples))
+
+        first = [p for t, _, p in samples if t < 1.0]
+        self.check("control: without slow start n0 takes its whole share at once",
+                   not gone and first and all(p == home_plain for p in first), "%d of %d clients back in every sample of the first second" % (min(len(p) for p in first), len(home_plain)))
+        counts = [len(r) for _, r, _ in samples]
+        early = [len(r) for t, r, _ in samples if t < 0.75]
+        late = [r for t, r, _ in samples if t > SLOW + 0.1]
+        self.check("ramp: with kylin_slow_start 3s n0's share grows from about 0 to all, never shrinking, only its own clients",
+                   home and early and max(early) <= 0.35 * len(home) and late and all(r == home for r in late)
+                   and all(b >= a for a, b in zip(counts, counts[1:])) and all(r <= home for _, r, _ in samples),
+                   "counts %s of %d" % (counts, len(home)))
+        self.check("sessions: a session living on n0 goes back at once, not held back by the ramp", sid and body == "n0", "went to %s" % body)
+        s, doc = self.server("ramp", 0)
+        _, prom, _ = get(self.port, "/status?format=prometheus", "127.0.0.1")
+        problems = status_problems(doc, prom)
+        self.check("status: slow_start shows the share while ramping, null after; the document validates",
+                   isinstance(self.ratio_seen, float) and 0 < self.ratio_seen < 0.5 and s["slow_start"] is None and not problems,
+                   "during %s, after %s, %s" % (self.ratio_seen, s["slow_start"], problems[:2]))
+
+        # Undrain ramps too.
+        home1 = self.clients("ramp", "n1")
+        addr = "127.0.0.1:%d" % self.ports[1]
+        post(self.port, {"upstream": "ramp", "server": addr, "drain": True})
+        drained = self.clients("ramp", "n1")
+        samples = self.ramp_run(lambda: post(self.port, {"upstream": "ramp", "server": addr, "drain": False}), "n1", home1)
+        counts = [len(r) for _, r, _ in samples]
+        print("n1's clients through `ramp` after it was undrained:", ", ".join("%.1fs %d/%d" % (t, len(r), len(home1)) for t, r, _ in samples))
+        early = [len(r) for t, r, _ in samples if t < 0.75]
+        self.check("undrain: an undrained node ramps up the same way", not drained and early and max(early) <= 0.35 * len(home1)
+                   and samples[-1][1] == home1, "counts %s of %d" % (counts, len(home1)))
+        self.reload_adds()
+
+    def reload_adds(self):
+        import signal
+        before = self.clients("ramp", "n1")
+
+        def reload():
+            with open(os.path.join(self.prefix, "nginx.conf"), "w") as f:
+                f.write(("user root;\n" if os.geteuid() == 0 else "") + self.conf(4))
+            os.kill(self.master, signal.SIGHUP)
+            self.until(lambda: len(json.loads(get(self.port, "/status", "127.0.0.1")[1])["upstreams"]["ramp"]["servers"]) == 4, 5)
+
+        samples = self.ramp_run(reload, "n3", None)
+        counts = [len(r) for _, r, _ in samples]
+        plain = [len(p) for _, _, p in samples]
+        print("n3's clients through `ramp` after a reload added it:", ", ".join("%.1fs %d" % (t, len(r)) for t, r, _ in samples), "(through `plain`: %s)" % plain)
+        after = self.clients("ramp", "n1")
+        self.check("reload: a node a reload adds ramps up; the others keep their clients (those n3 takes aside)",
+                   counts and counts[0] <= 0.35 * max(plain) and counts[-1] == plain[-1] > 0 and after <= before,
+                   "counts %s, without slow start %s" % (counts, plain))
+
+    def cleanup(self):
+        for n in self.nodes:
+            n.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nginx", required=True)
+    ap.add_argument("--module", required=True)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    s = Scenario(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
+    try:
+        s.run()
+    except Exception as e:
+        s.check("scenario ran to the end", False, "aborted: %r" % (e,))
+    finally:
+        s.cleanup()
+    passed = sum(s.results)
+    failed = len(s.results) - passed
+    print("scenario-slow-start: %d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+//! `kylin_status write=on;`: the status location also accepts `POST`/`PATCH` of a drain
+//! command ([`crate::drain`]), which marks servers draining (or not) at run time, in their
+//! health slots in the load zone: every worker sees it at once, and it survives
+//! `nginx -s reload` while the server stays configured (a reload that removes the server
+//! clears it). Glue; the document is parsed in [`crate::drain`].
+
+use core::ptr;
+use core::sync::atomic::Ordering;
+
+use ngx::ffi::{
+    ngx_alloc_chain_link, ngx_create_temp_buf, ngx_http_finalize_request, ngx_http_output_filter,
+    ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
+    ngx_rwlock_rlock, ngx_rwlock_unlock, NGX_DONE, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_NOT_ALLOWED, NGX_HTTP_PATCH, NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_NOTICE, NGX_OK,
+};
+use ngx::ngx_log_error;
+use serde_json::json;
+
+use crate::conf::{srv_conf, SrvConf};
+use crate::drain;
+use crate::load::{self, LoadTable, Use};
+use crate::ring::key_hash;
+use crate::shm;
+
+/// Whether the server's drain mark is set.
+pub fn drained(table: Option<&LoadTable<'static>>, upstream: &[u8], server: &[u8]) -> bool {
+    table
+        .and_then(|t| t.find(load::health_key(upstream, server)))
+        .is_some_and(|s| s.cell(drain::CELL).load(Ordering::Relaxed) != 0)
+}
+
+/// The share of new clients a primary server ramping up (`kylin_slow_start`) takes now;
+/// `None` when it is not ramping (or there is no slow start).
+pub fn ramp(table: Option<&LoadTable<'static>>, kcf: &SrvConf, server: &[u8]) -> Option<f64> {
+    let slow = kcf.slow_start_ms?;
+    let slot = table?.find(load::health_key(&kcf.name, server))?;
+    let back = slot.cell(crate::health::cell::RAMP_MS).load(Ordering::Relaxed);
+    let elapsed = crate::health::unix_ms().saturating_sub(back);
+    (back != 0 && elapsed < slow).then(|| crate::health::ramp_ratio(elapsed, slow))
+}
+
+/// Learned sessions that each of `addresses` still holds (live routes in the upstream's
+/// routes zone); `None` without a routes zone.
+pub fn sessions_held(kcf: &SrvConf, addresses: &[&[u8]], now: i64) -> Option<Vec<u64>> {
+    let zone = kcf.routes_zone?;
+    let ids: Vec<u64> = addresses.iter().map(|a| key_hash(a)).collect();
+    // SAFETY: the zone is valid for the cycle.
+    unsafe { shm::with_routes(zone, |t| t.count_by_peer(&ids, now, kcf.routes_timeout())) }
+}
+
+/// The content handler of `kylin_status write=on`: `GET`/`HEAD` as `kylin_status`, `POST`
+/// and `PATCH` a drain command.
+pub unsafe extern "C" fn write_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a valid request.
+    unsafe {
+        let method = (*r).method;
+        if method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as usize != 0 {
+            return crate::status::status_handler(r);
+        }
+        if method & (NGX_HTTP_POST | NGX_HTTP_PATCH) as usize == 0 {
+            return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+        }
+        let rc = ngx_http_read_client_request_body(r, Some(body_read));
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
+        NGX_DONE as ngx_int_t
+    }
+}
+
+/// The request body, if it is all in memory and at most [`drain::MAX_BODY`] bytes.
+unsafe fn body_bytes(r: *mut ngx_http_request_t) -> Result<Vec<u8>, (u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: r is live and its body was read (request_body set, bufs a chain of buffers).
+    unsafe {
+        let Some(rb) = (*r).request_body.as_ref() else { return Ok(out) };
+        let mut cl = rb.bufs;
+        while let Some(link) = cl.as_ref() {
+            let b = link.buf;
+            if let Some(b) = b.as_ref() {
+                if b.in_file() != 0 || out.len() + (b.last as usize - b.pos as usize) > drain::MAX_BODY {
+                    return Err((413, format!("the document is larger than {} bytes", drain::MAX_BODY)));
+                }
+                out.extend_from_slice(core::slice::from_raw_parts(b.pos, b.last as usize - b.pos as usize));
+            }
+            cl = link.next;
+        }
+    }
+    Ok(out)
+}
+
+unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls the body handler with the live request.
+    unsafe {
+        let (status, doc) = match body_bytes(r).and_then(|b| drain::parse_command(&b).map_err(|e| (400, e))) {
+            Ok(cmd) => apply(r, &cmd),
+            Err((status, e)) => (status, json!({ "error": e })),
+        };
+        let rc = send_json(r, status, &doc);
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+/// Applies a command: (HTTP status, answer document).
+unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde_json::Value) {
+    // SAFETY: r is live; its main conf holds the upstream module's, whose upstreams are valid;
+    // in a worker their peer.data is the (zone) primary list, `next` its backups, each read
+    // with its own lock held.
+    unsafe {
+        let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
+        let Some(umcf) = umcf.as_ref() else { return (404, json!({ "error": "no upstreams" })) };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+        let found = ups.iter().find_map(|&u| srv_conf(u).filter(|k| k.enabled && k.init_upstream_ran && k.name == cmd.upstream.as_bytes()).map(|k| (u, k)));
+        let Some((uscf, kcf)) = found else {
+            return (404, json!({ "error": format!("no kylin upstream \"{}\"", cmd.upstream) }));
+        };
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        let primary = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        for list in [primary, primary.as_ref().map_or(ptr::null_mut(), |p| p.next)] {
+            let Some(l) = list.as_mut() else { continue };
+            let shared = !l.shpool.is_null();
+            if shared {
+                ngx_rwlock_rlock(&mut l.rwlock);
+            }
+            let mut p = l.peer;
+            while let Some(peer) = p.as_ref() {
+                if peer.name.as_bytes() == cmd.server.as_bytes() || peer.server.as_bytes() == cmd.server.as_bytes() {
+                    names.push(peer.name.as_bytes().to_vec());
+                }
+                p = peer.next;
+            }
+            if shared {
+                ngx_rwlock_unlock(&mut l.rwlock);
+            }
+        }
+        if names.is_empty() {
+            return (404, json!({ "error": format!("no server \"{}\" in upstream \"{}\"", cmd.server, cmd.upstream) }));
+        }
+        let now_ms = crate::probe::unix_ms();
+        let mut marked = Vec::new();
+        for n in &names {
+            let Some(slot) = shm::load_slot(kcf.load_zone, load::health_key(&kcf.name, n), Use::Counts) else {
+                return (500, json!({ "error": "the load zone is full: the drain mark cannot be kept" }));
+            };
+            let cell = slot.cell(drain::CELL);
+            // A compare-and-swap loop: two writers never lose a mark or its time.
+            let mut cur = cell.load(Ordering::Relaxed);
+            while let Err(now) = cell.compare_exchange_weak(cur, drain::next_mark(cur, cmd.drain, now_ms), Ordering::Relaxed, Ordering::Relaxed) {
+                cur = now;
+            }
+            if cur != 0 && !cmd.drain {
+                // Back from draining: its slow start (`kylin_slow_start`) begins.
+                slot.cell(crate::health::cell::RAMP_MS).store(now_ms, Ordering::Relaxed);
+            }
+            marked.push(n.as_slice());
+        }
+        ngx_log_error!(
+            NGX_LOG_NOTICE,
+            (*(*r).connection).log,
+            "kylin: upstream \"{}\": {} {} through the status API",
+            cmd.upstream,
+            names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect::<Vec<_>>().join(", "),
+            if cmd.drain { "draining" } else { "no longer draining" }
+        );
+        let held = sessions_held(kcf, &marked, ngx::ffi::ngx_time());
+        let servers: Vec<_> = marked
+            .iter()
+            .enumerate()
+            .map(|(i, n)| json!({ "address": String::from_utf8_lossy(n), "draining": cmd.drain, "sessions": held.as_ref().and_then(|h| h.get(i)) }))
+            .collect();
+        (200, json!({ "upstream": cmd.upstream, "servers": servers }))
+    }
+}
+
+/// Sends a JSON document as the whole response.
+unsafe fn send_json(r: *mut ngx_http_request_t, status: u32, doc: &serde_json::Value) -> ngx_int_t {
+    let mut body = doc.to_string();
+    body.push('\n');
+    let ct = "application/json";
+    // SAFETY: r is live; buffers come from its pool.
+    unsafe {
+        (*r).headers_out.status = status as usize;
+        (*r).headers_out.content_length_n = body.len() as i64;
+        (*r).headers_out.content_type_len = ct.len();
+        (*r).headers_out.content_type.len = ct.len();
+        (*r).headers_out.content_type.data = ct.as_ptr() as *mut u8;
+        (*r).headers_out.content_type_lowcase = ptr::null_mut();
+        let rc = ngx_http_send_header(r);
+        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+            return rc;
+        }
+        let b = ngx_create_temp_buf((*r).pool, body.len());
+        let out = ngx_alloc_chain_link((*r).pool);
+        if b.is_null() || out.is_null() {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        ptr::copy_nonoverlapping(body.as_ptr(), (*b).last, body.len());
+        (*b).last = (*b).last.add(body.len());
+        (*b).set_last_buf(if r == (*r).main { 1 } else { 0 });
+        (*b).set_last_in_chain(1);
+        (*out).buf = b;
+        (*out).next = ptr::null_mut();
+        ngx_http_output_filter(r, out)
+    }
+}
