@@ -8,7 +8,8 @@
 //! | how is a peer chosen | [`balancer`] (the decision), [`ring`] (consistent hashing), [`key`] (the client-address key) | `upstream` (`init_upstream`, `init_peer`, `get`, `free`) |
 //! | where does a busy client go | [`placement`] (client placement, `kylin_balance clients`) | `upstream` (sampling, `place`, measuring at `free`), `shm` (its zone) |
 //! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `session_check` (the precontent phase, thread-pool tasks, the health timer) |
-//! | where is shared state | [`load`] (in-flight counters), [`routes`] (learned routes, verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
+//! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, state machine, probe answers, slow start), [`drain`] (the drain document) | `probe` (the prober on the event loop, worker 0), `admin` (`kylin_status write=on`) |
+//! | where is shared state | [`load`] (in-flight counters, health slots), [`routes`] (learned routes, verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
 //! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] (format choice, the HTML page) | `status` (`kylin_status`), `variables` (`$kylin_route`, `$kylin_session_state`) |
 //! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`] | `conf` (the module, its directives, `init_process`) |
 //!
@@ -17,7 +18,8 @@
 //! and its learned route; `upstream::get_peer` locks the peer list, samples placement, asks
 //! [`balancer::choose_primary`] (then `choose_backup`) and counts the try in flight; `free`
 //! uncounts it, measures its response for placement and learns a session the response created.
-//! Background work (store health checks) runs only in worker 0 (`conf`'s `init_process`).
+//! Background work (store health checks, node health probes) runs only in worker 0 (`conf`'s
+//! `init_process`).
 
 pub mod balancer;
 pub mod dashboard;
