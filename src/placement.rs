@@ -74,8 +74,9 @@ pub struct Params {
     /// with `Authorization: Basic` and no cookie jar gets a new session each time) would
     /// otherwise look as busy as its login rate, however light its queries. The cap bounds
     /// that error, it does not remove it: such a client looks up to this much busier than it
-    /// is. 16 (32 logins' worth) is above what any simulated BI server reached
-    /// (`bench/placement.md`: the same results as no cap in every cell; 4 lost up to 0.16x).
+    /// is. 16 (32 logins' worth) is above what any simulated BI server reached (the same
+    /// results as no cap in every cell of `scripts/bench-placement --quick`, while 4 lost up to
+    /// 0.16x: `bench/placement-research.md`, section 4).
     pub prior_cap_milli: u64,
 }
 
