@@ -91,7 +91,7 @@ timeline("Node state", "up, down (marked down), failed (max_fails within fail_ti
 y += 8
 
 row("Decisions and spills")
-ts("Decisions by kind", "How the balancer chose the server: sticky (the client's node), learned (the session's node), spilled (moved off a node over its bound), failover, backup.", [
+ts("Decisions by kind", "How the balancer chose the server: sticky (the client's node), learned (the session's node), moved (its client was moved there by placement), spilled (moved off a node over its bound), failover, backup.", [
     ('sum by (upstream, route) (rate(kylin_server_decisions_total{%s}[%s]))' % (SEL, R), "{{upstream}} {{route}}"),
 ], 0, 12, unit="reqps", stack=True)
 ts("Spilled in and out per node", "Movable requests that a node over its bound sent away (out, negative) and that a node took instead (in).", [
@@ -107,6 +107,11 @@ ts("Load zone", "Slots of the module's load zone in use, of its capacity; claims
     ('kylin_load_zone_slots{instance=~"$instance"}', "capacity {{zone}}"),
     ('increase(kylin_load_zone_claims_failed_total{instance=~"$instance"}[%s])' % R, "failed claims {{zone}}"),
 ], 12, 12)
+y += 8
+ts("Clients moved by client placement", "With kylin_balance clients: clients moved off their hot home right now, per upstream and per node they were moved to (a move is rare; a flat line is normal).", [
+    ('max by (upstream) (kylin_upstream_moved_clients{%s})' % SEL, "moved {{upstream}}"),
+    ('max by (upstream, server) (kylin_server_clients_moved_in{%s})' % SEL, "moved to {{upstream}} {{server}}"),
+], 0, 24)
 y += 8
 
 row("Sessions")
