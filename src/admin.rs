@@ -8,11 +8,10 @@ use core::ptr;
 use core::sync::atomic::Ordering;
 
 use ngx::ffi::{
-    ngx_alloc_chain_link, ngx_create_temp_buf, ngx_http_finalize_request, ngx_http_output_filter,
-    ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
+    ngx_http_finalize_request, ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
-    ngx_rwlock_rlock, ngx_rwlock_unlock, NGX_DONE, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
-    NGX_HTTP_NOT_ALLOWED, NGX_HTTP_PATCH, NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_NOTICE, NGX_OK,
+    ngx_rwlock_rlock, ngx_rwlock_unlock, NGX_DONE, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_NOT_ALLOWED, NGX_HTTP_PATCH,
+    NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_NOTICE,
 };
 use ngx::ngx_log_error;
 use serde_json::json;
@@ -177,30 +176,6 @@ unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde
 unsafe fn send_json(r: *mut ngx_http_request_t, status: u32, doc: &serde_json::Value) -> ngx_int_t {
     let mut body = doc.to_string();
     body.push('\n');
-    let ct = "application/json";
-    // SAFETY: r is live; buffers come from its pool.
-    unsafe {
-        (*r).headers_out.status = status as usize;
-        (*r).headers_out.content_length_n = body.len() as i64;
-        (*r).headers_out.content_type_len = ct.len();
-        (*r).headers_out.content_type.len = ct.len();
-        (*r).headers_out.content_type.data = ct.as_ptr() as *mut u8;
-        (*r).headers_out.content_type_lowcase = ptr::null_mut();
-        let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
-            return rc;
-        }
-        let b = ngx_create_temp_buf((*r).pool, body.len());
-        let out = ngx_alloc_chain_link((*r).pool);
-        if b.is_null() || out.is_null() {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-        }
-        ptr::copy_nonoverlapping(body.as_ptr(), (*b).last, body.len());
-        (*b).last = (*b).last.add(body.len());
-        (*b).set_last_buf(if r == (*r).main { 1 } else { 0 });
-        (*b).set_last_in_chain(1);
-        (*out).buf = b;
-        (*out).next = ptr::null_mut();
-        ngx_http_output_filter(r, out)
-    }
+    // SAFETY: r is live, in its content phase.
+    unsafe { crate::status::send_whole(r, status as usize, "application/json", body.as_bytes()) }
 }

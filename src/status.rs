@@ -291,7 +291,20 @@ pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t
             (doc.into(), ct)
         };
 
-        (*r).headers_out.status = 200;
+        send_whole(r, 200, ct, body.as_bytes())
+    }
+}
+
+/// Sends `body` with `status` and content type `ct` (static) as the whole response; no body
+/// when the response has none (HEAD, 304), see [`header_only`].
+///
+/// # Safety
+/// `r` is a live request in its content phase.
+pub unsafe fn send_whole(r: *mut ngx_http_request_t, status: usize, ct: &'static str, body: &[u8]) -> ngx_int_t {
+    // SAFETY: r is live (the caller's contract); the buffer and chain link come from its pool,
+    // and `body` is copied into the buffer before this returns.
+    unsafe {
+        (*r).headers_out.status = status;
         (*r).headers_out.content_length_n = body.len() as i64;
         (*r).headers_out.content_type_len = ct.len();
         (*r).headers_out.content_type.len = ct.len();
