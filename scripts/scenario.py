@@ -143,6 +143,9 @@ def scenario_main(label, make, skip=None):
     s = make(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
     try:
         s.run()
+    except Exception as e:  # a failed check, not a traceback
+        s.results.append(False)
+        print("FAILED: scenario ran to the end (aborted: %r)" % (e,))
     finally:
         s.cleanup()
     passed = sum(s.results)

@@ -17,7 +17,6 @@ and no alert or crash in the error log. Prints the shares it measured.
 
 Usage: scenario_slow_start.py --nginx PATH --module PATH [--keep]
 """
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scenario import free_ports, start_nginx, status_problems, stop_nginx  # noqa: E402
+from scenario import free_ports, scenario_main, start_nginx, status_problems, stop_nginx  # noqa: E402
 from scenario_health import Node, get  # noqa: E402
 from scenario_runtime_drain import post  # noqa: E402
 
@@ -204,24 +203,5 @@ class Scenario:
             n.shutdown()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nginx", required=True)
-    ap.add_argument("--module", required=True)
-    ap.add_argument("--keep", action="store_true")
-    a = ap.parse_args()
-    s = Scenario(os.path.abspath(a.nginx), os.path.abspath(a.module), a.keep)
-    try:
-        s.run()
-    except Exception as e:
-        s.check("scenario ran to the end", False, "aborted: %r" % (e,))
-    finally:
-        s.cleanup()
-    passed = sum(s.results)
-    failed = len(s.results) - passed
-    print("scenario-slow-start: %d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(scenario_main("scenario-slow-start", Scenario))
