@@ -7,46 +7,20 @@
 use core::ptr;
 use core::sync::atomic::Ordering;
 
+use ngx::core::Status;
 use ngx::ffi::{
-    ngx_http_finalize_request, ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_upstream_main_conf_t,
-    ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t,
-    ngx_rwlock_rlock, ngx_rwlock_unlock, NGX_DONE, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_NOT_ALLOWED, NGX_HTTP_PATCH,
-    NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_NOTICE,
+    ngx_http_finalize_request, ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_upstream_rr_peers_t,
+    ngx_int_t, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_NOT_ALLOWED, NGX_HTTP_PATCH, NGX_HTTP_POST,
+    NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_NOTICE,
 };
 use ngx::ngx_log_error;
 use serde_json::json;
 
-use crate::conf::{srv_conf, SrvConf};
+use crate::conf::kylin_upstreams;
 use crate::drain;
-use crate::load::{self, LoadTable, Use};
-use crate::ring::key_hash;
+use crate::load::{self, Use};
+use crate::ngx_ext::{read_locked, send_whole};
 use crate::shm;
-
-/// Whether the server's drain mark is set.
-pub fn drained(table: Option<&LoadTable<'static>>, upstream: &[u8], server: &[u8]) -> bool {
-    table
-        .and_then(|t| t.find(load::health_key(upstream, server)))
-        .is_some_and(|s| s.cell(drain::CELL).load(Ordering::Relaxed) != 0)
-}
-
-/// The share of new clients a primary server ramping up (`kylin_slow_start`) takes now;
-/// `None` when it is not ramping (or there is no slow start).
-pub fn ramp(table: Option<&LoadTable<'static>>, kcf: &SrvConf, server: &[u8]) -> Option<f64> {
-    let slow = kcf.slow_start_ms?;
-    let slot = table?.find(load::health_key(&kcf.name, server))?;
-    let back = slot.cell(crate::health::cell::RAMP_MS).load(Ordering::Relaxed);
-    let elapsed = crate::health::unix_ms().saturating_sub(back);
-    (back != 0 && elapsed < slow).then(|| crate::health::ramp_ratio(elapsed, slow))
-}
-
-/// Learned sessions that each of `addresses` still holds (live routes in the upstream's
-/// routes zone); `None` without a routes zone.
-pub fn sessions_held(kcf: &SrvConf, addresses: &[&[u8]], now: i64) -> Option<Vec<u64>> {
-    let zone = kcf.routes_zone?;
-    let ids: Vec<u64> = addresses.iter().map(|a| key_hash(a)).collect();
-    // SAFETY: the zone is valid for the cycle.
-    unsafe { shm::with_routes(zone, |t| t.count_by_peer(&ids, now, kcf.routes_timeout())) }
-}
 
 /// The content handler of `kylin_status write=on`: `GET`/`HEAD` as `kylin_status`, `POST`
 /// and `PATCH` a drain command.
@@ -64,7 +38,7 @@ pub unsafe extern "C" fn write_handler(r: *mut ngx_http_request_t) -> ngx_int_t 
         if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
             return rc;
         }
-        NGX_DONE as ngx_int_t
+        Status::NGX_DONE.into()
     }
 }
 
@@ -107,36 +81,30 @@ unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde
     // in a worker their peer.data is the (zone) primary list, `next` its backups, each read
     // with its own lock held.
     unsafe {
-        let umcf = *(*r).main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
-        let Some(umcf) = umcf.as_ref() else { return (404, json!({ "error": "no upstreams" })) };
-        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
-        let found = ups.iter().find_map(|&u| srv_conf(u).filter(|k| k.enabled && k.init_upstream_ran && k.name == cmd.upstream.as_bytes()).map(|k| (u, k)));
+        let found = kylin_upstreams((*r).main_conf).find(|(_, k)| k.name == cmd.upstream.as_bytes());
         let Some((uscf, kcf)) = found else {
             return (404, json!({ "error": format!("no kylin upstream \"{}\"", cmd.upstream) }));
         };
         let mut names: Vec<Vec<u8>> = Vec::new();
         let primary = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
         for list in [primary, primary.as_ref().map_or(ptr::null_mut(), |p| p.next)] {
-            let Some(l) = list.as_mut() else { continue };
-            let shared = !l.shpool.is_null();
-            if shared {
-                ngx_rwlock_rlock(&mut l.rwlock);
+            if list.is_null() {
+                continue;
             }
-            let mut p = l.peer;
-            while let Some(peer) = p.as_ref() {
-                if peer.name.as_bytes() == cmd.server.as_bytes() || peer.server.as_bytes() == cmd.server.as_bytes() {
-                    names.push(peer.name.as_bytes().to_vec());
+            read_locked(list, || {
+                let mut p = (*list).peer;
+                while let Some(peer) = p.as_ref() {
+                    if peer.name.as_bytes() == cmd.server.as_bytes() || peer.server.as_bytes() == cmd.server.as_bytes() {
+                        names.push(peer.name.as_bytes().to_vec());
+                    }
+                    p = peer.next;
                 }
-                p = peer.next;
-            }
-            if shared {
-                ngx_rwlock_unlock(&mut l.rwlock);
-            }
+            });
         }
         if names.is_empty() {
             return (404, json!({ "error": format!("no server \"{}\" in upstream \"{}\"", cmd.server, cmd.upstream) }));
         }
-        let now_ms = crate::probe::unix_ms();
+        let now_ms = crate::health::unix_ms();
         let mut marked = Vec::new();
         for n in &names {
             let Some(slot) = shm::load_slot(kcf.load_zone, load::health_key(&kcf.name, n), Use::Counts) else {
@@ -162,7 +130,7 @@ unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde
             names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect::<Vec<_>>().join(", "),
             if cmd.drain { "draining" } else { "no longer draining" }
         );
-        let held = sessions_held(kcf, &marked, ngx::ffi::ngx_time());
+        let held = crate::status::sessions_held(kcf, &marked, ngx::ffi::ngx_time());
         let servers: Vec<_> = marked
             .iter()
             .enumerate()
@@ -177,5 +145,5 @@ unsafe fn send_json(r: *mut ngx_http_request_t, status: u32, doc: &serde_json::V
     let mut body = doc.to_string();
     body.push('\n');
     // SAFETY: r is live, in its content phase.
-    unsafe { crate::status::send_whole(r, status as usize, "application/json", body.as_bytes()) }
+    unsafe { send_whole(r, status as usize, "application/json", body.as_bytes()) }
 }

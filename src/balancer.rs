@@ -361,6 +361,66 @@ pub fn choose_backup<B: Servers>(req: &Request, mut backup: Group<'_, B>) -> Opt
     within(&mut backup, &req, None).map(|(server, _, _)| Choice { server, backup: true, route: Route::Backup, from: None })
 }
 
+// ---------------------------------------------------------------------------------------------
+// The rules around the choice: what a request's session is, what moves with it, what the
+// backups see, and when asking the session store can matter. The glue gathers the facts and
+// applies the answers.
+
+/// The state of a request's session (one it carries): shared when the store is
+/// `kylin_session_store shared`, else the precontent phase's answer (`checked`: from the
+/// verdict cache or a lookup; `Unknown` for an id the store cannot check, see
+/// [`crate::store::shared_key`]), else unknown. An unknown session keeps its learned route
+/// and never moves.
+pub fn session_state(all_shared: bool, checked: Option<SessionState>) -> SessionState {
+    match (all_shared, checked) {
+        (true, _) => SessionState::Shared,
+        (false, Some(s)) => s,
+        (false, None) => SessionState::Unknown,
+    }
+}
+
+/// What a cached or fresh store answer makes of a session: a verdict, or `Unknown` (no
+/// answer: Redis trouble never breaks a request, the session stays where it is).
+pub fn verdict_state(v: Option<crate::store::Verdict>) -> SessionState {
+    match v {
+        Some(crate::store::Verdict::Shared) => SessionState::Shared,
+        Some(crate::store::Verdict::Local) => SessionState::Local,
+        Some(crate::store::Verdict::Pending) | None => SessionState::Unknown,
+    }
+}
+
+/// Whether the session's learned route moves with the request to the server chosen: a
+/// spilled (hence shared) session does, so that it stays on its new server instead of
+/// bouncing back. Moved clients keep their learned routes: they follow placement, which
+/// keeps them where they were moved.
+pub fn moves_route(choice: &Choice, has_session: bool) -> bool {
+    choice.route == Route::Spilled && has_session
+}
+
+/// The request as the backup servers see it, once no primary server can take it: its key
+/// and whether it may move, but no learned route (a route names a primary server), no
+/// placement and no bound. As with round robin, a request that moved to the backups stays
+/// there for its retries, which start with none of the backups tried.
+pub fn on_backup(key: u64, movable: bool) -> Request {
+    Request::new(key, movable)
+}
+
+/// Whether a store lookup can change where a session's request goes, so that it is worth a
+/// wait: when no route is known for the session while routes are shared between nginx
+/// instances (Redis may know one), or when its server is near its bound (`near_bound`,
+/// asked only then: only a shared session may leave it).
+pub fn worth_asking(route_known: bool, shares_routes: bool, near_bound: impl FnOnce() -> bool) -> bool {
+    (!route_known && shares_routes) || near_bound()
+}
+
+impl Bound {
+    /// Whether a server with `load` in flight and this weight is near its bound ("near":
+    /// within a quarter of it), so that whether its sessions are shared can matter soon.
+    pub fn near(&self, load: u64, weight: u64) -> bool {
+        (load + 1).saturating_mul(4) >= self.limit(weight).saturating_mul(3)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,13 @@ pub fn next_mark(current: u64, drain: bool, now_ms: u64) -> u64 {
     }
 }
 
+/// Whether the server's drain mark is set in its health slot (in the load zone).
+pub fn drained(table: Option<&crate::load::LoadTable<'_>>, upstream: &[u8], server: &[u8]) -> bool {
+    table
+        .and_then(|t| t.find(crate::load::health_key(upstream, server)))
+        .is_some_and(|s| s.cell(CELL).load(core::sync::atomic::Ordering::Relaxed) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

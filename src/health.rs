@@ -434,12 +434,94 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The share of new clients a server ramping up (`kylin_slow_start` `slow_start_ms`) takes
+/// at `now_ms`, from its health slot; `None` when it is not ramping (or there is no slow
+/// start).
+pub fn ramp_share(table: Option<&crate::load::LoadTable<'_>>, slow_start_ms: Option<u64>, upstream: &[u8], server: &[u8], now_ms: u64) -> Option<f64> {
+    let slow = slow_start_ms?;
+    let slot = table?.find(crate::load::health_key(upstream, server))?;
+    let back = slot.cell(cell::RAMP_MS).load(core::sync::atomic::Ordering::Relaxed);
+    let elapsed = now_ms.saturating_sub(back);
+    (back != 0 && elapsed < slow).then(|| ramp_ratio(elapsed, slow))
+}
+
 /// The share of new clients a server ramping up takes now (1 when not ramping).
 pub fn ramp_ratio(elapsed_ms: u64, slow_start_ms: u64) -> f64 {
     if slow_start_ms == 0 || elapsed_ms >= slow_start_ms {
         1.0
     } else {
         elapsed_ms as f64 / slow_start_ms as f64
+    }
+}
+
+/// Whether a server may take a request as far as the module's own availability rules go:
+/// health checks, run-time drain and slow start (nginx's own tests, `down`, `max_fails`,
+/// `max_conns`, are the glue's). Built per request from the configuration; reads a server's
+/// health slot (in the load zone) with relaxed loads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gate {
+    /// `kylin_health_check` is set: unhealthy servers take nothing.
+    pub health: bool,
+    /// ... `mandatory`: servers not checked yet take nothing either.
+    pub mandatory: bool,
+    /// `kylin_slow_start`, ms (0: off): a server that came back takes a growing share of
+    /// new clients ([`ramp_admits`]).
+    pub slow_start_ms: u64,
+    /// The request's stickiness key and the time (Unix ms), for the slow start.
+    pub key: u64,
+    pub now_ms: u64,
+}
+
+impl Gate {
+    /// The gate of an upstream: `health` is whether it has `kylin_health_check`, `mandatory`
+    /// its `mandatory` parameter.
+    pub fn new(health: bool, mandatory: bool) -> Gate {
+        Gate { health, mandatory, ..Gate::default() }
+    }
+
+    /// With a slow start of `slow_start_ms` (if set) for a request with `key` at `now_ms`.
+    pub fn ramping(mut self, slow_start_ms: Option<u64>, key: u64, now_ms: u64) -> Gate {
+        if let Some(ms) = slow_start_ms {
+            self.slow_start_ms = ms;
+            self.key = key;
+            self.now_ms = now_ms;
+        }
+        self
+    }
+
+    /// Without the slow start: what a request gets when every usable server is ramping up
+    /// and none admits its key (the slow start never turns a request away), and backups.
+    pub fn without_slow_start(self) -> Gate {
+        Gate { slow_start_ms: 0, ..self }
+    }
+
+    /// Whether the server of `slot` counts as live (health and run-time drain, not the slow
+    /// start), for the live weight.
+    #[inline]
+    pub fn live(&self, slot: Option<&crate::load::Slot>) -> bool {
+        self.without_slow_start().admits(slot, false)
+    }
+
+    /// Whether the health record in `slot` lets the server take requests (a server without a
+    /// health slot, the zone being full, is not held back), and, unless the request's session
+    /// lives there (`own_session`), whether it is not drained at run time nor ramping up past
+    /// this key.
+    #[inline]
+    pub fn admits(&self, slot: Option<&crate::load::Slot>, own_session: bool) -> bool {
+        use core::sync::atomic::Ordering::Relaxed;
+        let Some(h) = slot else { return true };
+        if !own_session {
+            if h.cell(crate::drain::CELL).load(Relaxed) != 0 {
+                return false;
+            }
+            if self.slow_start_ms > 0 {
+                let back = h.cell(cell::RAMP_MS).load(Relaxed);
+                if back != 0 && !ramp_admits(self.key, self.now_ms.saturating_sub(back), self.slow_start_ms) {
+                    return false;
+                }
+            }
+        }
+        !self.health || Health::unpack(h.cell(cell::STATE).load(Relaxed)).admits(self.mandatory)
     }
 }
 

@@ -90,6 +90,9 @@ pub enum Inserted {
     Evicted,
 }
 
+/// See [`RouteTable::share_interval`].
+pub const SHARE_EVERY: i64 = 300;
+
 /// The table over a region.
 pub struct RouteTable<'a> {
     hdr: &'a mut Header,
@@ -380,6 +383,14 @@ impl<'a> RouteTable<'a> {
         self.hdr.len += 1;
         self.hdr.inserts += 1;
         result
+    }
+
+    /// How often (seconds of use) a learned route shared through the session store is written
+    /// there again, with routes that expire after `timeout` seconds idle: every
+    /// [`SHARE_EVERY`] seconds, or twice per timeout if that is shorter (so that the store's
+    /// copy, written with the same expiry, never lapses while the route is in use).
+    pub fn share_interval(timeout: i64) -> i64 {
+        SHARE_EVERY.min(timeout / 2).max(1)
     }
 
     /// Like [`RouteTable::lookup`], and also says whether the route should be written to the

@@ -25,7 +25,7 @@ use crate::session::{KeyUse, SessionKeyer};
 
 /// The module's tag for its shared zones.
 fn tag() -> *mut c_void {
-    ptr::addr_of_mut!(crate::conf::ngx_http_kylin_upstream_module) as *mut c_void
+    ptr::addr_of_mut!(crate::ngx_http_kylin_upstream_module) as *mut c_void
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -470,6 +470,15 @@ pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut Rout
     }
 }
 
+/// Runs `f` on a store's verdict cache (a routes zone of its own), under its lock.
+///
+/// # Safety
+/// As for [`with_routes`]: `zone` is a verdict cache zone, valid for the cycle.
+pub unsafe fn with_verdicts<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut crate::store::Verdicts<'_, '_>) -> R) -> Option<R> {
+    // SAFETY: the caller's contract.
+    unsafe { with_routes(zone, |t| f(&mut crate::store::Verdicts(t))) }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client placement (`kylin_balance clients`)
 
@@ -485,7 +494,7 @@ pub const PLACEMENT_SAMPLE_MS: u64 = 10;
 #[repr(C)]
 struct PlacementRegion {
     magic: u64,
-    /// Identity of the servers the tables describe ([`crate::upstream`]'s layout hash): a
+    /// Identity of the servers the tables describe ([`crate::tables::Group`]'s layout hash): a
     /// worker whose servers differ (a reload or `resolve` changed them) starts afresh.
     layout: u64,
     /// When the servers were last sampled (ngx_current_msec).

@@ -449,58 +449,6 @@ pub fn unpack(x: u64, now: i64) -> Option<Verdict> {
     }
 }
 
-/// Circuit breaker state, kept in shared memory (the caller holds the lock).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Breaker {
-    pub failures: u64,
-    /// While `now < open_until` nothing is asked; 0 when closed.
-    pub open_until: i64,
-    /// When the breaker last allowed a probe while open.
-    pub probe_at: i64,
-}
-
-/// Breaker states as reported.
-pub fn breaker_state(b: &Breaker, now: i64) -> &'static str {
-    if b.open_until == 0 {
-        "closed"
-    } else if now < b.open_until {
-        "open"
-    } else {
-        "half-open"
-    }
-}
-
-impl Breaker {
-    /// Whether a lookup may go to Redis now. After the backoff one probe is let through per
-    /// backoff period; its result closes or reopens the breaker.
-    pub fn allow(&mut self, now: i64, backoff: i64) -> bool {
-        if self.open_until == 0 {
-            return true;
-        }
-        if now < self.open_until || now - self.probe_at < backoff.max(1) {
-            return false;
-        }
-        self.probe_at = now;
-        true
-    }
-
-    pub fn success(&mut self) {
-        *self = Breaker::default();
-    }
-
-    /// Records a failure; returns `true` when this failure opened the breaker.
-    pub fn failure(&mut self, now: i64, threshold: u32, backoff: i64) -> bool {
-        self.failures += 1;
-        let was_open = self.open_until != 0;
-        if self.failures >= u64::from(threshold) || was_open {
-            self.open_until = now + backoff;
-            self.probe_at = now;
-            return !was_open;
-        }
-        false
-    }
-}
-
 /// Positions of a store's shared state in its load-table slot's counters.
 pub mod cell {
     pub const LOOKUPS: usize = 0;
@@ -513,42 +461,52 @@ pub mod cell {
     pub const SKIPPED: usize = 7;
 }
 
-/// The circuit breaker over shared atomics, usable by every worker without a lock. Races
-/// between workers only shift when the breaker opens or probes by one request.
+/// A store's circuit breaker, over three shared atomics of its load-zone slot, usable by
+/// every worker without a lock. After `threshold` failures in a row it opens for `backoff`
+/// seconds: nothing is asked meanwhile. After that, one probe is let through per backoff
+/// period (half-open); a success closes it, a failure opens it again. Races between workers
+/// only shift when the breaker opens or probes by one request.
 pub struct SharedBreaker<'a> {
     pub failures: &'a core::sync::atomic::AtomicU64,
     pub open_until: &'a core::sync::atomic::AtomicU64,
     pub probe_at: &'a core::sync::atomic::AtomicU64,
 }
 
-impl SharedBreaker<'_> {
-    fn load(&self) -> Breaker {
+impl<'a> SharedBreaker<'a> {
+    /// The breaker of a store, in its slot of the load zone ([`cell`]).
+    pub fn of(slot: &'a crate::load::Slot) -> SharedBreaker<'a> {
+        SharedBreaker { failures: slot.cell(cell::FAILURES), open_until: slot.cell(cell::OPEN_UNTIL), probe_at: slot.cell(cell::PROBE_AT) }
+    }
+
+    /// "closed", "open" or "half-open" (open, its backoff over: probing), as reported.
+    pub fn state(&self, now: i64) -> &'static str {
         use core::sync::atomic::Ordering::Relaxed;
-        Breaker {
-            failures: self.failures.load(Relaxed),
-            open_until: self.open_until.load(Relaxed) as i64,
-            probe_at: self.probe_at.load(Relaxed) as i64,
+        let open_until = self.open_until.load(Relaxed) as i64;
+        if open_until == 0 {
+            "closed"
+        } else if now < open_until {
+            "open"
+        } else {
+            "half-open"
         }
     }
 
-    pub fn state(&self, now: i64) -> &'static str {
-        breaker_state(&self.load(), now)
-    }
-
-    /// Whether a lookup may go to Redis now (see [`Breaker::allow`]).
+    /// Whether a call may go to Redis now: always while closed; while open, one probe per
+    /// backoff period once the backoff is over (the worker that moves `probe_at` sends it).
     pub fn allow(&self, now: i64, backoff: i64) -> bool {
         use core::sync::atomic::Ordering::Relaxed;
-        let b = self.load();
-        if b.open_until == 0 {
+        let open_until = self.open_until.load(Relaxed) as i64;
+        if open_until == 0 {
             return true;
         }
-        if now < b.open_until || now - b.probe_at < backoff.max(1) {
+        let probe_at = self.probe_at.load(Relaxed) as i64;
+        if now < open_until || now - probe_at < backoff.max(1) {
             return false;
         }
-        // One probe per backoff period: the worker that moves probe_at sends it.
-        self.probe_at.compare_exchange(b.probe_at as u64, now as u64, Relaxed, Relaxed).is_ok()
+        self.probe_at.compare_exchange(probe_at as u64, now as u64, Relaxed, Relaxed).is_ok()
     }
 
+    /// A call succeeded: closed.
     pub fn success(&self) {
         use core::sync::atomic::Ordering::Relaxed;
         self.failures.store(0, Relaxed);
@@ -566,6 +524,27 @@ impl SharedBreaker<'_> {
             return !was_open;
         }
         false
+    }
+}
+
+/// The verdict cache of a Redis store: a route table (its own zone) whose values are
+/// verdicts packed with the time they stop being trusted ([`pack`]); its entries never expire
+/// by idleness, only by that time.
+pub struct Verdicts<'t, 'a>(pub &'t mut crate::routes::RouteTable<'a>);
+
+impl Verdicts<'_, '_> {
+    /// The verdict cached for `key`, if still trusted at `now`.
+    pub fn get(&mut self, key: u128, now: i64) -> Option<Verdict> {
+        self.0.lookup(key, now, i64::MAX / 4).and_then(|x| unpack(x, now))
+    }
+
+    /// Caches `v` for `key` until `until`.
+    pub fn put(&mut self, key: u128, v: Verdict, until: i64, now: i64) {
+        self.0.insert(key, pack(v, until), now, i64::MAX / 4);
+    }
+
+    pub fn forget(&mut self, key: u128) {
+        self.0.remove(key);
     }
 }
 
@@ -753,7 +732,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_breaker_matches_the_model() {
+    fn breaker_opens_backs_off_and_probes() {
         use core::sync::atomic::AtomicU64;
         let (f, o, p) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         let b = SharedBreaker { failures: &f, open_until: &o, probe_at: &p };
@@ -762,32 +741,13 @@ mod tests {
         assert!(b.failure(1, 2, 10));
         assert_eq!(b.state(2), "open");
         assert!(!b.allow(5, 10));
-        assert!(b.allow(11, 10));
-        assert!(!b.allow(11, 10));
-        assert!(!b.failure(11, 2, 10));
+        assert!(b.allow(11, 10)); // one probe after the backoff
+        assert!(!b.allow(11, 10)); // not two
+        assert_eq!(b.state(11), "half-open");
+        assert!(!b.failure(11, 2, 10)); // the probe failed: open again (it already was)
         assert!(!b.allow(15, 10));
         b.success();
         assert_eq!(b.state(15), "closed");
         assert!(b.allow(15, 10));
-    }
-
-    #[test]
-    fn breaker_opens_backs_off_and_probes() {
-        let mut b = Breaker::default();
-        assert!(b.allow(0, 10));
-        assert!(!b.failure(0, 3, 10));
-        assert!(!b.failure(1, 3, 10));
-        assert!(b.failure(2, 3, 10)); // third failure opens it
-        assert_eq!(breaker_state(&b, 3), "open");
-        assert!(!b.allow(5, 10));
-        assert!(b.allow(12, 10)); // one probe after the backoff
-        assert!(!b.allow(12, 10)); // not two
-        assert_eq!(breaker_state(&b, 12), "half-open");
-        assert!(!b.failure(12, 3, 10)); // probe failed: open again (already open)
-        assert!(!b.allow(15, 10));
-        assert!(b.allow(23, 10));
-        b.success();
-        assert_eq!(breaker_state(&b, 23), "closed");
-        assert!(b.allow(23, 10));
     }
 }

@@ -11,7 +11,7 @@ use ngx::ffi::{
 };
 
 use crate::balancer::{Route, SessionState};
-use crate::conf::Module;
+use crate::Module;
 use ngx::http::HttpModule;
 
 /// What the balancer decided for a request, kept in the request's module context.
