@@ -4,7 +4,6 @@
 //! `nginx -s reload` while the server stays configured (a reload that removes the server
 //! clears it). Glue; the document is parsed in [`crate::drain`].
 
-use core::ptr;
 use core::sync::atomic::Ordering;
 
 use ngx::core::Status;
@@ -19,7 +18,7 @@ use serde_json::json;
 use crate::conf::kylin_upstreams;
 use crate::drain;
 use crate::load::{self, Use};
-use crate::ngx_ext::{read_locked, send_whole};
+use crate::ngx_ext::{for_each_peer, send_whole};
 use crate::shm;
 
 /// The content handler of `kylin_status write=on`: `GET`/`HEAD` as `kylin_status`, `POST`
@@ -86,21 +85,11 @@ unsafe fn apply(r: *mut ngx_http_request_t, cmd: &drain::Command) -> (u32, serde
             return (404, json!({ "error": format!("no kylin upstream \"{}\"", cmd.upstream) }));
         };
         let mut names: Vec<Vec<u8>> = Vec::new();
-        let primary = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        for list in [primary, primary.as_ref().map_or(ptr::null_mut(), |p| p.next)] {
-            if list.is_null() {
-                continue;
+        for_each_peer((*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t, |peer| {
+            if peer.name.as_bytes() == cmd.server.as_bytes() || peer.server.as_bytes() == cmd.server.as_bytes() {
+                names.push(peer.name.as_bytes().to_vec());
             }
-            read_locked(list, || {
-                let mut p = (*list).peer;
-                while let Some(peer) = p.as_ref() {
-                    if peer.name.as_bytes() == cmd.server.as_bytes() || peer.server.as_bytes() == cmd.server.as_bytes() {
-                        names.push(peer.name.as_bytes().to_vec());
-                    }
-                    p = peer.next;
-                }
-            });
-        }
+        });
         if names.is_empty() {
             return (404, json!({ "error": format!("no server \"{}\" in upstream \"{}\"", cmd.server, cmd.upstream) }));
         }

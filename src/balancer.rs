@@ -427,6 +427,46 @@ mod tests {
     use crate::ring::key_hash;
     use proptest::prelude::*;
 
+    #[test]
+    fn session_rules() {
+        use crate::store::Verdict;
+        // `shared` stores make every session shared; else the precontent's answer; else unknown.
+        assert_eq!(session_state(true, None), SessionState::Shared);
+        assert_eq!(session_state(true, Some(SessionState::Local)), SessionState::Shared);
+        assert_eq!(session_state(false, Some(SessionState::Local)), SessionState::Local);
+        assert_eq!(session_state(false, None), SessionState::Unknown);
+        assert_eq!(verdict_state(Some(Verdict::Shared)), SessionState::Shared);
+        assert_eq!(verdict_state(Some(Verdict::Local)), SessionState::Local);
+        assert_eq!(verdict_state(Some(Verdict::Pending)), SessionState::Unknown);
+        assert_eq!(verdict_state(None), SessionState::Unknown);
+        // Only a spill moves a session's route.
+        let c = |route| Choice { server: 1, backup: false, route, from: None };
+        assert!(moves_route(&c(Route::Spilled), true));
+        assert!(!moves_route(&c(Route::Spilled), false));
+        for r in [Route::Sticky, Route::Learned, Route::Failover, Route::Backup, Route::Moved] {
+            assert!(!moves_route(&c(r), true), "{r:?}");
+        }
+        // Backups see no learned route, placement or sticky hint.
+        let b = on_backup(7, true);
+        assert_eq!((b.key, b.learned, b.movable, b.moved, b.sticky), (7, None, true, None, false));
+        // Ask when Redis may know a route, or when the server is near its bound (asked lazily).
+        assert!(worth_asking(false, true, || panic!("not needed")));
+        assert!(!worth_asking(true, true, || false));
+        assert!(worth_asking(true, true, || true));
+        assert!(!worth_asking(false, false, || false));
+    }
+
+    #[test]
+    fn near_is_within_a_quarter_of_the_bound() {
+        // 4 servers of weight 1, 39 in flight, c = 1.25: limit ceil(1.25 * 40 / 4) = 13.
+        let b = Bound { factor_milli: 1250, total: 39, live_weight: 4 };
+        assert_eq!(b.limit(1), 13);
+        assert!(!b.near(8, 1)); // 9 * 4 = 36 < 39
+        assert!(b.near(9, 1)); // 10 * 4 = 40 >= 39
+        // Off: not near, and no overflow.
+        assert!(!Bound::OFF.near(1 << 40, 1));
+    }
+
     #[derive(Clone)]
     struct Set {
         up: Vec<bool>,

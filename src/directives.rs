@@ -19,6 +19,7 @@
 //! The values are parsed by the pure modules (`balancer::parse_factor`, `store::parse_store`,
 //! `health::parse_params`, ...); the handlers here only check placement and store them.
 
+use ngx::core::Status;
 use core::ffi::{c_char, c_void, CStr};
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -36,95 +37,30 @@ use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 use crate::balancer::Balance;
 use crate::conf::{srv_conf, srv_conf_mut, upstreams, SrvConf};
 
+/// A directive's entry: `conf` is where its configuration is (`NGX_HTTP_SRV_CONF_OFFSET` for
+/// the upstream's [`SrvConf`]), `set` its handler.
+const fn command(
+    name: ngx_str_t,
+    type_: u32,
+    conf: ngx_uint_t,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+) -> ngx_command_t {
+    ngx_command_t { name, type_: type_ as ngx_uint_t, set: Some(set), conf, offset: 0, post: ptr::null_mut() }
+}
+
+/// The module's directives.
 pub static mut COMMANDS: [ngx_command_t; 12] = [
-    ngx_command_t {
-        name: ngx_string!("kylin_upstream"),
-        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_upstream_block),
-        conf: NGX_HTTP_MAIN_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
-        set: Some(kylin_directive),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_hash"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_hash),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_balance"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_balance),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_balance_factor"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_balance_factor),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_session_cookie"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_session_cookie),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_session_store"),
-        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
-        set: Some(kylin_session_store),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_status"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_status),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_session_routes"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
-        set: Some(kylin_session_routes),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_health_check"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_ANY) as ngx_uint_t,
-        set: Some(kylin_health_check),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("kylin_slow_start"),
-        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(kylin_slow_start),
-        conf: NGX_HTTP_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
+    command(ngx_string!("kylin_upstream"), NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1, NGX_HTTP_MAIN_CONF_OFFSET, kylin_upstream_block),
+    command(ngx_string!("kylin"), NGX_HTTP_UPS_CONF | NGX_CONF_NOARGS, NGX_HTTP_SRV_CONF_OFFSET, kylin_directive),
+    command(ngx_string!("kylin_hash"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_hash),
+    command(ngx_string!("kylin_balance"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_balance),
+    command(ngx_string!("kylin_balance_factor"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_balance_factor),
+    command(ngx_string!("kylin_session_cookie"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_session_cookie),
+    command(ngx_string!("kylin_session_store"), NGX_HTTP_MAIN_CONF | NGX_HTTP_UPS_CONF | NGX_CONF_1MORE, NGX_HTTP_SRV_CONF_OFFSET, kylin_session_store),
+    command(ngx_string!("kylin_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1, 0, kylin_status),
+    command(ngx_string!("kylin_session_routes"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE12, NGX_HTTP_SRV_CONF_OFFSET, kylin_session_routes),
+    command(ngx_string!("kylin_health_check"), NGX_HTTP_UPS_CONF | NGX_CONF_ANY, NGX_HTTP_SRV_CONF_OFFSET, kylin_health_check),
+    command(ngx_string!("kylin_slow_start"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_slow_start),
     ngx_command_t::empty(),
 ];
 
@@ -344,7 +280,7 @@ pub unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 file,
                 line
             );
-            return ngx::ffi::NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
         // SAFETY: uscf is valid.
         if kcf.enabled && kcf.health.is_some() && unsafe { (*uscf).shm_zone.is_null() } {
@@ -360,7 +296,7 @@ pub unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 file.map(|f| f.to_string_lossy()).unwrap_or_default(),
                 line
             );
-            return ngx::ffi::NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
         if kcf.enabled && !kcf.init_upstream_ran {
             // SAFETY: uscf is valid.
@@ -376,10 +312,10 @@ pub unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 file,
                 kcf.line
             );
-            return ngx::ffi::NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
     }
-    ngx::ffi::NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 // -------------------------------------------------------------------------------------------
@@ -389,6 +325,20 @@ pub unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
 unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
     // SAFETY: nginx sets cf->args to the directive's words while calling its handler.
     unsafe { (*cf).args.as_ref().map(|a| a.as_slice::<ngx_str_t>()).unwrap_or(&[]) }
+}
+
+/// The start of an option directive's handler: its upstream's configuration, with the
+/// directive's position recorded; `None` (after logging) if the directive is a duplicate
+/// (`already`).
+///
+/// # Safety
+/// `cf` is the directive's, `conf` this module's SrvConf of the enclosing upstream block.
+unsafe fn option<'a>(cf: *mut ngx_conf_t, conf: *mut c_void, directive: &'static str, already: impl FnOnce(&SrvConf) -> bool) -> Option<&'a mut SrvConf> {
+    // SAFETY: the caller's contract.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    let dup = already(kcf);
+    // SAFETY: cf is valid while parsing.
+    unsafe { note_option(cf, kcf, directive, dup) }.then_some(kcf)
 }
 
 /// Records an option directive's position; `false` (after logging) if it is a duplicate.
@@ -407,12 +357,8 @@ unsafe fn note_option(cf: *mut ngx_conf_t, kcf: &mut SrvConf, directive: &'stati
 
 /// `kylin_hash key;`
 unsafe extern "C" fn kylin_hash(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_hash", kcf.hash.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_hash", |k| k.hash.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and one value.
     let mut value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
     if value.is_empty() {
@@ -429,7 +375,7 @@ unsafe extern "C" fn kylin_hash(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
         ccv.cf = cf;
         ccv.value = &mut value;
         ccv.complex_value = cv;
-        if ngx_http_compile_complex_value(&mut ccv) != ngx::ffi::NGX_OK as ngx_int_t {
+        if !Status(ngx_http_compile_complex_value(&mut ccv)).is_ok() {
             return conf_error();
         }
         kcf.hash = Some(cv);
@@ -448,12 +394,8 @@ fn factor_conflict(kcf: &SrvConf) -> Option<&'static str> {
 
 /// `kylin_balance clients | requests | off;`
 unsafe extern "C" fn kylin_balance(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_balance", kcf.balance.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_balance", |k| k.balance.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and one value.
     let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
     kcf.balance = match value.as_bytes() {
@@ -474,12 +416,8 @@ unsafe extern "C" fn kylin_balance(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t
 
 /// `kylin_balance_factor number | off;`
 unsafe extern "C" fn kylin_balance_factor(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_balance_factor", kcf.balance_factor.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_balance_factor", |k| k.balance_factor.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and one value.
     let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
     match crate::balancer::parse_factor(value.as_bytes()) {
@@ -505,12 +443,8 @@ unsafe extern "C" fn kylin_balance_factor(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
 
 /// `kylin_session_cookie name;`
 unsafe extern "C" fn kylin_session_cookie(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_session_cookie", kcf.session_cookie.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_session_cookie", |k| k.session_cookie.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and one value.
     let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
     if !crate::session::valid_name(value.as_bytes()) {
@@ -529,12 +463,8 @@ unsafe extern "C" fn kylin_session_cookie(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
 
 /// `kylin_session_routes zone=name:size [timeout=time];`
 unsafe extern "C" fn kylin_session_routes(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_session_routes", kcf.routes_zone.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_session_routes", |k| k.routes_zone.is_some()) }) else { return conf_error() };
     let mut zone: Option<(ngx_str_t, usize)> = None;
     let mut timeout = None;
     // SAFETY: cf args hold the directive and its parameters.
@@ -569,7 +499,7 @@ unsafe extern "C" fn kylin_session_routes(cf: *mut ngx_conf_t, _cmd: *mut ngx_co
             let mut t = rest;
             // SAFETY: t is a valid ngx_str_t into the configuration buffer.
             let secs = unsafe { ngx_parse_time(&mut t, 1) };
-            if secs == NGX_ERROR as ngx_int_t || secs <= 0 {
+            if Status(secs) == Status::NGX_ERROR || secs <= 0 {
                 ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid timeout \"{}\" in \"kylin_session_routes\": expected a time such as 8h or 30m", rest);
                 return conf_error();
             }
@@ -656,12 +586,8 @@ unsafe extern "C" fn kylin_session_store(cf: *mut ngx_conf_t, _cmd: *mut ngx_com
 /// `kylin_health_check [uri=/kylin/api/health] [interval=5s] [timeout=1s] [fails=1]
 /// [passes=1] [status=200-399] [body=text] [port=number] [mandatory];`
 unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_health_check", kcf.health.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_health_check", |k| k.health.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and its parameters.
     let params: Vec<&[u8]> = unsafe { args(cf) }.iter().skip(1).map(|a| a.as_bytes()).collect();
     match crate::health::parse_params(&params) {
@@ -680,12 +606,8 @@ unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_comm
 
 /// `kylin_slow_start time;`
 unsafe extern "C" fn kylin_slow_start(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
-    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
-    // SAFETY: cf is valid while parsing.
-    if !unsafe { note_option(cf, kcf, "kylin_slow_start", kcf.slow_start_ms.is_some()) } {
-        return conf_error();
-    }
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_slow_start", |k| k.slow_start_ms.is_some()) }) else { return conf_error() };
     // SAFETY: cf args hold the directive and one value.
     let value = unsafe { args(cf) }.get(1).copied().unwrap_or_default();
     match crate::health::parse_time_ms(value.as_bytes()).filter(|&ms| (1..=3_600_000).contains(&ms)) {

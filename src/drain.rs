@@ -73,6 +73,22 @@ pub fn drained(table: Option<&crate::load::LoadTable<'_>>, upstream: &[u8], serv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_mark_is_read_from_the_health_slot() {
+        use crate::load::{health_key, Header, LoadTable, Slot, Use};
+        let h = Header::default();
+        let slots: Vec<Slot> = (0..8).map(|_| Slot::default()).collect();
+        let t = LoadTable::new(&h, &slots);
+        let k = health_key(b"up", b"10.0.0.1:7070");
+        let p = t.prepare(&[(k, Use::Counts)]);
+        t.commit(p.generation);
+        assert!(!drained(Some(&t), b"up", b"10.0.0.1:7070"));
+        t.find(k).unwrap().cell(CELL).store(next_mark(0, true, 5), core::sync::atomic::Ordering::Relaxed);
+        assert!(drained(Some(&t), b"up", b"10.0.0.1:7070"));
+        assert!(!drained(Some(&t), b"up", b"10.0.0.2:7070"));
+        assert!(!drained(None, b"up", b"10.0.0.1:7070"));
+    }
     use proptest::prelude::*;
 
     #[test]

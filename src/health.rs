@@ -3,7 +3,7 @@
 //! HTTP response.
 //!
 //! The prober (`probe.rs`, glue) sends `GET uri` to every server of an upstream every
-//! `interval`, feeds the answer to a [`Response`] parser, turns it into an [`Outcome`] with
+//! `interval`, feeds the answer to an [`Answer`] parser, turns it into an [`Outcome`] with
 //! [`CheckConf::judge`], and records it with [`Health::record`] in the server's shared slot.
 //! The balancer reads [`Health::admits`]: an unhealthy server takes no request at all (like
 //! `down`); a server never checked since it was added takes traffic unless the check is
@@ -676,6 +676,36 @@ fn dechunk(mut b: &[u8]) -> Option<Option<(Vec<u8>, usize)>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_gate_reads_health_drain_and_ramp() {
+        use crate::load::Slot;
+        use core::sync::atomic::Ordering::Relaxed;
+        let slot = Slot::default();
+        let gate = Gate::new(true, false);
+        // An unchecked server takes traffic unless the check is mandatory; no slot: never held.
+        assert!(gate.admits(Some(&slot), false));
+        assert!(!Gate::new(true, true).admits(Some(&slot), false));
+        assert!(Gate::new(true, true).admits(None, false));
+        // Drained: only its own sessions.
+        slot.cell(crate::drain::CELL).store(1, Relaxed);
+        assert!(!gate.admits(Some(&slot), false));
+        assert!(gate.admits(Some(&slot), true));
+        assert!(!gate.live(Some(&slot)));
+        slot.cell(crate::drain::CELL).store(0, Relaxed);
+        // Ramping since t = 1000 over 10 s: at 1 s in, about a tenth of keys are admitted.
+        slot.cell(cell::RAMP_MS).store(1000, Relaxed);
+        let admitted = (0..1000u64).filter(|&k| gate.ramping(Some(10_000), crate::ring::key_hash(&k.to_le_bytes()), 2000).admits(Some(&slot), false)).count();
+        assert!((50..=150).contains(&admitted), "{admitted}");
+        // The ramp does not hold back the live weight, sessions of the server, or a gate
+        // without slow start.
+        let g = gate.ramping(Some(10_000), 1, 2000);
+        assert!(g.live(Some(&slot)));
+        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, 2000).admits(Some(&slot), true)));
+        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, 2000).without_slow_start().admits(Some(&slot), false)));
+        // Past the ramp, everyone.
+        assert!((0..100u64).all(|k| gate.ramping(Some(10_000), k, 11_000).admits(Some(&slot), false)));
+    }
 
     fn conf(args: &[&str]) -> Result<CheckConf, String> {
         let a: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();

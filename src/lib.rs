@@ -1,25 +1,32 @@
 //! ngx_http_kylin_upstream_module: an nginx upstream balancer for Apache Kylin query nodes.
 //!
 //! Layout. Decisions and data structures are plain Rust without FFI, unit- and
-//! property-tested; the nginx glue gathers facts, calls them and applies the answer.
+//! property-tested; the nginx glue gathers facts, calls them and applies the answer. Glue
+//! files are named after the nginx hook or machinery they implement, and import only
+//! downwards (`peer` and `phase` use `learning`, `store_io`, `tables`, `conf`, `shm`,
+//! `ngx_ext`; nothing uses `peer` but `directives`, which installs it).
 //!
 //! | question | pure Rust | nginx glue |
 //! |---|---|---|
-//! | how is a peer chosen | [`balancer`] (the decision), [`ring`] (consistent hashing), [`key`] (the client-address key) | `upstream` (`init_upstream`, `init_peer`, `get`, `free`) |
-//! | where does a busy client go | [`placement`] (client placement, `kylin_balance clients`) | `upstream` (sampling, `place`, measuring at `free`), `shm` (its zone) |
-//! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `session_check` (the precontent phase, thread-pool tasks, the health timer) |
-//! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, state machine, probe answers, slow start), [`drain`] (the drain document) | `probe` (the prober on the event loop, worker 0), `admin` (`kylin_status write=on`) |
-//! | where is shared state | [`load`] (in-flight counters, health slots), [`routes`] (learned routes, verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
-//! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] (format choice, the HTML page) | `status` (`kylin_status`), `variables` (`$kylin_route`, `$kylin_session_state`) |
-//! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`] | `conf` (the module, its directives, `init_process`) |
+//! | how is a peer chosen | [`balancer`] (the decision and the rules around it), [`ring`] (consistent hashing), [`key`] | `peer` (`init_upstream`, `init_peer`, `get`, `free`), `tables` (the per-process rings and names) |
+//! | where does a busy client go | [`placement`] (`kylin_balance clients`) | `peer` (sampling, placing), `learning` (measuring at `free`) |
+//! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `phase` (precontent), `store_io` (thread-pool calls and their completion), `learning` (routes learned) |
+//! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, [`health::Gate`], slow start), [`drain`] | `probe` (the prober), `admin` (`kylin_status write=on`) |
+//! | where is shared state | [`load`] (in-flight counters, health and store slots), [`routes`] (learned routes; the verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
+//! | what runs in the background | | `background` (worker 0: store health timers, `probe`) |
+//! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] | `status` (`kylin_status`), `variables` |
+//! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`], [`health`] | `directives` (the directives, checks), `conf` (`SrvConf`, finding it) |
+//! | repeated nginx idioms | | `ngx_ext` (peer-list guards, headers, `ProcessLocal`, `send_whole`) |
 //!
-//! A request: `session_check`'s precontent handler (only with a Redis store) learns whether
-//! its session is shared, without blocking; `upstream::init_peer` reads the session cookie
-//! and its learned route; `upstream::get_peer` locks the peer list, samples placement, asks
-//! [`balancer::choose_primary`] (then `choose_backup`) and counts the try in flight; `free`
-//! uncounts it, measures its response for placement and learns a session the response created.
-//! Background work (store health checks, node health probes) runs only in worker 0 (`conf`'s
-//! `init_process`).
+//! A request: `phase`'s precontent handler (only with a Redis store) learns whether its
+//! session is shared, from the verdict cache or, when [`balancer::worth_asking`], by a lookup
+//! in the thread pool (`store_io`), the request suspended; `peer::init_peer` reads the session
+//! cookie and its learned route ([`balancer::session_state`]); `peer::get_peer` locks the
+//! primary list, has `tables` current, samples placement, asks
+//! [`balancer::choose_primary`] (else [`balancer::choose_backup`] under the backup list's lock)
+//! and counts the try in flight; `peer::free_peer` uncounts it and `learning` records the
+//! session a response created and the client's response time. This file holds the module
+//! definition and its process hooks; worker 0 starts `background` in `init_process`.
 
 pub mod balancer;
 pub mod dashboard;

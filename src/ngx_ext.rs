@@ -357,6 +357,33 @@ pub unsafe fn read_locked<R>(peers: *mut ngx_http_upstream_rr_peers_t, f: impl F
     }
 }
 
+/// Calls `f` for every peer of an upstream, primary then backup, each list under its read
+/// lock ([`read_locked`]), one list at a time. `f` copies what it needs: the peers may be
+/// freed (`resolve`) once the lock is released.
+///
+/// # Safety
+/// `primary` is the upstream's primary peer list (in a worker with a `zone`, its shared copy),
+/// valid for the cycle.
+pub unsafe fn for_each_peer(primary: *mut ngx_http_upstream_rr_peers_t, mut f: impl FnMut(&ngx_http_upstream_rr_peer_t)) {
+    // SAFETY: the caller's contract; a primary list's `next` is NULL or its backup list, valid
+    // as long as it; a list's peers are live while its lock is held.
+    unsafe {
+        let backup = primary.as_ref().map_or(ptr::null_mut(), |p| p.next);
+        for list in [primary, backup] {
+            if list.is_null() {
+                continue;
+            }
+            read_locked(list, || {
+                let mut p = (*list).peer;
+                while let Some(peer) = p.as_ref() {
+                    f(peer);
+                    p = peer.next;
+                }
+            });
+        }
+    }
+}
+
 /// State of one nginx process kept in configuration memory (which every worker has its own
 /// copy of, after fork), such as an upstream's per-process tables. nginx runs a process's
 /// callbacks on one thread, and no pool thread is given it, so a `RefCell` is enough; its

@@ -12,19 +12,21 @@
 //! shutdown (`ngx_exiting`) no new probe starts, probes in flight finish (at most `timeout`),
 //! and nginx closes the idle kept-alive connections (they are marked `idle`).
 
+use ngx::core::Status;
 use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::Ordering;
 
 use ngx::ffi::{
     ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_del_timer, ngx_event_connect_peer,
-    ngx_event_get_peer, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_http_upstream_main_conf_t,
-    ngx_http_upstream_module, ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
-    ngx_peer_connection_t, ngx_rwlock_rlock, ngx_rwlock_unlock, ngx_str_t, NGX_AGAIN, NGX_ERROR, NGX_LOG_WARN, NGX_OK,
+    ngx_event_get_peer, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
+    ngx_http_upstream_rr_peers_t, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
+    ngx_peer_connection_t, ngx_str_t, NGX_AGAIN, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
-use crate::conf::{srv_conf, SrvConf};
+use crate::conf::{cycle_main_conf, kylin_upstreams, SrvConf};
+use crate::ngx_ext::for_each_peer;
 use crate::health::{self, cell, Health, Outcome, Parsed, Reason, Transition};
 use crate::load::{self, Slot, Use};
 use crate::shm;
@@ -86,14 +88,9 @@ unsafe fn conf_of(p: &Probe) -> Option<&health::CheckConf> {
 pub unsafe fn start(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: cycle is the worker's cycle; the http main conf holds the upstream list.
     unsafe {
-        let http = *(*cycle).conf_ctx.add(ngx::ffi::ngx_http_module.index) as *mut ngx::ffi::ngx_http_conf_ctx_t;
-        let Some(http) = http.as_ref() else { return NGX_OK as ngx_int_t };
-        let umcf = *http.main_conf.add(ngx_http_upstream_module.ctx_index) as *mut ngx_http_upstream_main_conf_t;
-        let Some(umcf) = umcf.as_ref() else { return NGX_OK as ngx_int_t };
-        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
-        for &uscf in ups {
-            let Some(kcf) = srv_conf(uscf) else { continue };
-            if !kcf.enabled || !kcf.init_upstream_ran || kcf.health.is_none() || (*uscf).shm_zone.is_null() {
+        let Some(main_conf) = cycle_main_conf(cycle) else { return Status::NGX_OK.into() };
+        for (uscf, kcf) in kylin_upstreams(main_conf) {
+            if kcf.health.is_none() || (*uscf).shm_zone.is_null() {
                 continue;
             }
             // Lives as long as the worker process (never freed: the process ends with it).
@@ -115,7 +112,7 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             probers().push(p as usize);
         }
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 /// Frees the probers of this process (`exit_process`): timers deleted, connections closed.
@@ -152,29 +149,17 @@ unsafe fn peers_of(uscf: *mut ngx_http_upstream_srv_conf_t) -> Vec<Peer> {
     // SAFETY: in a worker, peer.data is the upstream's (zone) primary list, `next` its backup
     // list; each list's peers are read with its lock held, one list at a time.
     unsafe {
-        let primary = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        for list in [primary, primary.as_ref().map_or(ptr::null_mut(), |p| p.next)] {
-            let Some(l) = list.as_mut() else { continue };
-            let shared = !l.shpool.is_null();
-            if shared {
-                ngx_rwlock_rlock(&mut l.rwlock);
+        for_each_peer((*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t, |peer| {
+            if !peer.sockaddr.is_null() && peer.socklen > 0 {
+                let host = if peer.server.len > 0 { peer.server.as_bytes() } else { peer.name.as_bytes() };
+                out.push(Peer {
+                    name: peer.name.as_bytes().to_vec(),
+                    host: host.to_vec(),
+                    // SAFETY: sockaddr points to socklen bytes, live while the lock is held.
+                    sockaddr: core::slice::from_raw_parts(peer.sockaddr as *const u8, peer.socklen as usize).to_vec(),
+                });
             }
-            let mut p = l.peer;
-            while let Some(peer) = p.as_ref() {
-                if !peer.sockaddr.is_null() && peer.socklen > 0 {
-                    let host = if peer.server.len > 0 { peer.server.as_bytes() } else { peer.name.as_bytes() };
-                    out.push(Peer {
-                        name: peer.name.as_bytes().to_vec(),
-                        host: host.to_vec(),
-                        sockaddr: core::slice::from_raw_parts(peer.sockaddr as *const u8, peer.socklen as usize).to_vec(),
-                    });
-                }
-                p = peer.next;
-            }
-            if shared {
-                ngx_rwlock_unlock(&mut l.rwlock);
-            }
-        }
+        });
     }
     out
 }
@@ -329,7 +314,7 @@ unsafe fn connect(p: &mut Probe) {
         pc.log = &mut p.log;
         pc.set_log_error(ngx::ffi::ngx_connection_log_error_e_NGX_ERROR_INFO as _);
         let rc = ngx_event_connect_peer(&mut pc);
-        if rc == NGX_ERROR as ngx_int_t || rc == ngx::ffi::NGX_BUSY as ngx_int_t || rc == ngx::ffi::NGX_DECLINED as ngx_int_t {
+        if Status(rc) == Status::NGX_ERROR || Status(rc) == Status::NGX_BUSY || Status(rc) == Status::NGX_DECLINED {
             if !pc.connection.is_null() {
                 ngx_close_connection(pc.connection);
             }
@@ -341,7 +326,7 @@ unsafe fn connect(p: &mut Probe) {
         (*c).data = p as *mut Probe as *mut c_void;
         (*(*c).read).handler = Some(on_read);
         (*(*c).write).handler = Some(on_write);
-        if rc == NGX_AGAIN as ngx_int_t {
+        if Status(rc) == Status::NGX_AGAIN {
             // Connecting: the write event says when it is done.
             return;
         }
@@ -374,7 +359,7 @@ unsafe fn send(p: &mut Probe) {
             if n > 0 {
                 p.sent += n as usize;
             } else if n == NGX_AGAIN as isize {
-                if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
+                if !Status(ngx_handle_write_event((*c).write, 0)).is_ok() {
                     fail_conn(p, Reason::Connect);
                 }
                 return;
@@ -431,7 +416,7 @@ unsafe fn read(p: &mut Probe) {
             if n > 0 {
                 p.answer.extend_from_slice(&buf[..n as usize]);
             } else if n == NGX_AGAIN as isize {
-                if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
+                if !Status(ngx_handle_read_event((*c).read, 0)).is_ok() {
                     fail_conn(p, Reason::Closed);
                 }
                 return;
@@ -509,7 +494,7 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
     let Some(slot) = p.slot else { return };
     // SAFETY: reading nginx's cached clock in its own thread.
     let elapsed = unsafe { ngx::ffi::ngx_current_msec }.wrapping_sub(p.started_ms) as u64;
-    let now_ms = unix_ms();
+    let now_ms = health::unix_ms();
     // Only this process writes a server's record (one prober per upstream, in worker 0).
     let mut h = Health::unpack(slot.cell(cell::STATE).load(Ordering::Relaxed));
     let before = h.state();
@@ -554,19 +539,4 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
             );
         }
     }
-}
-
-pub use crate::health::unix_ms;
-
-/// The health-check report of a server, from its health slot (an unchecked record when the
-/// slot is missing: the zone is full).
-pub fn health_report(table: Option<&load::LoadTable<'static>>, upstream: &[u8], server: &[u8], mandatory: bool) -> crate::report::HealthReport {
-    let slot = table.and_then(|t| t.find(load::health_key(upstream, server)));
-    let mut cells = [0u64; 8];
-    if let Some(s) = slot {
-        for (i, c) in cells.iter_mut().enumerate() {
-            *c = s.cell(i).load(Ordering::Relaxed);
-        }
-    }
-    crate::report::HealthReport::from_cells(&cells, mandatory)
 }

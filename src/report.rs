@@ -60,6 +60,19 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
+    /// The health-check report of a server, from its health slot (an unchecked record when
+    /// the slot is missing: the zone is full).
+    pub fn of(table: Option<&crate::load::LoadTable<'_>>, upstream: &[u8], server: &[u8], mandatory: bool) -> HealthReport {
+        let slot = table.and_then(|t| t.find(crate::load::health_key(upstream, server)));
+        let mut cells = [0u64; 8];
+        if let Some(s) = slot {
+            for (i, c) in cells.iter_mut().enumerate() {
+                *c = s.cell(i).load(core::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        HealthReport::from_cells(&cells, mandatory)
+    }
+
     /// The report of a health slot's cells.
     pub fn from_cells(cells: &[u64; 8], mandatory: bool) -> HealthReport {
         use crate::health::{cell, Health, Reason};

@@ -460,6 +460,13 @@ mod tests {
     const H: i64 = 3600;
 
     #[test]
+    fn share_interval_keeps_the_stores_copy_alive() {
+        assert_eq!(RouteTable::share_interval(8 * 3600), SHARE_EVERY);
+        assert_eq!(RouteTable::share_interval(60), 30);
+        assert_eq!(RouteTable::share_interval(1), 1);
+    }
+
+    #[test]
     fn sessions_held_per_server() {
         let mut r = region(8192);
         let mut t = RouteTable::format(bytes(&mut r), [1, 2]).unwrap();

@@ -6,6 +6,7 @@
 //! Zones are reused across `nginx -s reload` when their name and size stay the same, so
 //! counters and learned routes survive a reload; nginx creates a fresh zone otherwise.
 
+use ngx::core::Status;
 use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
@@ -14,7 +15,7 @@ use std::sync::Mutex;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_OK,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE,
 };
 use ngx::ngx_log_error;
 
@@ -145,7 +146,7 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
             // since the running workers keep using it.
             if (*(data as *const LoadRegion)).magic != LOAD_MAGIC {
                 ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold load counters of this module version; restart nginx", (*zone).shm.name);
-                return NGX_ERROR as ngx_int_t;
+                return Status::NGX_ERROR.into();
             }
             (*zone).data = data;
         } else {
@@ -155,7 +156,7 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
             let p = ngx_slab_alloc(shpool, bytes) as *mut LoadRegion;
             if p.is_null() || nslots == 0 {
                 ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate the \"{}\" zone", LOAD_ZONE);
-                return NGX_ERROR as ngx_int_t;
+                return Status::NGX_ERROR.into();
             }
             // All-zero bytes are a valid header and valid empty slots (atomics only).
             ptr::write_bytes(p as *mut u8, 0, bytes);
@@ -185,7 +186,7 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
             }
             (p, t.capacity())
         }) else {
-            return NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         };
         let (p, capacity) = prepared;
         if p.reclaimed > 0 {
@@ -203,7 +204,7 @@ unsafe extern "C" fn init_load_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void
             );
         }
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 /// What to do about a full load zone, for error messages.
@@ -350,17 +351,17 @@ unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_vo
             // workers are still using it).
             if (*(data as *const RoutesRegion)).magic != ROUTES_MAGIC {
                 ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold session routes of this module version; restart nginx", (*zone).shm.name);
-                return NGX_ERROR as ngx_int_t;
+                return Status::NGX_ERROR.into();
             }
             (*zone).data = data;
-            return NGX_OK as ngx_int_t;
+            return Status::NGX_OK.into();
         }
         let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
         let bytes = largest_alloc(shpool);
         let p = ngx_slab_alloc(shpool, bytes) as *mut RoutesRegion;
         if p.is_null() {
             ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate session routes in zone \"{}\"", (*zone).shm.name);
-            return NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
         let len = bytes.saturating_sub(core::mem::size_of::<RoutesRegion>());
         let region = core::slice::from_raw_parts_mut(p.add(1) as *mut u8, len);
@@ -368,13 +369,13 @@ unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_vo
             Ok(t) => t.layout(),
             Err(e) => {
                 ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\": {}", (*zone).shm.name, e);
-                return NGX_ERROR as ngx_int_t;
+                return Status::NGX_ERROR.into();
             }
         };
         p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout });
         (*zone).data = p as *mut c_void;
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 /// The secret of a zone's route table, read without the lock (it never changes once the
@@ -543,22 +544,22 @@ unsafe extern "C" fn init_placement_zone(zone: *mut ngx_shm_zone_t, data: *mut c
         if !data.is_null() {
             if (*(data as *const PlacementRegion)).magic != PLACEMENT_MAGIC {
                 ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: zone \"{}\" does not hold client placement of this module version; restart nginx", (*zone).shm.name);
-                return NGX_ERROR as ngx_int_t;
+                return Status::NGX_ERROR.into();
             }
             (*zone).data = data;
-            return NGX_OK as ngx_int_t;
+            return Status::NGX_OK.into();
         }
         let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
         let p = ngx_slab_alloc(shpool, core::mem::size_of::<PlacementRegion>()) as *mut PlacementRegion;
         if p.is_null() {
             ngx_log_error!(NGX_LOG_EMERG, (*zone).shm.log, "kylin: cannot allocate client placement in zone \"{}\"", (*zone).shm.name);
-            return NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
         ptr::write_bytes(p as *mut u8, 0, core::mem::size_of::<PlacementRegion>());
         (*p).magic = PLACEMENT_MAGIC;
         (*zone).data = p as *mut c_void;
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 /// The region of a placement zone, once nginx has created it.

@@ -37,7 +37,7 @@ unsafe fn servers_of(
         while !p.is_null() {
             let peer = &*p;
             let failed = failed(peer, now);
-            let health = health.map(|h| crate::probe::health_report(table, upstream, peer.name.as_bytes(), h.mandatory));
+            let health = health.map(|h| report::HealthReport::of(table, upstream, peer.name.as_bytes(), h.mandatory));
             let state = if let Some(hs) = health.as_ref().filter(|h| h.holds_back() && peer.down == 0) {
                 hs.state
             } else if (peer.down != 0 && peer.down == DRAINING) || (peer.down == 0 && drain::drained(table, upstream, peer.name.as_bytes())) {

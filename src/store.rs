@@ -732,6 +732,24 @@ mod tests {
     }
 
     #[test]
+    fn the_verdict_cache_keeps_verdicts_until_their_time() {
+        let mut r = vec![0u64; 1024];
+        let mut t = crate::routes::RouteTable::format(bytemuck::cast_slice_mut(&mut r), [1, 2]).unwrap();
+        let mut v = Verdicts(&mut t);
+        assert_eq!(v.get(9, 0), None);
+        v.put(9, Verdict::Pending, 3, 0);
+        assert_eq!(v.get(9, 1), Some(Verdict::Pending));
+        v.put(9, Verdict::Shared, 100, 1);
+        assert_eq!(v.get(9, 100), Some(Verdict::Shared));
+        // Idle for longer than a route timeout: still there until its own time.
+        assert_eq!(v.get(9, 100), Some(Verdict::Shared));
+        assert_eq!(v.get(9, 101), None);
+        v.put(9, Verdict::Local, 200, 102);
+        v.forget(9);
+        assert_eq!(v.get(9, 103), None);
+    }
+
+    #[test]
     fn breaker_opens_backs_off_and_probes() {
         use core::sync::atomic::AtomicU64;
         let (f, o, p) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));

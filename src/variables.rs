@@ -3,11 +3,12 @@
 //! balancer's per-request data; both are empty for requests that no kylin upstream balanced.
 //! Also the small per-request context in which the precontent phase leaves a session verdict.
 
+use ngx::core::Status;
 use core::ffi::c_void;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t,
-    ngx_str_t, ngx_uint_t, NGX_ERROR, NGX_HTTP_VAR_NOCACHEABLE, NGX_OK,
+    ngx_str_t, ngx_uint_t, NGX_HTTP_VAR_NOCACHEABLE,
 };
 
 use crate::balancer::{Route, SessionState};
@@ -101,7 +102,7 @@ unsafe extern "C" fn get_route(r: *mut ngx_http_request_t, v: *mut ngx_http_vari
         Some(route) => set_value(v, route.as_str()),
         None => set_not_found(v),
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 unsafe extern "C" fn get_session_state(r: *mut ngx_http_request_t, v: *mut ngx_http_variable_value_t, _data: usize) -> ngx_int_t {
@@ -110,7 +111,7 @@ unsafe extern "C" fn get_session_state(r: *mut ngx_http_request_t, v: *mut ngx_h
         Some(c) if c.route.is_some() => set_value(v, c.session.as_str()),
         _ => set_not_found(v),
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
 
 /// Points the request's context at `ctx` (the balancer's per-request data, which lives in the
@@ -139,7 +140,7 @@ pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: cf is valid at preconfiguration; nginx copies the name.
         let var = unsafe { ngx_http_add_variable(cf, &mut n, NGX_HTTP_VAR_NOCACHEABLE as ngx_uint_t) };
         if var.is_null() {
-            return NGX_ERROR as ngx_int_t;
+            return Status::NGX_ERROR.into();
         }
         // SAFETY: var was just returned by nginx.
         unsafe {
@@ -147,5 +148,5 @@ pub unsafe fn add_variables(cf: *mut ngx_conf_t) -> ngx_int_t {
             (*var).data = 0;
         }
     }
-    NGX_OK as ngx_int_t
+    Status::NGX_OK.into()
 }
