@@ -6,7 +6,6 @@
 //! Zones are reused across `nginx -s reload` when their name and size stay the same, so
 //! counters and learned routes survive a reload; nginx creates a fresh zone otherwise.
 
-use ngx::core::Status;
 use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
@@ -14,9 +13,10 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE,
+    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE,
 };
+use ngx::core::{SlabPool, Status};
 use ngx::ngx_log_error;
 
 use crate::load::{self, LoadTable, Slot, Use};
@@ -233,11 +233,8 @@ pub unsafe fn with_load_claims<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&Loa
     // initialised by nginx when it created the zone and inherited by every worker.
     unsafe {
         let t = load_table(zone)?;
-        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        ngx_shmtx_lock(ptr::addr_of_mut!((*shpool).mutex));
-        let out = f(&t);
-        ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
-        Some(out)
+        let _locked = SlabPool::from_shm_zone(&*zone)?.lock();
+        Some(f(&t))
     }
 }
 
@@ -458,16 +455,13 @@ pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut Rout
         }
         let base = r.add(1) as *mut u8;
         let l = (*r).layout;
-        let shpool = z.shm.addr as *mut ngx_slab_pool_t;
-        ngx_shmtx_lock(ptr::addr_of_mut!((*shpool).mutex));
+        let _locked = SlabPool::from_shm_zone(z)?.lock();
         let mut t = RouteTable::from_parts(
             &mut *(base as *mut routes::Header),
             core::slice::from_raw_parts_mut(base.add(l.buckets_at) as *mut u32, l.capacity),
             core::slice::from_raw_parts_mut(base.add(l.entries_at) as *mut routes::Entry, l.capacity),
         );
-        let out = f(&mut t);
-        ngx_shmtx_unlock(ptr::addr_of_mut!((*shpool).mutex));
-        Some(out)
+        Some(f(&mut t))
     }
 }
 
@@ -585,6 +579,37 @@ pub unsafe fn placement_state(zone: *mut ngx_shm_zone_t, now: u64) -> Option<(bo
     }
 }
 
+/// A zone's slab-pool mutex taken without waiting (ngx's [`SlabPool::lock`] always waits);
+/// released on drop.
+struct TryLocked(*mut ngx::ffi::ngx_shmtx_t);
+
+impl TryLocked {
+    /// # Safety
+    /// `zone` is a shared zone of this cycle (its slab pool header is at `shm.addr`).
+    unsafe fn new(zone: &ngx_shm_zone_t) -> Option<TryLocked> {
+        // SAFETY: the caller's contract: the pool header, with its mutex, is at shm.addr.
+        unsafe {
+            let shpool = zone.shm.addr as *mut ngx_slab_pool_t;
+            let mutex = ptr::addr_of_mut!((*shpool).mutex);
+            (ngx::ffi::ngx_shmtx_trylock(mutex) != 0).then_some(TryLocked(mutex))
+        }
+    }
+}
+
+impl Drop for TryLocked {
+    fn drop(&mut self) {
+        // SAFETY: taken in `new` by this process, and not released since.
+        unsafe { ngx::ffi::ngx_shmtx_unlock(self.0) };
+    }
+}
+
+/// A zone's mutex, held either way until dropped.
+#[allow(dead_code)]
+enum Held {
+    Waited(ngx::core::slab::LockedSlabPool),
+    Tried(TryLocked),
+}
+
 /// Runs `f` on the zone's placement with its mutex held (waiting for it when `wait`, else
 /// giving up if another process holds it). Tables that describe other servers than
 /// `layout` are reset first. `f` also gets the region's sample clock and busy flag, which it
@@ -600,13 +625,8 @@ pub unsafe fn with_placement<R>(
     // the references made here exist only while it is held. The atomics are shared freely.
     unsafe {
         let r = placement_region(zone)?;
-        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        let mutex = ptr::addr_of_mut!((*shpool).mutex);
-        if wait {
-            ngx_shmtx_lock(mutex);
-        } else if ngx::ffi::ngx_shmtx_trylock(mutex) == 0 {
-            return None;
-        }
+        let pool = SlabPool::from_shm_zone(&*zone)?;
+        let _held = if wait { Held::Waited(pool.lock()) } else { Held::Tried(TryLocked::new(&*zone)?) };
         let servers = &mut *ptr::addr_of_mut!((*r).servers);
         let keys = &mut *ptr::addr_of_mut!((*r).keys);
         let out = Placement::over(Params::DEFAULT, servers, keys).map(|mut p| {
@@ -617,7 +637,6 @@ pub unsafe fn with_placement<R>(
             }
             f(&mut p, &(*r).sampled_at, &(*r).busy)
         });
-        ngx_shmtx_unlock(mutex);
         out
     }
 }
@@ -630,11 +649,7 @@ pub unsafe fn placement_moved(zone: *mut ngx_shm_zone_t, layout: u64) -> Option<
     // SAFETY: as in with_placement.
     unsafe {
         let r = placement_region(zone)?;
-        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
-        let mutex = ptr::addr_of_mut!((*shpool).mutex);
-        ngx_shmtx_lock(mutex);
-        let out = ((*r).layout == layout || (*r).layout == 0).then(|| (*r).servers.iter().map(|s| s.moved_in()).collect());
-        ngx_shmtx_unlock(mutex);
-        out
+        let _locked = SlabPool::from_shm_zone(&*zone)?.lock();
+        ((*r).layout == layout || (*r).layout == 0).then(|| (*r).servers.iter().map(|s| s.moved_in()).collect())
     }
 }

@@ -45,7 +45,11 @@ struct CheckedCtx {
 
 /// The request's context, created on first use in the request pool; a new one remembers `id`,
 /// the request's session id.
-pub unsafe fn ctx(r: *mut ngx_http_request_t, id: &[u8]) -> Option<&'static mut RequestCtx> {
+///
+/// # Safety
+/// `r` is a live request; the context is used only while it lives (`'r`), and `id` lives as
+/// long (it points into its headers).
+pub unsafe fn ctx<'r>(r: *mut ngx_http_request_t, id: &[u8]) -> Option<&'r mut RequestCtx> {
     // SAFETY: r is a live request; ctx is an array of ngx_http_max_module pointers and our slot
     // holds NULL, a CheckedCtx allocated from the request pool below (whose first field is a
     // RequestCtx: repr(C)), or the RequestCtx inside the balancer's per-request data.
@@ -121,12 +125,20 @@ pub unsafe fn set_ctx(r: *mut ngx_http_request_t, ctx: *mut RequestCtx) {
     unsafe { *(*r).ctx.add(Module::module().ctx_index) = ctx as *mut c_void };
 }
 
-pub unsafe fn existing_ctx(r: *mut ngx_http_request_t) -> Option<&'static RequestCtx> {
+/// The request's context, if the precontent phase or the balancer made one.
+///
+/// # Safety
+/// As for [`ctx`].
+pub unsafe fn existing_ctx<'r>(r: *mut ngx_http_request_t) -> Option<&'r RequestCtx> {
     // SAFETY: see `ctx`.
     unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *const RequestCtx).as_ref() }
 }
 
-pub unsafe fn existing_ctx_mut(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {
+/// ... to change (a lookup's answer, on resuming the request).
+///
+/// # Safety
+/// As for [`ctx`], and no other reference to the context is alive.
+pub unsafe fn existing_ctx_mut<'r>(r: *mut ngx_http_request_t) -> Option<&'r mut RequestCtx> {
     // SAFETY: see `ctx`.
     unsafe { ((*(*r).ctx.add(Module::module().ctx_index)) as *mut RequestCtx).as_mut() }
 }
