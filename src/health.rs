@@ -479,12 +479,14 @@ impl Gate {
         Gate { health, mandatory, ..Gate::default() }
     }
 
-    /// With a slow start of `slow_start_ms` (if set) for a request with `key` at `now_ms`.
-    pub fn ramping(mut self, slow_start_ms: Option<u64>, key: u64, now_ms: u64) -> Gate {
+    /// With a slow start of `slow_start_ms` (if set) for a request with `key` at `now_ms()`
+    /// (asked only with a slow start).
+    #[inline]
+    pub fn ramping(mut self, slow_start_ms: Option<u64>, key: u64, now_ms: impl FnOnce() -> u64) -> Gate {
         if let Some(ms) = slow_start_ms {
             self.slow_start_ms = ms;
             self.key = key;
-            self.now_ms = now_ms;
+            self.now_ms = now_ms();
         }
         self
     }
@@ -695,16 +697,16 @@ mod tests {
         slot.cell(crate::drain::CELL).store(0, Relaxed);
         // Ramping since t = 1000 over 10 s: at 1 s in, about a tenth of keys are admitted.
         slot.cell(cell::RAMP_MS).store(1000, Relaxed);
-        let admitted = (0..1000u64).filter(|&k| gate.ramping(Some(10_000), crate::ring::key_hash(&k.to_le_bytes()), 2000).admits(Some(&slot), false)).count();
+        let admitted = (0..1000u64).filter(|&k| gate.ramping(Some(10_000), crate::ring::key_hash(&k.to_le_bytes()), || 2000).admits(Some(&slot), false)).count();
         assert!((50..=150).contains(&admitted), "{admitted}");
         // The ramp does not hold back the live weight, sessions of the server, or a gate
         // without slow start.
-        let g = gate.ramping(Some(10_000), 1, 2000);
+        let g = gate.ramping(Some(10_000), 1, || 2000);
         assert!(g.live(Some(&slot)));
-        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, 2000).admits(Some(&slot), true)));
-        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, 2000).without_slow_start().admits(Some(&slot), false)));
+        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, || 2000).admits(Some(&slot), true)));
+        assert!((0..100u64).all(|k| g.ramping(Some(10_000), k, || 2000).without_slow_start().admits(Some(&slot), false)));
         // Past the ramp, everyone.
-        assert!((0..100u64).all(|k| gate.ramping(Some(10_000), k, 11_000).admits(Some(&slot), false)));
+        assert!((0..100u64).all(|k| gate.ramping(Some(10_000), k, || 11_000).admits(Some(&slot), false)));
     }
 
     fn conf(args: &[&str]) -> Result<CheckConf, String> {

@@ -96,6 +96,7 @@ pub unsafe fn move_route(kcf: &SrvConf, r: *mut ngx_http_request_t, k: u128, id:
 ///
 /// # Safety
 /// `r` is the live request; its upstream headers were parsed from that server.
+#[inline(always)]
 pub unsafe fn learn_session(kcf: &SrvConf, r: *mut ngx_http_request_t, server: &[u8], request_session: Option<u128>) -> Option<u64> {
     // SAFETY: the caller's contract.
     unsafe {

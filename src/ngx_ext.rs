@@ -32,6 +32,7 @@ pub struct Names {
 }
 
 impl Names {
+    #[inline]
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         let end = *self.ends.get(i)?;
         let start = if i == 0 { 0 } else { *self.ends.get(i - 1)? };
@@ -88,6 +89,7 @@ impl Locked<Primary> {
     /// # Safety
     /// `list` is a valid primary peer list (the upstream's `peer.data`, its zone copy in a
     /// worker), valid for the cycle.
+    #[inline]
     pub unsafe fn primary(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<Primary> {
         // SAFETY: as this function requires.
         unsafe { Locked::wlock(list) }
@@ -95,6 +97,7 @@ impl Locked<Primary> {
 
     /// Releases the primary list, then locks its backup list (`None`, with nothing locked,
     /// when there are no backup servers).
+    #[inline]
     pub fn into_backup(self) -> Option<Locked<Backup>> {
         // SAFETY: the list is valid (see `primary`); `next` is set before the workers start and
         // never changes.
@@ -110,6 +113,7 @@ impl Locked<Backup> {
     ///
     /// # Safety
     /// `list` is a valid backup list (a primary list's `next`), valid for the cycle.
+    #[inline]
     pub unsafe fn backup(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<Backup> {
         // SAFETY: as this function requires.
         unsafe { Locked::wlock(list) }
@@ -119,6 +123,7 @@ impl Locked<Backup> {
 impl<K> Locked<K> {
     /// # Safety
     /// `list` is a valid peer list of kind `K`, valid for the cycle.
+    #[inline]
     unsafe fn wlock(list: *mut ngx_http_upstream_rr_peers_t) -> Locked<K> {
         // SAFETY: list is valid; its rwlock lives in the same (shared) memory.
         unsafe {
@@ -145,17 +150,20 @@ impl<K> Locked<K> {
     }
 
     /// The locked list (to name it to nginx, e.g. as the request's `rrp.peers`).
+    #[inline]
     pub fn list(&self) -> *mut ngx_http_upstream_rr_peers_t {
         self.list
     }
 
     /// Number of peers in the list.
+    #[inline]
     pub fn number(&self) -> usize {
         // SAFETY: the list is valid and locked.
         unsafe { (*self.list).number }
     }
 
     /// A single server and no backups: round robin always tries it.
+    #[inline]
     pub fn single(&self) -> bool {
         // SAFETY: the list is valid and locked.
         unsafe { (*self.list).single() != 0 }
@@ -209,6 +217,7 @@ impl<K> Locked<K> {
 }
 
 impl<K> Drop for Locked<K> {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: we took this lock in `wlock`.
         unsafe {

@@ -359,7 +359,7 @@ impl NginxServers<'_, '_> {
     /// nginx's tests, with the `down` bits in `allowed` let through, and the module's own
     /// (health checks, run-time drain: a drained server takes only requests of sessions that
     /// live there, `own_session`).
-    #[inline]
+    #[inline(always)]
     fn check(&mut self, i: usize, allowed: ngx_uint_t, own_session: bool) -> bool {
         let bits = usize::BITS as usize;
         // SAFETY: the tried bitmap covers every peer of the group (round robin sized it for
@@ -463,7 +463,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
-    let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms());
+    let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.

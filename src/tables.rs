@@ -70,6 +70,7 @@ impl UpstreamState {
     }
 
     /// The primary ring index of the server with this identity.
+    #[inline]
     pub fn index_of(&self, id: u64) -> Option<usize> {
         self.by_id.binary_search_by_key(&id, |&(k, _)| k).ok().map(|j| self.by_id[j].1)
     }
