@@ -1,5 +1,5 @@
 //! What runs in the background, in one process only (worker 0, or the single process:
-//! see `module::init_process`), since its results live in shared memory for every worker:
+//! see `init_process` in `lib.rs`), since its results live in shared memory for every worker:
 //! - the session stores' health checks, a timer per Redis store (below; the calls are made by
 //!   `store_io` in the thread pool);
 //! - the node health prober (`probe`: `kylin_health_check`, on the event loop).

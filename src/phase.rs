@@ -133,12 +133,12 @@ unsafe fn near_bound(kcf: &SrvConf, r: *mut ngx_http_request_t, learned: Option<
         // SAFETY: the zone is valid for the cycle.
         return unsafe { shm::placement_state(z, ngx::ffi::ngx_current_msec as u64) }.map_or(true, |(busy, _)| busy);
     }
+    let Some(tables) = kcf.tables.get() else { return true };
+    let Some(state) = tables.as_deref() else { return true };
     let factor = kcf.balance_factor();
     if factor == 0 {
         return false;
     }
-    let Some(tables) = kcf.tables.get() else { return true };
-    let Some(state) = tables.as_deref() else { return true };
     let live_weight = state.live_weight.get();
     if !state.slots_ready || live_weight == 0 {
         return true;

@@ -64,11 +64,6 @@ pub struct UpstreamState {
 }
 
 impl UpstreamState {
-    /// What the primary servers' placement tables describe (see `Group::layout`).
-    pub fn primary_layout(&self) -> u64 {
-        self.primary.layout
-    }
-
     /// The primary ring index of the server with this identity.
     #[inline]
     pub fn index_of(&self, id: u64) -> Option<usize> {
@@ -201,8 +196,9 @@ unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, nam
         // SAFETY: list is the primary list the caller's guard held (this function's contract).
         guard = unsafe { Locked::primary(list) };
     }
-    // The tables built at configuration time, used as they are without a zone (where there
-    // is no lock), point at the counters on first use.
+    // Tables not pointed at the counters yet (those built at configuration time, used as
+    // they are when the configuration's peers are the ones in use, e.g. without a zone)
+    // point at them on first use, with the guard held as for any rebuild.
     let ready = tables.get().is_some_and(|t| t.as_deref().is_some_and(|s| s.slots_ready));
     if !ready {
         let pointed = tables.with_mut(|t| {
