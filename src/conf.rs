@@ -30,6 +30,9 @@ pub struct SrvConf {
     pub line: ngx_uint_t,
     /// Rings and peer tables; built at init or, with a `zone`, lazily in each worker.
     pub tables: Tables,
+    /// The upstream's in-flight total slot, as the tables in use found it: for `free`, which
+    /// then need not borrow the tables.
+    pub total: core::cell::Cell<Option<&'static crate::load::Slot>>,
 
     /// `kylin_hash`: the stickiness key; the client address when unset.
     pub hash: Option<*mut ngx_http_complex_value_t>,
@@ -77,6 +80,7 @@ impl Default for SrvConf {
             file: None,
             line: 0,
             tables: Tables::default(),
+            total: core::cell::Cell::new(None),
             hash: None,
             balance: None,
             balance_factor: None,

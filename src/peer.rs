@@ -528,6 +528,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     }
     if let Some(choice) = choice {
         // SAFETY: pc is the request's peer connection.
+        kcf.total.set(state.total);
         return match unsafe { take(pd, pc, &mut ps.peers, &state.primary, state.total, &choice, now) } {
             true => Ok(choice),
             false => Err(Status::NGX_ERROR.into()),
@@ -733,7 +734,7 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             }
         }
         if core::mem::take(&mut pd.counted_total) {
-            if let Some(t) = pd.conf().and_then(|c| c.tables.get().as_deref().and_then(|t| t.as_deref()).and_then(|s| s.total)) {
+            if let Some(t) = pd.conf().and_then(|c| c.total.get()) {
                 t.finish();
             }
         }
