@@ -368,7 +368,7 @@ pub fn choose_backup<B: Servers>(req: &Request, mut backup: Group<'_, B>) -> Opt
 
 /// The state of a request's session (one it carries): shared when the store is
 /// `kylin_session_store shared`, else the precontent phase's answer (`checked`: from the
-/// verdict cache or a lookup; `Unknown` for an id the store cannot check, see
+/// verdict cache or a lookup, [`crate::store::verdict_state`]; `Unknown` for an id the store cannot check, see
 /// [`crate::store::shared_key`]), else unknown. An unknown session keeps its learned route
 /// and never moves.
 pub fn session_state(all_shared: bool, checked: Option<SessionState>) -> SessionState {
@@ -376,16 +376,6 @@ pub fn session_state(all_shared: bool, checked: Option<SessionState>) -> Session
         (true, _) => SessionState::Shared,
         (false, Some(s)) => s,
         (false, None) => SessionState::Unknown,
-    }
-}
-
-/// What a cached or fresh store answer makes of a session: a verdict, or `Unknown` (no
-/// answer: Redis trouble never breaks a request, the session stays where it is).
-pub fn verdict_state(v: Option<crate::store::Verdict>) -> SessionState {
-    match v {
-        Some(crate::store::Verdict::Shared) => SessionState::Shared,
-        Some(crate::store::Verdict::Local) => SessionState::Local,
-        Some(crate::store::Verdict::Pending) | None => SessionState::Unknown,
     }
 }
 
@@ -429,16 +419,11 @@ mod tests {
 
     #[test]
     fn session_rules() {
-        use crate::store::Verdict;
         // `shared` stores make every session shared; else the precontent's answer; else unknown.
         assert_eq!(session_state(true, None), SessionState::Shared);
         assert_eq!(session_state(true, Some(SessionState::Local)), SessionState::Shared);
         assert_eq!(session_state(false, Some(SessionState::Local)), SessionState::Local);
         assert_eq!(session_state(false, None), SessionState::Unknown);
-        assert_eq!(verdict_state(Some(Verdict::Shared)), SessionState::Shared);
-        assert_eq!(verdict_state(Some(Verdict::Local)), SessionState::Local);
-        assert_eq!(verdict_state(Some(Verdict::Pending)), SessionState::Unknown);
-        assert_eq!(verdict_state(None), SessionState::Unknown);
         // Only a spill moves a session's route.
         let c = |route| Choice { server: 1, backup: false, route, from: None };
         assert!(moves_route(&c(Route::Spilled), true));

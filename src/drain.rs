@@ -11,7 +11,7 @@
 //! still go to it (the balancer's `usable_for_session`), as with nginx's `drain` (1.29.6+).
 
 /// The health slot's cell that holds the drain mark: 0, or when it was set (Unix ms).
-pub const CELL: usize = 7;
+pub const CELL: usize = crate::health::cell::DRAIN;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 4096;

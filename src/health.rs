@@ -404,6 +404,8 @@ pub mod cell {
     pub const RAMP_MS: usize = 5;
     /// Duration of the last probe, microseconds.
     pub const LAST_DURATION_US: usize = 6;
+    /// The run-time drain mark ([`crate::drain`]): 0, or when it was set (Unix ms).
+    pub const DRAIN: usize = 7;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ impl Gate {
         use core::sync::atomic::Ordering::Relaxed;
         let Some(h) = slot else { return true };
         if !own_session {
-            if h.cell(crate::drain::CELL).load(Relaxed) != 0 {
+            if h.cell(cell::DRAIN).load(Relaxed) != 0 {
                 return false;
             }
             if self.slow_start_ms > 0 {
@@ -690,11 +692,11 @@ mod tests {
         assert!(!Gate::new(true, true).admits(Some(&slot), false));
         assert!(Gate::new(true, true).admits(None, false));
         // Drained: only its own sessions.
-        slot.cell(crate::drain::CELL).store(1, Relaxed);
+        slot.cell(cell::DRAIN).store(1, Relaxed);
         assert!(!gate.admits(Some(&slot), false));
         assert!(gate.admits(Some(&slot), true));
         assert!(!gate.live(Some(&slot)));
-        slot.cell(crate::drain::CELL).store(0, Relaxed);
+        slot.cell(cell::DRAIN).store(0, Relaxed);
         // Ramping since t = 1000 over 10 s: at 1 s in, about a tenth of keys are admitted.
         slot.cell(cell::RAMP_MS).store(1000, Relaxed);
         let admitted = (0..1000u64).filter(|&k| gate.ramping(Some(10_000), crate::ring::key_hash(&k.to_le_bytes()), || 2000).admits(Some(&slot), false)).count();

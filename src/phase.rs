@@ -106,7 +106,7 @@ unsafe extern "C" fn precontent(r: *mut ngx_http_request_t) -> ngx_int_t {
         let Some(verdict) = shm::with_verdicts(cache_zone, |v| v.get(k, now)) else { return Status::NGX_DECLINED.into() };
         if let Some(v) = verdict {
             // Cached, or a lookup already under way (`Pending`: unknown meanwhile).
-            ctx.session = balancer::verdict_state(Some(v));
+            ctx.session = store::verdict_state(Some(v));
             return Status::NGX_DECLINED.into();
         }
 

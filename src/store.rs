@@ -426,6 +426,17 @@ pub enum Verdict {
     Local,
 }
 
+/// What a cached or fresh store answer makes of a session: its verdict, or `Unknown` (no
+/// answer yet, or none: Redis trouble never breaks a request, the session stays where it is).
+pub fn verdict_state(v: Option<Verdict>) -> crate::balancer::SessionState {
+    use crate::balancer::SessionState;
+    match v {
+        Some(Verdict::Shared) => SessionState::Shared,
+        Some(Verdict::Local) => SessionState::Local,
+        Some(Verdict::Pending) | None => SessionState::Unknown,
+    }
+}
+
 /// Packs a verdict with the time it stops being trusted.
 pub fn pack(v: Verdict, until: i64) -> u64 {
     let tag = match v {
@@ -729,6 +740,15 @@ mod tests {
         assert_eq!(unpack(x, 101), None);
         assert_eq!(unpack(pack(Verdict::Local, 5), 0), Some(Verdict::Local));
         assert_eq!(unpack(pack(Verdict::Pending, 5), 0), Some(Verdict::Pending));
+    }
+
+    #[test]
+    fn verdicts_make_session_states() {
+        use crate::balancer::SessionState;
+        assert_eq!(verdict_state(Some(Verdict::Shared)), SessionState::Shared);
+        assert_eq!(verdict_state(Some(Verdict::Local)), SessionState::Local);
+        assert_eq!(verdict_state(Some(Verdict::Pending)), SessionState::Unknown);
+        assert_eq!(verdict_state(None), SessionState::Unknown);
     }
 
     #[test]

@@ -359,7 +359,7 @@ unsafe extern "C" fn job_done(ev: *mut ngx_event_t) {
             });
         }
         if !job.waiting.is_null() {
-            resume(&mut *job.waiting, crate::balancer::verdict_state(verdict));
+            resume(&mut *job.waiting, crate::store::verdict_state(verdict));
         }
     }
 }

@@ -13,6 +13,15 @@ mod balancer;
 #[allow(dead_code)]
 #[path = "../../src/store.rs"]
 mod store;
+#[allow(dead_code)]
+#[path = "../../src/load.rs"]
+mod load;
+#[allow(dead_code)]
+#[path = "../../src/routes.rs"]
+mod routes;
+#[allow(dead_code)]
+#[path = "../../src/session.rs"]
+mod session;
 
 fuzz_target!(|data: &[u8]| {
     let _ = balancer::parse_factor(data);
