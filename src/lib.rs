@@ -29,6 +29,7 @@ pub mod session;
 pub mod store;
 pub mod key;
 pub mod load;
+pub mod load_report;
 pub mod placement;
 pub mod report;
 pub mod redis_lookup;
