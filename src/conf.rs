@@ -85,6 +85,9 @@ pub struct SrvConf {
     pub health_at: (Option<&'static CStr>, ngx_uint_t),
     /// `kylin_slow_start`, ms.
     pub slow_start_ms: Option<u64>,
+    /// `kylin_load_report`, and where it was written (for the `zone` check after parsing).
+    pub load_report: Option<crate::load_report::ReportConf>,
+    pub load_report_at: (Option<&'static CStr>, ngx_uint_t),
 }
 
 impl Default for SrvConf {
@@ -113,6 +116,8 @@ impl Default for SrvConf {
             health: None,
             health_at: (None, 0),
             slow_start_ms: None,
+            load_report: None,
+            load_report_at: (None, 0),
         }
     }
 }
@@ -222,7 +227,7 @@ static NGX_HTTP_KYLIN_UPSTREAM_MODULE_CTX: ngx_http_module_t = ngx_http_module_t
     merge_loc_conf: None,
 };
 
-static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 12] = [
+static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 13] = [
     ngx_command_t {
         name: ngx_string!("kylin_upstream"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -299,6 +304,14 @@ static mut NGX_HTTP_KYLIN_UPSTREAM_COMMANDS: [ngx_command_t; 12] = [
         name: ngx_string!("kylin_health_check"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_ANY) as ngx_uint_t,
         set: Some(kylin_health_check),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("kylin_load_report"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_ANY) as ngx_uint_t,
+        set: Some(kylin_load_report),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -626,6 +639,10 @@ unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
             );
             return ngx::ffi::NGX_ERROR as ngx_int_t;
         }
+        // SAFETY: cf and uscf are valid.
+        if unsafe { !load_report_needs_zone(cf, uscf, kcf) } {
+            return ngx::ffi::NGX_ERROR as ngx_int_t;
+        }
         if kcf.enabled && !kcf.init_upstream_ran {
             // SAFETY: uscf is valid.
             let host = unsafe { (*uscf).host };
@@ -940,6 +957,69 @@ unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_comm
             conf_error()
         }
     }
+}
+
+/// `kylin_load_report [uri=/kylin/api/prometheus] [interval=5s] [timeout=1s] [stale=time]
+/// [port=number] [busy=condition ...];`
+unsafe extern "C" fn kylin_load_report(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is this module's SrvConf of the enclosing upstream block.
+    let kcf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: cf is valid while parsing.
+    if !unsafe { note_option(cf, kcf, "kylin_load_report", kcf.load_report.is_some()) } {
+        return conf_error();
+    }
+    // SAFETY: cf args hold the directive and its parameters.
+    let params: Vec<&[u8]> = unsafe { args(cf) }.iter().skip(1).map(|a| a.as_bytes()).collect();
+    match crate::load_report::parse_params(&params) {
+        Ok(c) => {
+            kcf.load_report = Some(c);
+            // SAFETY: cf is valid while parsing.
+            kcf.load_report_at = unsafe { conf_position(cf) };
+            CONF_OK
+        }
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{} in \"kylin_load_report\" directive", e);
+            conf_error()
+        }
+    }
+}
+
+/// `kylin_load_report` needs a `zone` (reports live in the shared load zone, written by one
+/// process); without client placement it is fetched and shown but not used (a warning).
+/// False when `nginx -t` must fail (logged).
+unsafe fn load_report_needs_zone(cf: *mut ngx_conf_t, uscf: *mut ngx::ffi::ngx_http_upstream_srv_conf_t, kcf: &SrvConf) -> bool {
+    if !kcf.enabled || kcf.load_report.is_none() {
+        return true;
+    }
+    // SAFETY: uscf is valid (the caller's contract).
+    let (host, no_zone) = unsafe { ((*uscf).host, (*uscf).shm_zone.is_null()) };
+    let (file, line) = kcf.load_report_at;
+    let file = file.map(|f| f.to_string_lossy()).unwrap_or_default();
+    if no_zone {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            // SAFETY: cf is the http block's configuration; its log lives as long as cf.
+            unsafe { (*cf).log },
+            "\"kylin_load_report\" requires \"zone\" in upstream \"{}\" (reports are shared by all worker processes) in {}:{}",
+            host,
+            file,
+            line
+        );
+        return false;
+    }
+    if kcf.balance() != Balance::Clients {
+        ngx_log_error!(
+            ngx::ffi::NGX_LOG_WARN,
+            // SAFETY: as above.
+            unsafe { (*cf).log },
+            "\"kylin_load_report\" is used by client placement only (\"kylin_balance clients\"): upstream \"{}\" balances {}, so reports are shown but not used in {}:{}",
+            host,
+            kcf.balance().as_str(),
+            file,
+            line
+        );
+    }
+    true
 }
 
 /// `kylin_slow_start time;`

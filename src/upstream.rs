@@ -84,6 +84,9 @@ pub struct Group {
     slots: Vec<Option<&'static Slot>>,
     /// Ring index -> the server's health slot (health checks; resolved in each worker).
     health: Vec<Option<&'static Slot>>,
+    /// Ring index -> the server's load-report slot (`kylin_load_report`; resolved in each
+    /// worker, `None` without the directive).
+    reports: Vec<Option<&'static Slot>>,
     /// Hash of the servers' names and weights in ring index order: what the shared client
     /// placement's tables must describe (see `shm::with_placement`).
     layout: u64,
@@ -350,6 +353,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
     let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
     let slots = vec![None; s.weights.len()];
     let health = vec![None; s.weights.len()];
+    let reports = vec![None; s.weights.len()];
     let mut id = Vec::with_capacity(s.names.bytes.len() + 5 * s.weights.len());
     for (name, w) in s.names.iter().zip(&s.weights) {
         id.extend_from_slice(name);
@@ -357,7 +361,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
         id.extend_from_slice(&w.to_le_bytes());
     }
     let layout = key_hash(&id);
-    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, layout }, s.refs))
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, reports, layout }, s.refs))
 }
 
 /// Builds the state from snapshots of the primary list and its backup list.
@@ -443,7 +447,8 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         }
 
         let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        match shm::load_zone(cf, 2 * server_count(peers) + 2) {
+        let per_server = if kcf.load_report.is_some() { 3 } else { 2 };
+        match shm::load_zone(cf, per_server * server_count(peers) + 2) {
             Some(z) => kcf.load_zone = z,
             None => return NGX_ERROR as ngx_int_t,
         }
@@ -457,6 +462,10 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         // Each server's health slot (health checks and run-time drain), kept across reloads
         // while the server stays.
         shm::note_fresh_keys(server_names(peers).map(|n| load::health_key(&kcf.name, n)));
+        if kcf.load_report.is_some() {
+            // ... and its load-report slot (`kylin_load_report`).
+            shm::note_fresh_keys(server_names(peers).map(|n| load::report_key(&kcf.name, n)));
+        }
         let primaries = (*peers).number;
         if kcf.balance.is_none() && kcf.balance_factor.is_none() && primaries > shm::PLACEMENT_SERVERS {
             // The default cannot place clients on this many servers: balance requests, and say so.
@@ -927,7 +936,7 @@ unsafe fn ensure_state(kcf: &mut SrvConf, guard: Locked<Primary>) -> Result<(Loc
         // The tables built at configuration time, used as they are without a zone (where
         // there is no lock).
         // SAFETY: the load zone is valid for the cycle.
-        unsafe { point_at_counters(kcf.load_zone, &kcf.name, state) };
+        unsafe { point_at_counters(kcf.load_zone, &kcf.name, kcf.load_report.is_some(), state) };
     }
     Ok((guard, state))
 }
@@ -952,7 +961,7 @@ unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locke
         if backup.as_ref().map_or(true, |b| b.refs.config == primary.refs.config) {
             let mut state = build_state(primary, backup)?;
             // SAFETY: the load zone is valid for the cycle.
-            unsafe { point_at_counters(kcf.load_zone, &kcf.name, &mut state) };
+            unsafe { point_at_counters(kcf.load_zone, &kcf.name, kcf.load_report.is_some(), &mut state) };
             kcf.state = Some(Box::new(state));
         }
         // SAFETY: list is the primary list the caller's guard held (this function's contract).
@@ -965,7 +974,7 @@ unsafe fn rebuild(kcf: &mut SrvConf, mut guard: Locked<Primary>) -> Result<Locke
 /// zone: no peer is read).
 #[cold]
 #[inline(never)]
-unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], state: &mut UpstreamState) {
+unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], reports: bool, state: &mut UpstreamState) {
     // Claims are serialised with the zone's mutex; this runs once per table build.
     // SAFETY: the caller passes the configuration's load zone, valid for the cycle.
     let claimed = unsafe {
@@ -979,6 +988,9 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
                     g.slots[i] = table.claim(load::server_key(name, server), Use::Counts, generation);
                     missing += usize::from(g.slots[i].is_none());
                     g.health[i] = table.claim(load::health_key(name, server), Use::Counts, generation);
+                    if reports {
+                        g.reports[i] = table.claim(load::report_key(name, server), Use::Counts, generation);
+                    }
                 }
             }
             (missing, table.capacity())
@@ -1075,6 +1087,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
+    let report: *const Option<crate::load_report::ReportConf> = &kcf.load_report;
     let gate = Gate::of(kcf).ramping(kcf, key);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
@@ -1121,13 +1134,16 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     if let Some(z) = placement {
         // SAFETY: the zone is valid for the cycle; the primary list is locked (placement's lock
         // is only ever taken after it, never before).
+        // SAFETY (report): the configuration outlives the request, and nothing changes its
+        // `kylin_load_report` after parsing (the state rebuild borrows the rest of it).
         unsafe {
+            let report = (*report).as_ref();
             let now_ms = ngx::ffi::ngx_current_msec as u64;
-            let busy = sample_placement(z, &state.primary, now_ms);
+            let busy = sample_placement(z, &state.primary, report, now_ms);
             // While placement is busy, the try's response time is measured at `free`.
             pd.measure = busy;
             if busy && req.follows_client() && pd.ctx.route.is_none() {
-                req.moved = place_client(z, &state.primary, &mut ps, key, now_ms);
+                req.moved = place_client(z, &state.primary, &mut ps, report, key, now_ms);
             }
         }
     }
@@ -1161,7 +1177,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
 /// # Safety
 /// `zone` is the upstream's placement zone.
 #[inline]
-unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_ms: u64) -> bool {
+unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, report: Option<&crate::load_report::ReportConf>, now_ms: u64) -> bool {
     // SAFETY: the zone is valid for the cycle (the caller's contract); ngx_exiting is this
     // process's flag, written by its own event loop only.
     unsafe {
@@ -1175,7 +1191,13 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
         shm::with_placement(zone, g.layout, false, |p, at, flag| {
             let n = g.slots.len();
             p.sample(n, |i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
-            let busy = p.busy(n, |i| g.weight(i), now_ms);
+            let busy = match report {
+                Some(conf) => {
+                    let unix = health::unix_ms();
+                    p.busy_reported(n, |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)
+                }
+                None => p.busy(n, |i| g.weight(i), now_ms),
+            };
             at.store(now_ms, core::sync::atomic::Ordering::Relaxed);
             flag.store(u64::from(busy), core::sync::atomic::Ordering::Relaxed);
             busy
@@ -1190,15 +1212,35 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
 /// `zone` is the upstream's placement zone; `ps` holds the primary list's lock.
 #[cold]
 #[inline(never)]
-unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut NginxServers<'_, '_>, key: u64, now_ms: u64) -> Option<usize> {
+unsafe fn place_client(
+    zone: *mut ngx::ffi::ngx_shm_zone_t,
+    g: &Group,
+    ps: &mut NginxServers<'_, '_>,
+    report: Option<&crate::load_report::ReportConf>,
+    key: u64,
+    now_ms: u64,
+) -> Option<usize> {
+    let unix = if report.is_some() { health::unix_ms() } else { 0 };
     // SAFETY: the caller's contract.
     unsafe {
         shm::with_placement(zone, g.layout, true, |p, _, _| {
-            let (server, how) = p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?;
+            let (server, how) = match report {
+                Some(conf) => p.place_reported(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)?,
+                None => p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?,
+            };
             matches!(how, Placed::Moved | Placed::MovedNow).then_some(server)
         })
         .flatten()
     }
+}
+
+/// Whether primary server `i` reports saturation now (`kylin_load_report`: a fresh report
+/// whose `busy=` condition holds; missing and stale reports say no).
+fn reported_saturated(g: &Group, conf: &crate::load_report::ReportConf, i: usize, unix_ms: u64) -> bool {
+    let Some(slot) = g.reports.get(i).copied().flatten() else { return false };
+    let cells = slot.cells();
+    use crate::load_report::{cell, verdict, MAX_CONDITIONS};
+    verdict(conf, cells[cell::AT_MS], &cells[cell::VALUE..cell::VALUE + MAX_CONDITIONS], unix_ms).saturated()
 }
 
 /// Records what placement learns from a finished try on a primary server: the key's
