@@ -29,6 +29,8 @@ Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
                      (--background-ms each, default --miss-ms), load that does not pass
                      through nginx (another nginx, a user who calls a node directly);
                      GET /__background?threads=N changes one node's at run time
+                     (&ms=M their query time; &metrics=off: its metrics page answers like any other path,
+                     without the metrics; &metrics=on serves them again)
 GET /kylin/api/prometheus answers like Kylin 5's actuator (Prometheus text format):
 spark_tasks{state="pending"} (queries queued for a slot), spark_tasks{state="running"} (queries
 running) and spark_tasks_utilization (running / --slots; without --slots, running / 1), among
@@ -44,7 +46,7 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -123,6 +125,39 @@ class Cache:
         return False
 
 
+class FairSlots:
+    """K slots handed out first come, first served, as a query queue does (a semaphore lets a
+    thread that just released one take it again ahead of those waiting, which starves them
+    behind a loop such as the background load)."""
+
+    def __init__(self, k):
+        self.free, self.lock, self.waiters = k, threading.Lock(), deque()
+
+    def acquire(self, blocking=True, timeout=None):
+        with self.lock:
+            if self.free > 0 and not self.waiters:
+                self.free -= 1
+                return True
+            if not blocking:
+                return False
+            ev = threading.Event()
+            self.waiters.append(ev)
+        if ev.wait(timeout):
+            return True
+        with self.lock:
+            if ev.is_set():  # handed a slot just as the wait ended
+                return True
+            self.waiters.remove(ev)
+            return False
+
+    def release(self):
+        with self.lock:
+            if self.waiters:
+                self.waiters.popleft().set()  # the slot passes to the first in the queue
+            else:
+                self.free += 1
+
+
 class Node:
     """One node's state: its sessions and counters."""
 
@@ -136,7 +171,7 @@ class Node:
         self.requests = 0
         self.unauthorized = 0
         # Benchmark extensions (all off by default).
-        self.slots = threading.BoundedSemaphore(slots) if slots > 0 else None
+        self.slots = FairSlots(slots) if slots > 0 else None
         self.cache, self.hit, self.miss, self.store = cache, hit, miss, store
         self.running = self.queued = self.queue_peak = 0
         self.queries = self.cache_hits = self.cache_misses = 0
@@ -149,6 +184,7 @@ class Node:
         self.background_ms = miss * 1000.0
         self.background_queries = 0
         self.metrics_requests = 0
+        self.metrics_on = True
 
     def set_background(self, threads):
         """Runs `threads` background query loops (more start, extra ones stop)."""
@@ -287,7 +323,7 @@ def make_handler(node):
             url = urlsplit(self.path)
             if url.path == "/__stats":
                 return self.reply(200, node.stats())
-            if url.path == "/kylin/api/prometheus":
+            if url.path == "/kylin/api/prometheus" and node.metrics_on:
                 data = node.prometheus()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -299,6 +335,8 @@ def make_handler(node):
                 q = parse_qs(url.query)
                 try:
                     node.set_background(int((q.get("threads") or ["0"])[0]))
+                    if q.get("metrics"):
+                        node.metrics_on = q["metrics"][0] != "off"
                     if q.get("ms"):
                         node.background_ms = min(max(float(q["ms"][0]), 1.0), MAX_SLEEP * 1000)
                 except ValueError:
