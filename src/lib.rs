@@ -9,6 +9,7 @@
 //! | where does a busy client go | [`placement`] (client placement, `kylin_balance clients`) | `upstream` (sampling, `place`, measuring at `free`), `shm` (its zone) |
 //! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `session_check` (the precontent phase, thread-pool tasks, the health timer) |
 //! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, state machine, probe answers, slow start), [`drain`] (the drain document) | `probe` (the prober on the event loop, worker 0), `admin` (`kylin_status write=on`) |
+//! | what load does a node report | [`load_report`] (`kylin_load_report`, the metrics page's parser, saturation verdicts; used by [`placement`]) | `probe` (fetches the page, same machinery), `upstream` (passes verdicts to placement) |
 //! | where is shared state | [`load`] (in-flight counters, health slots), [`routes`] (learned routes, verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
 //! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] (format choice, the HTML page) | `status` (`kylin_status`), `variables` (`$kylin_route`, `$kylin_session_state`) |
 //! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`] | `conf` (the module, its directives, `init_process`) |

@@ -1133,9 +1133,9 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     // retry walks the key's order, as with every balance).
     if let Some(z) = placement {
         // SAFETY: the zone is valid for the cycle; the primary list is locked (placement's lock
-        // is only ever taken after it, never before).
-        // SAFETY (report): the configuration outlives the request, and nothing changes its
-        // `kylin_load_report` after parsing (the state rebuild borrows the rest of it).
+        // is only ever taken after it, never before); `report` points into the configuration,
+        // which outlives the request, and nothing writes its `kylin_load_report` after parsing
+        // (the borrow of `kcf` that `state` holds is for its tables).
         unsafe {
             let report = (*report).as_ref();
             let now_ms = ngx::ffi::ngx_current_msec as u64;
