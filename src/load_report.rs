@@ -296,8 +296,11 @@ fn matches(sel: &Selector, name: &[u8], labels: &[(&[u8], Vec<u8>)]) -> bool {
     sel.name == name && sel.labels.iter().all(|(l, v)| labels.iter().any(|(sl, sv)| sl == l && sv == v))
 }
 
-/// Reads one sample line: (name, labels, value). `None` for anything else.
-pub fn parse_line(line: &[u8]) -> Option<(&[u8], Vec<(&[u8], Vec<u8>)>, f64)> {
+/// A sample line's name, labels (values unescaped) and value.
+pub type Sample<'a> = (&'a [u8], Vec<(&'a [u8], Vec<u8>)>, f64);
+
+/// Reads one sample line. `None` for anything else.
+pub fn parse_line(line: &[u8]) -> Option<Sample<'_>> {
     if line.len() > MAX_LINE {
         return None;
     }
