@@ -640,7 +640,7 @@ fn record_load(p: &mut Probe, outcome: Outcome) {
     }
 }
 
-/// The load report of a server, from its report slot (`None`: no slot, the zone is full).
+/// The load report of a server, from its report slot (`missing` without one: the zone is full).
 pub fn load_report(table: Option<&load::LoadTable<'static>>, conf: &load_report::ReportConf, upstream: &[u8], server: &[u8], used: bool) -> crate::report::LoadReportReport {
     let cells = table.and_then(|t| t.find(load::report_key(upstream, server))).map(|s| s.cells());
     crate::report::LoadReportReport::from_cells(conf, cells.as_ref(), unix_ms(), used)
