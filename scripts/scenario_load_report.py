@@ -16,9 +16,11 @@ over the same nodes: `reported` (kylin_load_report, default busy= pending > 0), 
                   missing report, or none, changes nothing);
   5. stale      - once H's metrics page stops reporting, after `stale` its report is stale
                   and not used, and a new busy client whose home is H stays there;
-  6. status     - the document validates against schema/kylin_status.schema.json and the
+  6. reload     - `nginx -s reload` keeps every server's report and counts, and the new
+                  workers' prober goes on fetching;
+  7. status     - the document validates against schema/kylin_status.schema.json and the
                   Prometheus text is well formed, with the load-report metrics;
-  7. no alerts or crashes in the error log; graceful stop.
+  8. no alerts or crashes in the error log; graceful stop.
 
 Usage: scenario_load_report.py --nginx PATH --module PATH [--keep]
 Prints one line per check and "scenario-load-report: N passed, M failed"; exits 1 on failure.
@@ -26,6 +28,7 @@ Prints one line per check and "scenario-load-report: N passed, M failed"; exits 
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -147,12 +150,12 @@ class Scenario:
     def run(self):
         prefix, master = start_nginx(self.nginx, self.conf(), self.port, "kylin-scenario-load-report-")
         try:
-            self.body()
+            self.body(prefix, master)
         finally:
             bad = stop_nginx(prefix, master, self.keep)
             self.check("no alerts or crashes in the error log; graceful stop", not bad, "%s" % bad[:3])
 
-    def body(self):
+    def body(self, prefix, master):
         time.sleep(INTERVAL_MS / 1000.0 * 3)
         # Clients by home node (plain never moves anyone).
         homes = {}
@@ -214,7 +217,19 @@ class Scenario:
         self.check("stale: a new busy client whose home is %s stays there (its load is real, but unreported)" % h,
                    where == [h], "%d answers from %s" % (len(out), where))
 
-        # 6. Status document and Prometheus text.
+        # 6. A reload keeps every report (the slots are kept by name), and the prober goes on.
+        before = {n: (self.report("reported", n) or {}).get("fetches", 0) for n in self.names}
+        with open(os.path.join(prefix, "nginx.conf"), "w") as f:
+            f.write(("user root;\n" if os.geteuid() == 0 else "") + self.conf())
+        os.kill(master, signal.SIGHUP)
+        time.sleep(1.0)
+        after = {n: (self.report("reported", n) or {}).get("fetches", 0) for n in self.names}
+        r = self.report("reported", h) or {}
+        self.check("reload: every report is kept and fetched on (counts go on, %s still stale)" % h,
+                   all(after[n] > before[n] > 0 for n in self.names) and r.get("state") == "stale",
+                   "fetches before %s, after %s; %s %s" % (before, after, h, r.get("state")))
+
+        # 7. Status document and Prometheus text.
         doc = self.status()
         prom = get(self.port, "/status?format=prometheus")[1]
         problems = status_problems(doc, prom)
