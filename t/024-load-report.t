@@ -258,3 +258,55 @@ GET /t
 --- response_body_like eval
 qr/\A\na\n\{.*"load_report":\{[^{}]*"conditions":\[[^\]]*\],[^{}]*"state":"saturated","used":false\}/s
 --- timeout: 20
+
+
+
+=== TEST 13: a large metrics page (about 520 KB) is read whole: the metric at its end counts
+--- user_files eval
+">>> metrics\n" . ("jvm_gc_pause_seconds_count{action=\"end of minor GC\",} 1.0\n" x 9000) . "spark_tasks{state=\"pending\",} 2.0\n"
+--- http_config
+    kylin_upstream kylin_nodes {
+        zone kylin_nodes 64k;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        kylin_load_report interval=200ms timeout=1s;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT;
+        location = /kylin/api/prometheus { default_type text/plain; alias html/metrics; } }
+--- config
+    location = /t {
+        proxy_pass http://127.0.0.1:$TEST_NGINX_HANG_PORT;
+        proxy_read_timeout 700ms;
+        error_page 504 = /status;
+    }
+    location = /status { kylin_status; }
+--- request
+GET /t
+--- response_body_like eval
+qr/"load_report":\{[^{}]*"conditions":\[[^\]]*"holds":true,"value":2\.0\}\],"failures":0,[^{}]*"state":"saturated","used":true\}/
+--- timeout: 20
+
+
+
+=== TEST 14: a page over 1 MiB is no report (invalid response)
+--- user_files eval
+">>> metrics\n" . ("jvm_gc_pause_seconds_count{action=\"end of minor GC\",} 1.0\n" x 20000) . "spark_tasks{state=\"pending\",} 2.0\n"
+--- http_config
+    kylin_upstream kylin_nodes {
+        zone kylin_nodes 64k;
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        kylin_load_report interval=200ms timeout=1s;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT;
+        location = /kylin/api/prometheus { default_type text/plain; alias html/metrics; } }
+--- config
+    location = /t {
+        proxy_pass http://127.0.0.1:$TEST_NGINX_HANG_PORT;
+        proxy_read_timeout 700ms;
+        error_page 504 = /status;
+    }
+    location = /status { kylin_status; }
+--- request
+GET /t
+--- response_body_like eval
+qr/"load_report":\{"age":null,[^{}]*"conditions":\[[^\]]*\],"failures":[1-9]\d*,[^{}]*"last_failure_reason":"invalid response",[^{}]*"state":"missing","used":false\}/
+--- timeout: 20
