@@ -310,3 +310,21 @@ GET /t
 --- response_body_like eval
 qr/"load_report":\{"age":null,[^{}]*"conditions":\[[^\]]*\],"failures":[1-9]\d*,[^{}]*"last_failure_reason":"invalid response",[^{}]*"state":"missing","used":false\}/
 --- timeout: 20
+
+
+
+=== TEST 15: with kylin_health_check beside it: both probe, each on its own schedule
+--- http_config eval: main::nodes("kylin_load_report interval=100ms timeout=300ms; kylin_health_check interval=100ms timeout=300ms; ", $main::Saturated . q{ location = /kylin/api/health { return 200 '{"status":"UP"}'; }}, $main::Calm . q{ location = /kylin/api/health { return 503; }})
+--- config eval: main::client_requests(1, 500, q{<!--# include virtual="/status" wait="yes" -->})
+--- request
+GET /t
+--- response_body_like eval
+qr/\A\na\n\{(?x)
+    (?=.*"servers":\[
+        \{[^{}]*"health":\{[^{}]*"state":"healthy"\},[^{}]*"load_report":\{[^{}]*"conditions":\[[^\]]*\],[^{}]*"state":"saturated","used":true\},[^{}]*\},
+        \{[^{}]*"health":\{[^{}]*"state":"unhealthy"\},[^{}]*"load_report":\{[^{}]*"conditions":\[[^\]]*\],[^{}]*"state":"fresh","used":true\},[^{}]*"state":"unhealthy",)
+/s
+--- no_error_log
+[alert]
+[crit]
+--- timeout: 20
