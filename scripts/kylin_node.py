@@ -25,6 +25,16 @@ Options for benchmarks (scripts/bench); their defaults keep the behaviour above:
                      is unknown: 401)
   --name NAME        the nodes' names, in --port order (default node1, node2, ...)
   --tcp-nodelay      TCP_NODELAY on accepted connections (no 40 ms delayed-ACK stalls)
+  --background N     N threads per node run queries back to back inside the node's slots
+                     (--background-ms each, default --miss-ms), load that does not pass
+                     through nginx (another nginx, a user who calls a node directly);
+                     GET /__background?threads=N changes one node's at run time
+                     (&ms=M their query time; &metrics=off: its metrics page answers like any other path,
+                     without the metrics; &metrics=on serves them again)
+GET /kylin/api/prometheus answers like Kylin 5's actuator (Prometheus text format):
+spark_tasks{state="pending"} (queries queued for a slot), spark_tasks{state="running"} (queries
+running) and spark_tasks_utilization (running / --slots; without --slots, running / 1), among
+a few JVM-like lines; it takes no slot and is not counted in requests.
 /__stats also reports running/queued queries (and the queue's peak), cache hits and misses,
 Redis lookups and errors, and the CPU seconds the node's process has used (cpu_s).
 """
@@ -36,7 +46,7 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -115,6 +125,39 @@ class Cache:
         return False
 
 
+class FairSlots:
+    """K slots handed out first come, first served, as a query queue does (a semaphore lets a
+    thread that just released one take it again ahead of those waiting, which starves them
+    behind a loop such as the background load)."""
+
+    def __init__(self, k):
+        self.free, self.lock, self.waiters = k, threading.Lock(), deque()
+
+    def acquire(self, blocking=True, timeout=None):
+        with self.lock:
+            if self.free > 0 and not self.waiters:
+                self.free -= 1
+                return True
+            if not blocking:
+                return False
+            ev = threading.Event()
+            self.waiters.append(ev)
+        if ev.wait(timeout):
+            return True
+        with self.lock:
+            if ev.is_set():  # handed a slot just as the wait ended
+                return True
+            self.waiters.remove(ev)
+            return False
+
+    def release(self):
+        with self.lock:
+            if self.waiters:
+                self.waiters.popleft().set()  # the slot passes to the first in the queue
+            else:
+                self.free += 1
+
+
 class Node:
     """One node's state: its sessions and counters."""
 
@@ -128,13 +171,59 @@ class Node:
         self.requests = 0
         self.unauthorized = 0
         # Benchmark extensions (all off by default).
-        self.slots = threading.BoundedSemaphore(slots) if slots > 0 else None
+        self.slots = FairSlots(slots) if slots > 0 else None
         self.cache, self.hit, self.miss, self.store = cache, hit, miss, store
         self.running = self.queued = self.queue_peak = 0
         self.queries = self.cache_hits = self.cache_misses = 0
         self.logins = self.redis_lookups = self.redis_errors = self.shared_accepted = 0
         self.started = time.time()
         self.nodelay = False
+        self.slot_count = slots
+        # Load from outside nginx: threads running queries back to back.
+        self.background = 0
+        self.background_ms = miss * 1000.0
+        self.background_queries = 0
+        self.metrics_requests = 0
+        self.metrics_on = True
+
+    def set_background(self, threads):
+        """Runs `threads` background query loops (more start, extra ones stop)."""
+        with self.lock:
+            old, self.background = self.background, max(0, min(int(threads), 256))
+            start = range(old, self.background)
+        for k in start:
+            threading.Thread(target=self._background_loop, args=(k,), daemon=True).start()
+
+    def _background_loop(self, k):
+        while True:
+            with self.lock:
+                if k >= self.background:
+                    return
+            self.work(self.background_ms / 1000.0)
+            with self.lock:
+                self.background_queries += 1
+
+    def prometheus(self):
+        """The node's metrics, as Kylin 5's /kylin/api/prometheus names them."""
+        with self.lock:
+            running, queued = self.running, self.queued
+            self.metrics_requests += 1
+        util = running / float(self.slot_count if self.slot_count > 0 else 1)
+        return (
+            "# HELP jvm_threads_live_threads The current number of live threads\n"
+            "# TYPE jvm_threads_live_threads gauge\n"
+            "jvm_threads_live_threads %d\n"
+            "# HELP spark_tasks Spark tasks\n"
+            "# TYPE spark_tasks gauge\n"
+            "spark_tasks{state=\"pending\",} %.1f\n"
+            "spark_tasks{state=\"running\",} %.1f\n"
+            "# HELP spark_tasks_utilization Running tasks / cores\n"
+            "# TYPE spark_tasks_utilization gauge\n"
+            "spark_tasks_utilization %.4f\n"
+            "kylin_sparder_up 1.0\n"
+            "jvm_memory_used_bytes{area=\"heap\",id=\"G1 Eden Space\",} 1.2E8\n"
+            % (threading.active_count(), queued, running, util)
+        ).encode()
 
     def work(self, seconds):
         """Sleeps `seconds` inside one of the node's slots (queueing for one when all are busy)."""
@@ -188,6 +277,9 @@ class Node:
                 "redis_lookups": self.redis_lookups,
                 "redis_errors": self.redis_errors,
                 "shared_accepted": self.shared_accepted,
+                "background": self.background,
+                "background_queries": self.background_queries,
+                "metrics_requests": self.metrics_requests,
                 "uptime": round(time.time() - self.started, 3),
                 "cpu_s": round(time.process_time(), 3),
             }
@@ -230,6 +322,25 @@ def make_handler(node):
                 self.body = self.rfile.read(min(length, 1 << 20))
             url = urlsplit(self.path)
             if url.path == "/__stats":
+                return self.reply(200, node.stats())
+            if url.path == "/kylin/api/prometheus" and node.metrics_on:
+                data = node.prometheus()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return None
+            if url.path == "/__background":
+                q = parse_qs(url.query)
+                try:
+                    node.set_background(int((q.get("threads") or ["0"])[0]))
+                    if q.get("metrics"):
+                        node.metrics_on = q["metrics"][0] != "off"
+                    if q.get("ms"):
+                        node.background_ms = min(max(float(q["ms"][0]), 1.0), MAX_SLEEP * 1000)
+                except ValueError:
+                    return self.reply(400, {"error": "threads=N [ms=M]"})
                 return self.reply(200, node.stats())
             if url.path == "/__reset":
                 with node.lock:
@@ -330,6 +441,10 @@ def main():
     ap.add_argument("--session-ttl", type=int, default=1800, help="seconds, for Redis sessions")
     ap.add_argument("--tcp-nodelay", action="store_true",
                     help="disable Nagle on accepted connections (no 40 ms delayed-ACK stalls)")
+    ap.add_argument("--background", type=int, default=0,
+                    help="background query threads per node (load that bypasses nginx)")
+    ap.add_argument("--background-ms", type=float, default=0.0,
+                    help="each background query's time (default --miss-ms)")
     args = ap.parse_args()
     ThreadingHTTPServer.request_queue_size = 256
     store = Store(args.redis_port, args.session_ttl) if args.redis_port else None
@@ -340,6 +455,9 @@ def main():
                     cache=Cache(args.cache_size) if args.cache else None,
                     hit=args.hit_ms / 1000.0, miss=args.miss_ms / 1000.0, store=store)
         node.nodelay = args.tcp_nodelay
+        if args.background_ms > 0:
+            node.background_ms = args.background_ms
+        node.set_background(args.background)
         srv = ThreadingHTTPServer((args.host, port), make_handler(node))
         srv.daemon_threads = True
         threading.Thread(target=srv.serve_forever, daemon=True).start()

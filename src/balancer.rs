@@ -753,6 +753,47 @@ mod tests {
             }
         }
 
+        /// Load the nodes report (`kylin_load_report`) never moves a node-local session: with
+        /// any servers saturated and placement asked (even for a pinned request, which the
+        /// glue never does), a request whose session is pinned goes to its learned server while
+        /// it is usable; a movable one lands on a usable server.
+        #[test]
+        fn a_report_never_moves_a_node_local_session(
+            loads in proptest::collection::vec(0u64..12, 5),
+            sat_mask in 0u8..32,
+            key in any::<u64>(),
+            learned in 0usize..5,
+            movable in any::<bool>(),
+            client_load in 0u64..5_000,
+        ) {
+            use crate::placement::{Params, Placement, Placed};
+            let r = ring(5);
+            let mut p = Placement::new(5, 16, Params::DEFAULT);
+            let now = 1_000_000;
+            for (i, &l) in loads.iter().enumerate() {
+                p.server_inflight(i, l, now - 100_000);
+                p.server_inflight(i, l, now);
+            }
+            // The client is known (first seen long ago) and carries `client_load` thousandths.
+            p.key_done(key, 0, now - 5_000);
+            for _ in 0..client_load / 100 {
+                p.key_done(key, 100, now);
+            }
+            let sat = |i: usize| sat_mask & (1 << i) != 0;
+            let placed = p.place_reported(key, r.order(key), |_| true, |_| 1, sat, now);
+            let moved = placed.and_then(|(s, how)| matches!(how, Placed::Moved | Placed::MovedNow).then_some(s));
+            let mut s = Set::up(5);
+            s.load = loads.clone();
+            let req = Request { key, learned: Some(learned), movable, balance: Balance::Clients, moved, sticky: false };
+            let c = pick(&r, &mut s, req, 1250).unwrap();
+            if !movable {
+                prop_assert_eq!((c.server, c.route), (learned, Route::Learned));
+            } else if let Some(m) = moved {
+                prop_assert_eq!((c.server, c.route), (m, Route::Moved));
+                prop_assert!(!sat(m) || placed.map(|x| x.1) == Some(Placed::Moved));
+            }
+        }
+
         /// With `kylin_balance clients`, nginx's `sticky` still pins: its server is followed by
         /// every request while usable, moved client or not.
         #[test]

@@ -70,6 +70,9 @@ pub struct SrvConf {
     pub health_at: (Option<&'static CStr>, ngx_uint_t),
     /// `kylin_slow_start`, ms.
     pub slow_start_ms: Option<u64>,
+    /// `kylin_load_report`, and where it was written (for the `zone` check after parsing).
+    pub load_report: Option<crate::load_report::ReportConf>,
+    pub load_report_at: (Option<&'static CStr>, ngx_uint_t),
 }
 
 impl Default for SrvConf {
@@ -99,6 +102,8 @@ impl Default for SrvConf {
             health: None,
             health_at: (None, 0),
             slow_start_ms: None,
+            load_report: None,
+            load_report_at: (None, 0),
         }
     }
 }

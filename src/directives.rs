@@ -49,7 +49,7 @@ const fn command(
 }
 
 /// The module's directives.
-pub static mut COMMANDS: [ngx_command_t; 12] = [
+pub static mut COMMANDS: [ngx_command_t; 13] = [
     command(ngx_string!("kylin_upstream"), NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1, NGX_HTTP_MAIN_CONF_OFFSET, kylin_upstream_block),
     command(ngx_string!("kylin"), NGX_HTTP_UPS_CONF | NGX_CONF_NOARGS, NGX_HTTP_SRV_CONF_OFFSET, kylin_directive),
     command(ngx_string!("kylin_hash"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_hash),
@@ -60,6 +60,7 @@ pub static mut COMMANDS: [ngx_command_t; 12] = [
     command(ngx_string!("kylin_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1, 0, kylin_status),
     command(ngx_string!("kylin_session_routes"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE12, NGX_HTTP_SRV_CONF_OFFSET, kylin_session_routes),
     command(ngx_string!("kylin_health_check"), NGX_HTTP_UPS_CONF | NGX_CONF_ANY, NGX_HTTP_SRV_CONF_OFFSET, kylin_health_check),
+    command(ngx_string!("kylin_load_report"), NGX_HTTP_UPS_CONF | NGX_CONF_ANY, NGX_HTTP_SRV_CONF_OFFSET, kylin_load_report),
     command(ngx_string!("kylin_slow_start"), NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1, NGX_HTTP_SRV_CONF_OFFSET, kylin_slow_start),
     ngx_command_t::empty(),
 ];
@@ -296,6 +297,10 @@ pub unsafe fn check_balancers(cf: *mut ngx_conf_t) -> ngx_int_t {
                 file.map(|f| f.to_string_lossy()).unwrap_or_default(),
                 line
             );
+            return Status::NGX_ERROR.into();
+        }
+        // SAFETY: cf and uscf are valid.
+        if unsafe { !load_report_needs_zone(cf, uscf, kcf) } {
             return Status::NGX_ERROR.into();
         }
         if kcf.enabled && !kcf.init_upstream_ran {
@@ -602,6 +607,65 @@ unsafe extern "C" fn kylin_health_check(cf: *mut ngx_conf_t, _cmd: *mut ngx_comm
             conf_error()
         }
     }
+}
+
+/// `kylin_load_report [uri=/kylin/api/prometheus] [interval=5s] [timeout=1s] [stale=time]
+/// [port=number] [busy=condition ...];`
+unsafe extern "C" fn kylin_load_report(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: nginx passes the directive's cf and this module's SrvConf of its upstream block.
+    let Some(kcf) = (unsafe { option(cf, conf, "kylin_load_report", |k| k.load_report.is_some()) }) else { return conf_error() };
+    // SAFETY: cf args hold the directive and its parameters.
+    let params: Vec<&[u8]> = unsafe { args(cf) }.iter().skip(1).map(|a| a.as_bytes()).collect();
+    match crate::load_report::parse_params(&params) {
+        Ok(c) => {
+            kcf.load_report = Some(c);
+            // SAFETY: cf is valid while parsing.
+            kcf.load_report_at = unsafe { conf_position(cf) };
+            CONF_OK
+        }
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{} in \"kylin_load_report\" directive", e);
+            conf_error()
+        }
+    }
+}
+
+/// `kylin_load_report` needs a `zone` (reports live in the shared load zone, written by one
+/// process); without client placement it is fetched and shown but not used (a warning).
+/// False when `nginx -t` must fail (logged).
+unsafe fn load_report_needs_zone(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf) -> bool {
+    if !kcf.enabled || kcf.load_report.is_none() {
+        return true;
+    }
+    // SAFETY: uscf is valid (the caller's contract).
+    let (host, no_zone) = unsafe { ((*uscf).host, (*uscf).shm_zone.is_null()) };
+    let (file, line) = kcf.load_report_at;
+    let file = file.map(|f| f.to_string_lossy()).unwrap_or_default();
+    if no_zone {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            // SAFETY: cf is the http block's configuration; its log lives as long as cf.
+            unsafe { (*cf).log },
+            "\"kylin_load_report\" requires \"zone\" in upstream \"{}\" (reports are shared by all worker processes) in {}:{}",
+            host,
+            file,
+            line
+        );
+        return false;
+    }
+    if kcf.balance() != Balance::Clients {
+        ngx_log_error!(
+            ngx::ffi::NGX_LOG_WARN,
+            // SAFETY: as above.
+            unsafe { (*cf).log },
+            "\"kylin_load_report\" is used by client placement only (\"kylin_balance clients\"): upstream \"{}\" balances {}, so reports are shown but not used in {}:{}",
+            host,
+            kcf.balance().as_str(),
+            file,
+            line
+        );
+    }
+    true
 }
 
 /// `kylin_slow_start time;`

@@ -554,11 +554,17 @@ pub enum Parsed {
 /// says the peer closed the connection after it. Pure and total: any input gives some
 /// [`Parsed`], and no input panics.
 pub fn parse_answer(buf: &[u8], eof: bool) -> Parsed {
-    if buf.len() > MAX_RESPONSE {
+    parse_answer_max(buf, eof, MAX_RESPONSE)
+}
+
+/// [`parse_answer`] with another size limit than [`MAX_RESPONSE`] (the load report's metrics
+/// page is larger than a health answer).
+pub fn parse_answer_max(buf: &[u8], eof: bool, max: usize) -> Parsed {
+    if buf.len() > max {
         return Parsed::Invalid;
     }
     let Some(head_end) = find(buf, b"\r\n\r\n") else {
-        return if eof || buf.len() >= MAX_RESPONSE { Parsed::Invalid } else { Parsed::Partial };
+        return if eof || buf.len() >= max { Parsed::Invalid } else { Parsed::Partial };
     };
     let head = &buf[..head_end];
     let body = &buf[head_end + 4..];

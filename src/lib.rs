@@ -12,6 +12,7 @@
 //! | where does a busy client go | [`placement`] (`kylin_balance clients`) | `peer` (sampling, placing), `learning` (measuring at `free`) |
 //! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `phase` (precontent), `store_io` (thread-pool calls and their completion), `learning` (routes learned) |
 //! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, [`health::Gate`], slow start), [`drain`] | `probe` (the prober), `admin` (`kylin_status write=on`) |
+//! | what load does a node report | [`load_report`] (`kylin_load_report`, the metrics page's parser, saturation verdicts; used by [`placement`]) | `probe` (fetches the page, same machinery), `peer` (passes verdicts to placement) |
 //! | where is shared state | [`load`] (in-flight counters, health and store slots), [`routes`] (learned routes; the verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
 //! | what runs in the background | | `background` (worker 0: store health timers, `probe`) |
 //! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] | `status` (`kylin_status`), `variables` |
@@ -36,6 +37,7 @@ pub mod session;
 pub mod store;
 pub mod key;
 pub mod load;
+pub mod load_report;
 pub mod placement;
 pub mod report;
 pub mod redis_lookup;

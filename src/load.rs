@@ -151,6 +151,11 @@ impl Slot {
         &self.counters[i % COUNTERS]
     }
 
+    /// Every counter cell, read one by one (not one snapshot).
+    pub fn cells(&self) -> [u64; COUNTERS] {
+        core::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    }
+
     /// The newest generation that used the slot.
     pub fn generation(&self) -> u64 {
         self.stamp.load(Ordering::Relaxed) & !STATE
@@ -190,6 +195,16 @@ pub fn health_key(upstream: &[u8], server: &[u8]) -> u64 {
     buf.push(0);
     buf.extend_from_slice(server);
     valid(xxhash_rust::xxh3::xxh3_64_with_seed(&buf, 0x6865_616c_7468))
+}
+
+/// The key of a server's load-report slot (`kylin_load_report`, [`crate::load_report::cell`]):
+/// a counting slot (its in-flight field stays 0), reclaimed like the server's counters.
+pub fn report_key(upstream: &[u8], server: &[u8]) -> u64 {
+    let mut buf = Vec::with_capacity(upstream.len() + server.len() + 1);
+    buf.extend_from_slice(upstream);
+    buf.push(0);
+    buf.extend_from_slice(server);
+    valid(xxhash_rust::xxh3::xxh3_64_with_seed(&buf, 0x7265_706f_7274))
 }
 
 /// The key of an upstream's own slot (its in-flight total).

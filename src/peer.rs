@@ -71,7 +71,8 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         }
 
         let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        match shm::load_zone(cf, 2 * server_count(peers) + 2) {
+        let per_server = if kcf.load_report.is_some() { 3 } else { 2 };
+        match shm::load_zone(cf, per_server * server_count(peers) + 2) {
             Some(z) => kcf.load_zone = z,
             None => return Status::NGX_ERROR.into(),
         }
@@ -85,6 +86,10 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
         // Each server's health slot (health checks and run-time drain), kept across reloads
         // while the server stays.
         shm::note_fresh_keys(server_names(peers).map(|n| load::health_key(&kcf.name, n)));
+        if kcf.load_report.is_some() {
+            // ... and its load-report slot (`kylin_load_report`).
+            shm::note_fresh_keys(server_names(peers).map(|n| load::report_key(&kcf.name, n)));
+        }
         let primaries = (*peers).number;
         if kcf.balance.is_none() && kcf.balance_factor.is_none() && primaries > shm::PLACEMENT_SERVERS {
             // The default cannot place clients on this many servers: balance requests, and say so.
@@ -467,7 +472,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.
-    let (mut guard, state) = match unsafe { ensure_state(&kcf.tables, kcf.load_zone, &kcf.name, guard) } {
+    let (mut guard, state) = match unsafe { ensure_state(&kcf.tables, kcf.load_zone, &kcf.name, kcf.load_report.is_some(), guard) } {
         Ok(g) => g,
         Err(e) => {
             // SAFETY: the request and its log are live.
@@ -511,11 +516,12 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
         // is only ever taken after it, never before).
         unsafe {
             let now_ms = ngx::ffi::ngx_current_msec as u64;
-            let busy = sample_placement(z, &state.primary, now_ms);
+            let report = kcf.load_report.as_ref();
+            let busy = sample_placement(z, &state.primary, report, now_ms);
             // While placement is busy, the try's response time is measured at `free`.
             pd.measure = busy;
             if busy && req.follows_client() && pd.ctx.route.is_none() {
-                req.moved = place_client(z, &state.primary, &mut ps, key, now_ms);
+                req.moved = place_client(z, &state.primary, &mut ps, report, key, now_ms);
             }
         }
     }
@@ -550,7 +556,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
 /// # Safety
 /// `zone` is the upstream's placement zone.
 #[inline]
-unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_ms: u64) -> bool {
+unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, report: Option<&crate::load_report::ReportConf>, now_ms: u64) -> bool {
     // SAFETY: the zone is valid for the cycle (the caller's contract); ngx_exiting is this
     // process's flag, written by its own event loop only.
     unsafe {
@@ -564,7 +570,13 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
         shm::with_placement(zone, g.layout, false, |p, at, flag| {
             let n = g.slots.len();
             p.sample(n, |i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
-            let busy = p.busy(n, |i| g.weight(i), now_ms);
+            let busy = match report {
+                Some(conf) => {
+                    let unix = crate::health::unix_ms();
+                    p.busy_reported(n, |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)
+                }
+                None => p.busy(n, |i| g.weight(i), now_ms),
+            };
             at.store(now_ms, core::sync::atomic::Ordering::Relaxed);
             flag.store(u64::from(busy), core::sync::atomic::Ordering::Relaxed);
             busy
@@ -579,15 +591,35 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
 /// `zone` is the upstream's placement zone; `ps` holds the primary list's lock.
 #[cold]
 #[inline(never)]
-unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut NginxServers<'_, '_>, key: u64, now_ms: u64) -> Option<usize> {
+unsafe fn place_client(
+    zone: *mut ngx::ffi::ngx_shm_zone_t,
+    g: &Group,
+    ps: &mut NginxServers<'_, '_>,
+    report: Option<&crate::load_report::ReportConf>,
+    key: u64,
+    now_ms: u64,
+) -> Option<usize> {
+    let unix = if report.is_some() { crate::health::unix_ms() } else { 0 };
     // SAFETY: the caller's contract.
     unsafe {
         shm::with_placement(zone, g.layout, true, |p, _, _| {
-            let (server, how) = p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?;
+            let (server, how) = match report {
+                Some(conf) => p.place_reported(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)?,
+                None => p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?,
+            };
             matches!(how, Placed::Moved | Placed::MovedNow).then_some(server)
         })
         .flatten()
     }
+}
+
+/// Whether primary server `i` reports saturation now (`kylin_load_report`: a fresh report
+/// whose `busy=` condition holds; missing and stale reports say no).
+fn reported_saturated(g: &Group, conf: &crate::load_report::ReportConf, i: usize, unix_ms: u64) -> bool {
+    let Some(slot) = g.reports.get(i).copied().flatten() else { return false };
+    let cells = slot.cells();
+    use crate::load_report::{cell, verdict, MAX_CONDITIONS};
+    verdict(conf, cells[cell::AT_MS], &cells[cell::VALUE..cell::VALUE + MAX_CONDITIONS], unix_ms).saturated()
 }
 
 /// The index in the request's peer list of the server that nginx's `sticky` (1.29.6+) names

@@ -284,6 +284,15 @@ where
     /// neither measures keys nor asks [`Placement::place`]: every key is at home.
     /// Only the first `n` servers are looked at.
     pub fn busy(&self, n: usize, weight: impl Fn(usize) -> u64, now: u64) -> bool {
+        self.busy_reported(n, weight, |_| false, now)
+    }
+
+    /// [`Placement::busy`], also true when some server reports saturation (`saturated(i)`,
+    /// from `kylin_load_report`): load from outside this nginx counts too.
+    pub fn busy_reported(&self, n: usize, weight: impl Fn(usize) -> u64, saturated: impl Fn(usize) -> bool, now: u64) -> bool {
+        if (0..n.min(self.servers().len())).any(&saturated) {
+            return true;
+        }
         let tau = self.params.tau_ms;
         let half = self.params.hot_milli / 2;
         self.servers().iter().take(n).enumerate().any(|(i, s)| s.moved_in > 0 || s.avg_at(now, tau) / weight(i).max(1) >= half)
@@ -377,11 +386,28 @@ where
     /// may take a request now, `weight(i)` its `weight` (loads are compared per unit of
     /// weight, so a server of weight 2 is hot at twice the in-flight count). `None` only when
     /// no server is usable.
-    pub fn place<I, U, W>(&mut self, key: u64, order: I, mut usable: U, weight: W, now: u64) -> Option<(usize, Placed)>
+    pub fn place<I, U, W>(&mut self, key: u64, order: I, usable: U, weight: W, now: u64) -> Option<(usize, Placed)>
     where
         I: IntoIterator<Item = usize>,
         U: FnMut(usize) -> bool,
         W: Fn(usize) -> u64,
+    {
+        self.place_reported(key, order, usable, weight, |_| false, now)
+    }
+
+    /// [`Placement::place`] with the servers' own reports (`kylin_load_report`):
+    /// `saturated(i)` says server `i` reports saturation (a fresh report whose `busy=`
+    /// condition holds). A saturated server counts as at least hot (its load per unit of weight
+    /// is taken as at least `hot + margin`, whatever this nginx has in flight there) and is
+    /// never a move target nor a home to return to; it is still usable, so a key whose every
+    /// other server is busy stays. With `saturated` false everywhere (reports missing or stale)
+    /// this is exactly [`Placement::place`].
+    pub fn place_reported<I, U, W, R>(&mut self, key: u64, order: I, mut usable: U, weight: W, saturated: R, now: u64) -> Option<(usize, Placed)>
+    where
+        I: IntoIterator<Item = usize>,
+        U: FnMut(usize) -> bool,
+        W: Fn(usize) -> u64,
+        R: Fn(usize) -> bool,
     {
         // The usable part of the key's order, on the stack for up to 64 servers; its first
         // server is home.
@@ -401,7 +427,7 @@ where
         // The common case, decided without the rest of the order: a key that is not moved and
         // whose home is not hot stays.
         let moved_now = self.find(key).is_some_and(|i| self.keys()[i].moved != 0);
-        if !moved_now && self.server_load(home, now) / weight(home).max(1) < p.hot_milli {
+        if !moved_now && !saturated(home) && self.server_load(home, now) / weight(home).max(1) < p.hot_milli {
             return Some((home, Placed::Home));
         }
         for i in rest {
@@ -416,8 +442,17 @@ where
         let kl = e.load_at(now, p.tau_ms);
         let moved = e.moved.checked_sub(1).map(|m| m as usize).filter(|&m| m != home && order.contains(&m));
         let cur = moved.unwrap_or(home);
-        // Load per unit of weight, with `extra` added first.
-        let per = |s: &Self, i: usize, extra: u64| (s.server_load(i, now) + extra) / weight(i).max(1);
+        // Load per unit of weight, with `extra` added first; a saturated server's is at least
+        // `hot + margin`.
+        let floor = p.hot_milli.saturating_add(p.margin_milli);
+        let per = |s: &Self, i: usize, extra: u64| {
+            let l = (s.server_load(i, now) + extra) / weight(i).max(1);
+            if saturated(i) {
+                l.max(floor)
+            } else {
+                l
+            }
+        };
         let settled = now.saturating_sub(e.since_ms) >= p.residence_ms || e.since_ms == 0;
 
         // A moved key returns home when home, with it back, is not hot and not busier.
@@ -445,12 +480,13 @@ where
             let mean = total / weights.max(1);
             let left = self.servers()[cur].left_ms;
             let cooled = left == 0 || now.saturating_sub(left) >= p.cooldown_ms;
-            if cooled && lc.saturating_mul(1000) >= p.rel_milli.saturating_mul(mean) {
+            // A saturated server is hot whatever the mean of this nginx's loads says.
+            if cooled && (saturated(cur) || lc.saturating_mul(1000) >= p.rel_milli.saturating_mul(mean)) {
                 // Servers where the move lowers the hot one's load by the margin at least: the
                 // first of the key's order that ends no busier than the hot one is left (a
                 // stable choice that never piles two clients up while a server is free), else
                 // the least loaded.
-                let fits = |s: &Self, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
+                let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, kl) + p.margin_milli <= lc;
                 let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
                 let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
                     order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
@@ -824,6 +860,104 @@ mod tests {
         }
         assert_eq!(p.moved_keys(), 1);
         assert_eq!(p.place(1, order(0, 4), |_| true, |_| 1, now + 1).unwrap().1, Placed::Moved);
+    }
+
+    #[test]
+    fn a_saturated_server_is_hot_and_no_target() {
+        let mut p = Placement::new(4, 16, D);
+        let mut now = 100_000;
+        key(&mut p, 5, 1_000, now);
+        // This nginx has nothing in flight on server 0 just now: not hot by its own counts.
+        levels(&mut p, &[0, 0, 0, 0], now);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
+        assert!(!p.busy(4, |_| 1, now));
+        // Server 0 reports saturation (load from elsewhere), server 1 too: the key moves to 2.
+        let sat = |i: usize| i <= 1;
+        assert!(p.busy_reported(4, |_| 1, sat, now));
+        assert_eq!(p.place_reported(5, order(0, 4), |_| true, |_| 1, sat, now), Some((2, Placed::MovedNow)));
+        // While home stays saturated, the key does not return, even after its residence.
+        now += D.residence_ms + 1;
+        levels(&mut p, &[0, 0, 1, 0], now);
+        assert_eq!(p.place_reported(5, order(0, 4), |_| true, |_| 1, sat, now), Some((2, Placed::Moved)));
+        // Once home's report is calm (or stale: the caller passes false), it returns.
+        assert_eq!(p.place_reported(5, order(0, 4), |_| true, |_| 1, |_| false, now), Some((0, Placed::Returned)));
+        // A light key does not move, saturation or not.
+        key(&mut p, 6, 100, now);
+        assert_eq!(p.place_reported(6, order(0, 4), |_| true, |_| 1, |i| i == 0, now), Some((0, Placed::Home)));
+        // Every other server saturated: nowhere to go, the key stays.
+        let mut q = Placement::new(2, 16, D);
+        key(&mut q, 5, 1_000, now);
+        levels(&mut q, &[1, 0], now);
+        assert_eq!(q.place_reported(5, order(0, 2), |_| true, |_| 1, |_| true, now), Some((0, Placed::Home)));
+    }
+
+    #[test]
+    fn a_busy_server_that_is_saturated_is_not_a_target() {
+        let mut p = Placement::new(3, 16, D);
+        let now = 100_000;
+        key(&mut p, 5, 3_000, now);
+        // Without reports the key would go to server 1; saturated, 2 takes it.
+        levels(&mut p, &[9, 0, 1], now);
+        let mut q = p.clone();
+        assert_eq!(q.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        assert_eq!(p.place_reported(5, order(0, 3), |_| true, |_| 1, |i| i == 1, now), Some((2, Placed::MovedNow)));
+    }
+
+    proptest! {
+        /// Reports that say nothing (missing, stale, or calm: `saturated` false everywhere)
+        /// change nothing: `place_reported` and `busy_reported` answer as `place` and `busy`,
+        /// and leave the same state, over any history.
+        #[test]
+        fn no_report_is_no_change(
+            n in 1usize..8,
+            ops in proptest::collection::vec((0u64..6, 0usize..8, 0u64..12, 0u64..3000, proptest::bool::ANY), 1..200),
+        ) {
+            let mut a = Placement::new(n, 8, D);
+            let mut b = Placement::new(n, 8, D);
+            let mut now = 1u64;
+            for (key, server, level, dt, done) in ops {
+                now += dt;
+                for p in [&mut a, &mut b] {
+                    p.server_inflight(server % n, level, now);
+                    if done {
+                        p.key_done(key, dt % 500 * 20, now);
+                    }
+                }
+                let ord = order(key as usize % n, n);
+                prop_assert_eq!(a.busy(n, |_| 1, now), b.busy_reported(n, |_| 1, |_| false, now));
+                let x = a.place(key, ord.clone(), |_| true, |_| 1, now);
+                let y = b.place_reported(key, ord, |_| true, |_| 1, |_| false, now);
+                prop_assert_eq!(x, y);
+                prop_assert_eq!(&a.sv, &b.sv);
+                prop_assert_eq!(&a.ks, &b.ks);
+            }
+        }
+
+        /// With any servers saturated: the answer is usable, and never a saturated server
+        /// the key was just moved to (a saturated server is only ever kept, never chosen).
+        #[test]
+        fn saturated_servers_are_never_chosen_as_targets(
+            n in 2usize..8,
+            sat_mask in 0u8..=255,
+            ops in proptest::collection::vec((0u64..6, 0usize..8, 0u64..12, 0u64..3000, proptest::bool::ANY), 1..200),
+        ) {
+            let mut p = Placement::new(n, 8, D);
+            let mut now = 1u64;
+            let sat = |i: usize| sat_mask & (1 << i) != 0;
+            for (key, server, level, dt, done) in ops {
+                now += dt;
+                p.server_inflight(server % n, level, now);
+                if done {
+                    p.key_done(key, dt % 500 * 20, now);
+                }
+                let ord = order(key as usize % n, n);
+                let (s, how) = p.place_reported(key, ord, |_| true, |_| 1, sat, now).unwrap();
+                prop_assert!(s < n);
+                if how == Placed::MovedNow || how == Placed::Returned {
+                    prop_assert!(!sat(s));
+                }
+            }
+        }
     }
 
     proptest! {

@@ -29,6 +29,7 @@ use crate::conf::{cycle_main_conf, kylin_upstreams, SrvConf};
 use crate::ngx_ext::for_each_peer;
 use crate::health::{self, cell, Health, Outcome, Parsed, Reason, Transition};
 use crate::load::{self, Slot, Use};
+use crate::load_report::{self, Failure};
 use crate::shm;
 
 /// The probers of this process (raw `Box<Prober>` pointers), freed at `exit_process`.
@@ -39,8 +40,18 @@ fn probers() -> std::sync::MutexGuard<'static, Vec<usize>> {
     PROBERS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The probes of one upstream.
+/// What a prober fetches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `kylin_health_check`: the answer is judged, the server's health slot updated.
+    Health,
+    /// `kylin_load_report`: the metrics page is scanned, the server's report slot updated.
+    Load,
+}
+
+/// The probes of one upstream (of one kind).
 struct Prober {
+    kind: Kind,
     tick: ngx_event_t,
     /// The cycle the prober belongs to: with `master_process off` a reload swaps the cycle in
     /// the same process, and the old configuration's prober stops.
@@ -77,11 +88,28 @@ struct Probe {
     slot: Option<&'static Slot>,
     /// Seen in the peer list at the last tick (`resolve` may drop servers).
     seen: bool,
+    /// A load probe's result, set when its answer is complete.
+    load: Option<Result<[u64; load_report::MAX_CONDITIONS], Failure>>,
 }
 
 unsafe fn conf_of(p: &Probe) -> Option<&health::CheckConf> {
     // SAFETY: the prober and its configuration live as long as the worker.
     unsafe { (*(*p.prober).kcf).health.as_ref() }
+}
+
+unsafe fn kind_of(p: &Probe) -> Kind {
+    // SAFETY: the prober lives as long as the worker.
+    unsafe { (*p.prober).kind }
+}
+
+/// The prober's interval, timeout and port (its directive's).
+unsafe fn timing(pr: &Prober) -> Option<(u64, u64, Option<u16>)> {
+    // SAFETY: the configuration lives as long as the worker.
+    let kcf = unsafe { &*pr.kcf };
+    match pr.kind {
+        Kind::Health => kcf.health.as_ref().map(|c| (c.interval_ms, c.timeout_ms, c.port)),
+        Kind::Load => kcf.load_report.as_ref().map(|c| (c.interval_ms, c.timeout_ms, c.port)),
+    }
 }
 
 /// Starts the probers of a worker (init_process of the one process that probes).
@@ -90,26 +118,32 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     unsafe {
         let Some(main_conf) = cycle_main_conf(cycle) else { return Status::NGX_OK.into() };
         for (uscf, kcf) in kylin_upstreams(main_conf) {
-            if kcf.health.is_none() || (*uscf).shm_zone.is_null() {
+            if (*uscf).shm_zone.is_null() {
                 continue;
             }
-            // Lives as long as the worker process (never freed: the process ends with it).
-            let p = Box::into_raw(Box::new(Prober {
-                // SAFETY: an all-zero event is its initial state (as ngx_pcalloc gives).
-                tick: core::mem::zeroed(),
-                cycle,
-                kcf,
-                uscf,
-                probes: Vec::new(),
-            }));
-            (*p).tick.data = p as *mut c_void;
-            (*p).tick.handler = Some(tick);
-            (*p).tick.log = (*cycle).log;
-            // Graceful shutdown does not wait for the next round.
-            (*p).tick.set_cancelable(1);
-            // The first round right away (the first event loop iteration).
-            ngx_add_timer(&mut (*p).tick, 1);
-            probers().push(p as usize);
+            for kind in [Kind::Health, Kind::Load] {
+                if kind == Kind::Health && kcf.health.is_none() || kind == Kind::Load && kcf.load_report.is_none() {
+                    continue;
+                }
+                // Lives as long as the worker process (never freed: the process ends with it).
+                let p = Box::into_raw(Box::new(Prober {
+                    kind,
+                    // SAFETY: an all-zero event is its initial state (as ngx_pcalloc gives).
+                    tick: core::mem::zeroed(),
+                    cycle,
+                    kcf,
+                    uscf,
+                    probes: Vec::new(),
+                }));
+                (*p).tick.data = p as *mut c_void;
+                (*p).tick.handler = Some(tick);
+                (*p).tick.log = (*cycle).log;
+                // Graceful shutdown does not wait for the next round.
+                (*p).tick.set_cancelable(1);
+                // The first round right away (the first event loop iteration).
+                ngx_add_timer(&mut (*p).tick, 1);
+                probers().push(p as usize);
+            }
         }
     }
     Status::NGX_OK.into()
@@ -185,7 +219,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             return;
         }
         let kcf = &*pr.kcf;
-        let Some(conf) = kcf.health.as_ref() else { return };
+        let Some((interval_ms, _, port)) = timing(pr) else { return };
         for p in &mut pr.probes {
             p.seen = false;
         }
@@ -194,15 +228,20 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
                 Some(i) => i,
                 None => {
                     let mut sockaddr = peer.sockaddr;
-                    if let Some(port) = conf.port {
+                    if let Some(port) = port {
                         set_port(&mut sockaddr, port);
                     }
-                    let slot = shm::load_slot(kcf.load_zone, load::health_key(&kcf.name, &peer.name), Use::Counts);
+                    let (key, request) = match (pr.kind, kcf.health.as_ref(), kcf.load_report.as_ref()) {
+                        (Kind::Health, Some(c), _) => (load::health_key(&kcf.name, &peer.name), c.request(&peer.host)),
+                        (Kind::Load, _, Some(c)) => (load::report_key(&kcf.name, &peer.name), c.request(&peer.host)),
+                        _ => return,
+                    };
+                    let slot = shm::load_slot(kcf.load_zone, key, Use::Counts);
                     let mut p = Box::new(Probe {
                         prober: pr,
                         name: peer.name,
                         name_str: ngx_str_t::default(),
-                        request: conf.request(&peer.host),
+                        request,
                         sockaddr,
                         conn: ptr::null_mut(),
                         // SAFETY: an all-zero event is its initial state.
@@ -215,6 +254,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
                         started_ms: 0,
                         slot,
                         seen: false,
+                        load: None,
                     });
                     p.name_str = ngx_str_t { len: p.name.len(), data: p.name.as_mut_ptr() };
                     let raw: *mut Probe = &mut *p;
@@ -244,7 +284,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
             close(p);
             false
         });
-        ngx_add_timer(ev, conf.interval_ms as ngx_msec_t);
+        ngx_add_timer(ev, interval_ms as ngx_msec_t);
     }
 }
 
@@ -255,8 +295,10 @@ unsafe extern "C" fn log_handler(log: *mut ngx::ffi::ngx_log_t, buf: *mut u8, le
     unsafe {
         let p = &*((*log).data as *const Probe);
         let kcf = &*(*p.prober).kcf;
+        let what = if (*p.prober).kind == Kind::Load { "fetching the load report" } else { "checking the health" };
         let text = format!(
-            " while checking the health of server {} of upstream \"{}\"",
+            " while {} of server {} of upstream \"{}\"",
+            what,
             String::from_utf8_lossy(&p.name),
             String::from_utf8_lossy(&kcf.name)
         );
@@ -278,8 +320,9 @@ unsafe fn close(p: &mut Probe) {
 /// Starts a probe: on the kept-alive connection if there is one, else on a new one.
 unsafe fn begin(p: &mut Probe) {
     // SAFETY: the prober's configuration lives as long as the worker.
-    let Some(timeout) = (unsafe { conf_of(p) }).map(|c| c.timeout_ms) else { return };
+    let Some(timeout) = (unsafe { timing(&*p.prober) }).map(|t| t.1) else { return };
     p.in_flight = true;
+    p.load = None;
     p.sent = 0;
     p.answer.clear();
     // SAFETY: reading nginx's cached clock in its own thread.
@@ -402,7 +445,7 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
 
 /// Reads and parses what has arrived.
 unsafe fn read(p: &mut Probe) {
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 16384];
     // SAFETY: the probe's connection is open; its recv function is nginx's.
     unsafe {
         let c = p.conn;
@@ -430,14 +473,22 @@ unsafe fn read(p: &mut Probe) {
                 connect(p);
                 return;
             }
-            match health::parse_answer(&p.answer, eof) {
+            let kind = kind_of(p);
+            let max = if kind == Kind::Load { load_report::MAX_BODY } else { health::MAX_RESPONSE };
+            match health::parse_answer_max(&p.answer, eof, max) {
                 Parsed::Partial if !eof => continue,
                 Parsed::Partial | Parsed::Invalid => {
-                    fail_conn(p, if eof && p.answer.len() < health::MAX_RESPONSE { Reason::Closed } else { Reason::Invalid });
+                    fail_conn(p, if eof && p.answer.len() < max { Reason::Closed } else { Reason::Invalid });
                     return;
                 }
                 Parsed::Complete(a) => {
-                    let outcome = conf_of(p).map_or(Outcome::Pass, |conf| conf.judge(a.status, &a.body));
+                    let outcome = if kind == Kind::Load {
+                        let kcf = &*(*p.prober).kcf;
+                        p.load = kcf.load_report.as_ref().map(|c| load_report::judge(c, a.status, &a.body));
+                        Outcome::Pass
+                    } else {
+                        conf_of(p).map_or(Outcome::Pass, |conf| conf.judge(a.status, &a.body))
+                    };
                     let keep = a.keepalive && !eof && ngx::ffi::ngx_exiting == 0;
                     finish(p, outcome, keep);
                     return;
@@ -489,6 +540,11 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
         // SAFETY: as in close.
         unsafe { close(p) };
     }
+    // SAFETY: the prober lives as long as the worker.
+    if unsafe { kind_of(p) } == Kind::Load {
+        record_load(p, outcome);
+        return;
+    }
     // SAFETY: the configuration lives as long as the worker.
     let Some(conf) = (unsafe { conf_of(p) }) else { return };
     let Some(slot) = p.slot else { return };
@@ -537,6 +593,34 @@ unsafe fn finish(p: &mut Probe, outcome: Outcome, keep: bool) {
                 },
                 before.as_str(conf.mandatory)
             );
+        }
+    }
+}
+
+/// Records a load probe's result in the server's report slot: the values and the time of a
+/// good report, or the failure (the last good report stays, and turns stale in time).
+fn record_load(p: &mut Probe, outcome: Outcome) {
+    let Some(slot) = p.slot else { return };
+    let result = p.load.take().unwrap_or(Err(match outcome {
+        Outcome::Fail(Reason::Connect, _) => Failure::Connect,
+        Outcome::Fail(Reason::Timeout, _) => Failure::Timeout,
+        Outcome::Fail(Reason::Closed, _) => Failure::Closed,
+        _ => Failure::Invalid,
+    }));
+    let now_ms = health::unix_ms();
+    // Only this process writes a server's report (one prober per upstream, in worker 0).
+    match result {
+        Ok(values) => {
+            for (i, v) in values.iter().enumerate() {
+                slot.cell(load_report::cell::VALUE + i).store(*v, Ordering::Relaxed);
+            }
+            slot.cell(load_report::cell::AT_MS).store(now_ms, Ordering::Relaxed);
+            slot.cell(load_report::cell::COUNTS).fetch_add(1, Ordering::Relaxed);
+        }
+        Err(f) => {
+            slot.cell(load_report::cell::COUNTS).fetch_add(1 | (1 << 32), Ordering::Relaxed);
+            slot.cell(load_report::cell::LAST_FAIL_MS).store(now_ms, Ordering::Relaxed);
+            slot.cell(load_report::cell::LAST_FAIL).store(f as u64, Ordering::Relaxed);
         }
     }
 }

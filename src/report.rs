@@ -40,6 +40,82 @@ pub struct ServerReport {
     /// The share (0 to 1) of new clients the server takes while it ramps up after coming back
     /// (`kylin_slow_start`); `None` when it is not ramping.
     pub slow_start: Option<f64>,
+    /// The load the server reports (`kylin_load_report`; `None` otherwise).
+    pub load_report: Option<LoadReportReport>,
+}
+
+/// A server's load report, from its report slot's cells ([`crate::load_report::cell`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReportReport {
+    /// `missing` (no report yet, or no slot), `stale`, `fresh`, `saturated`.
+    pub state: &'static str,
+    /// Placement uses the report now: it is fresh and the upstream places clients.
+    pub used: bool,
+    /// Unix ms of the last good report; 0 for never.
+    pub last_report_ms: u64,
+    /// Milliseconds since then (`None` for never).
+    pub age_ms: Option<u64>,
+    /// Each `busy=` condition as written, its metric's last value (`None`: absent from the
+    /// page, or never reported), and whether it holds.
+    pub conditions: Vec<(String, Option<f64>, bool)>,
+    pub fetches: u64,
+    pub failures: u64,
+    pub last_failure_ms: u64,
+    pub last_failure_reason: Option<&'static str>,
+}
+
+impl LoadReportReport {
+    /// The load report of a server, from its report slot (`missing` without one: the zone
+    /// is full).
+    pub fn of(table: Option<&crate::load::LoadTable<'_>>, conf: &crate::load_report::ReportConf, upstream: &[u8], server: &[u8], now_ms: u64, used: bool) -> LoadReportReport {
+        let cells = table.and_then(|t| t.find(crate::load::report_key(upstream, server))).map(|s| s.cells());
+        LoadReportReport::from_cells(conf, cells.as_ref(), now_ms, used)
+    }
+
+    /// The report of a report slot's cells (`None`: the server has no slot), at Unix `now_ms`;
+    /// `places` says the upstream places clients (`kylin_balance clients`).
+    pub fn from_cells(conf: &crate::load_report::ReportConf, cells: Option<&[u64; 8]>, now_ms: u64, places: bool) -> LoadReportReport {
+        use crate::load_report::{cell, verdict, Failure, ABSENT, MAX_CONDITIONS};
+        let c = cells.copied().unwrap_or([0; 8]);
+        let at = c[cell::AT_MS];
+        let values = &c[cell::VALUE..cell::VALUE + MAX_CONDITIONS];
+        let v = verdict(conf, at, values, now_ms);
+        let fresh = matches!(v, crate::load_report::Verdict::Fresh { .. });
+        let failure = Failure::from_bits(c[cell::LAST_FAIL]);
+        LoadReportReport {
+            state: v.as_str(),
+            used: fresh && places,
+            last_report_ms: at,
+            age_ms: (at != 0).then(|| now_ms.saturating_sub(at)),
+            conditions: conf
+                .busy
+                .iter()
+                .zip(values)
+                .map(|(b, &bits)| {
+                    let value = (at != 0 && bits != ABSENT).then(|| f64::from_bits(bits)).filter(|x| !x.is_nan());
+                    (b.text.clone(), value, fresh && value.is_some_and(|x| b.holds(x)))
+                })
+                .collect(),
+            fetches: c[cell::COUNTS] & 0xffff_ffff,
+            failures: c[cell::COUNTS] >> 32,
+            last_failure_ms: c[cell::LAST_FAIL_MS],
+            last_failure_reason: (failure != Failure::None).then(|| failure.as_str()),
+        }
+    }
+}
+
+fn load_report_json(r: &LoadReportReport) -> Value {
+    json!({
+        "state": r.state,
+        "used": r.used,
+        "last_report": unix_seconds(r.last_report_ms),
+        "age": r.age_ms.map(|a| a as f64 / 1000.0),
+        "conditions": r.conditions.iter().map(|(busy, value, holds)| json!({"busy": busy, "value": value, "holds": holds})).collect::<Vec<_>>(),
+        "fetches": r.fetches,
+        "failures": r.failures,
+        "last_failure": unix_seconds(r.last_failure_ms),
+        "last_failure_reason": r.last_failure_reason,
+    })
 }
 
 /// A server's health-check record, from its health slot's cells
@@ -232,6 +308,7 @@ fn server_json(s: &ServerReport) -> Value {
         "health": s.health.as_ref().map(health_json),
         "sessions": s.sessions,
         "slow_start": s.slow_start,
+        "load_report": s.load_report.as_ref().map(load_report_json),
     })
 }
 
@@ -412,6 +489,24 @@ pub fn to_prometheus(upstreams: &[UpstreamReport], load_zone: Option<&LoadZoneRe
                     f.add("kylin_server_health_last_failure_info", "gauge", "Why the last failed health-check probe failed (the reason label).", &l, 1.0);
                 }
             }
+            if let Some(r) = &s.load_report {
+                for state in ["missing", "stale", "fresh", "saturated"] {
+                    let l = [("upstream", up), ("server", srv), ("state", state)];
+                    f.add("kylin_server_load_report", "gauge", "1 for the state of the load the server reports (missing, stale, fresh, saturated).", &l, f64::from(u8::from(r.state == state)));
+                }
+                f.add("kylin_server_load_report_used", "gauge", "1 while client placement uses the server's report (fresh, kylin_balance clients).", &base, f64::from(u8::from(r.used)));
+                if let Some(a) = r.age_ms {
+                    f.add("kylin_server_load_report_age_seconds", "gauge", "Age of the server's last good load report.", &base, a as f64 / 1000.0);
+                }
+                for (busy, value, _) in &r.conditions {
+                    if let Some(v) = value {
+                        let l = [("upstream", up), ("server", srv), ("busy", busy.as_str())];
+                        f.add("kylin_server_load_report_value", "gauge", "The metric of a busy= condition in the server's last good load report.", &l, *v);
+                    }
+                }
+                f.add("kylin_server_load_report_fetches_total", "counter", "Load-report fetches made.", &base, r.fetches as f64);
+                f.add("kylin_server_load_report_failures_total", "counter", "Load-report fetches that gave no report.", &base, r.failures as f64);
+            }
             f.add("kylin_server_backup", "gauge", "1 for backup servers.", &base, f64::from(u8::from(s.backup)));
             f.add("kylin_server_weight", "gauge", "The server's weight.", &base, s.weight as f64);
             f.add("kylin_server_load_slot", "gauge", "1 if the server's load is counted (it has a slot in the load zone), 0 if the zone was full.", &base, f64::from(u8::from(s.load_slot)));
@@ -490,6 +585,42 @@ mod tests {
             routes_timeout_seconds: 28800,
             store: Some(StoreReport { kind: "redis", urls: vec!["redis://***@h:1".into()], breaker: "open", lookups: 2, latency_seconds: 0.5, ..Default::default() }),
         }
+    }
+
+    #[test]
+    fn load_report_fields() {
+        use crate::load_report::{cell, parse_params, ABSENT};
+        let conf = parse_params(&[b"busy=spark_tasks{state=\"pending\"}>0".as_slice(), b"busy=spark_tasks_utilization>=0.9"]).unwrap();
+        let now = 1_700_000_010_000;
+        let mut cells = [0u64; 8];
+        cells[cell::AT_MS] = now - 1500;
+        cells[cell::VALUE] = 2f64.to_bits();
+        cells[cell::VALUE + 1] = ABSENT;
+        cells[cell::COUNTS] = 5 | (1 << 32);
+        cells[cell::LAST_FAIL] = 2;
+        cells[cell::LAST_FAIL_MS] = now - 4000;
+        let r = LoadReportReport::from_cells(&conf, Some(&cells), now, true);
+        assert_eq!((r.state, r.used, r.age_ms, r.fetches, r.failures), ("saturated", true, Some(1500), 5, 1));
+        assert_eq!(r.last_failure_reason, Some("timeout"));
+        assert_eq!(r.conditions[0], ("spark_tasks{state=\"pending\"}>0".to_string(), Some(2.0), true));
+        assert_eq!(r.conditions[1].1, None);
+        let stale = LoadReportReport::from_cells(&conf, Some(&cells), now + 60_000, true);
+        assert_eq!((stale.state, stale.used, stale.conditions[0].2), ("stale", false, false));
+        let none = LoadReportReport::from_cells(&conf, None, now, true);
+        assert_eq!((none.state, none.used, none.age_ms), ("missing", false, None));
+        assert!(!LoadReportReport::from_cells(&conf, Some(&cells), now, false).used);
+        let mut u = sample();
+        u.servers[0].load_report = Some(r);
+        let v: Value = serde_json::from_str(&to_json("1.28.0", 1, &[u.clone()], None)).unwrap();
+        let j = &v["upstreams"]["kylin_nodes"]["servers"][0]["load_report"];
+        assert_eq!(j["state"], "saturated");
+        assert_eq!(j["age"], 1.5);
+        assert_eq!(j["conditions"][0]["value"], 2.0);
+        assert_eq!(v["upstreams"]["kylin_nodes"]["servers"][1]["load_report"], Value::Null);
+        let text = to_prometheus(&[u], None);
+        assert!(text.contains("kylin_server_load_report{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\",state=\"saturated\"} 1\n"), "{text}");
+        assert!(text.contains("kylin_server_load_report_value{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\",busy=\"spark_tasks{state=\\\"pending\\\"}>0\"} 2\n"), "{text}");
+        assert!(text.contains("kylin_server_load_report_age_seconds{upstream=\"kylin_nodes\",server=\"10.0.0.1:7070\"} 1.5\n"));
     }
 
     #[test]

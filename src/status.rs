@@ -78,6 +78,7 @@ unsafe fn servers_of(
                 health,
                 sessions: None,
                 slow_start: None,
+                load_report: None,
             });
             p = peer.next;
         }
@@ -112,6 +113,13 @@ unsafe fn upstream_report(uscf: *mut ngx_http_upstream_srv_conf_t, kcf: &SrvConf
         let now_ms = health::unix_ms();
         for s in servers.iter_mut().filter(|s| !s.backup) {
             s.slow_start = health::ramp_share(table.as_ref(), kcf.slow_start_ms, &kcf.name, s.address.as_bytes(), now_ms);
+        }
+        if let Some(conf) = kcf.load_report.as_ref() {
+            // Placement (primary servers, kylin_balance clients) is what uses reports.
+            let places = kcf.balance() == crate::balancer::Balance::Clients;
+            for s in servers.iter_mut() {
+                s.load_report = Some(report::LoadReportReport::of(table.as_ref(), conf, &kcf.name, s.address.as_bytes(), now_ms, places && !s.backup));
+            }
         }
         let in_flight = table.as_ref().and_then(|t| t.find(load::upstream_key(&kcf.name))).map_or(0, |s| s.inflight());
         let factor = kcf.balance_factor();

@@ -32,6 +32,9 @@ pub struct Group {
     pub slots: Vec<Option<&'static Slot>>,
     /// Ring index -> the server's health slot (health checks; resolved in each worker).
     pub health: Vec<Option<&'static Slot>>,
+    /// Ring index -> the server's load-report slot (`kylin_load_report`; resolved in each
+    /// worker, `None` without the directive).
+    pub reports: Vec<Option<&'static Slot>>,
     /// Hash of the servers' names and weights in ring index order: what the shared client
     /// placement's tables must describe (see `shm::with_placement`).
     pub layout: u64,
@@ -77,6 +80,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
     let ring = Ring::new(s.names.iter().zip(s.weights.iter().copied())).map_err(|e| e.to_string())?;
     let slots = vec![None; s.weights.len()];
     let health = vec![None; s.weights.len()];
+    let reports = vec![None; s.weights.len()];
     let mut id = Vec::with_capacity(s.names.bytes.len() + 5 * s.weights.len());
     for (name, w) in s.names.iter().zip(&s.weights) {
         id.extend_from_slice(name);
@@ -84,7 +88,7 @@ fn build_group<K>(s: Snapshot<K>) -> Result<(Group, PeerRefs<K>), String> {
         id.extend_from_slice(&w.to_le_bytes());
     }
     let layout = key_hash(&id);
-    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, layout }, s.refs))
+    Ok((Group { ring, names: s.names, weights: s.weights, ids, slots, health, reports, layout }, s.refs))
 }
 
 /// Builds the state from snapshots of the primary list and its backup list.
@@ -142,12 +146,14 @@ const REBUILD_TRIES: usize = 3;
 ///
 /// # Safety
 /// `guard` holds the primary list of the upstream whose tables `tables` are; `load_zone` is
-/// the configuration's load zone and `name` the upstream's name.
+/// the configuration's load zone and `name` the upstream's name; `reports`: it has
+/// `kylin_load_report` (each server has a report slot).
 #[inline(always)]
 pub unsafe fn ensure_state<'t>(
     tables: &'t Tables,
     load_zone: *mut ngx::ffi::ngx_shm_zone_t,
     name: &[u8],
+    reports: bool,
     guard: Locked<Primary>,
 ) -> Result<(Locked<Primary>, Ref<'t, UpstreamState>), String> {
     if let Some(t) = tables.get() {
@@ -156,7 +162,7 @@ pub unsafe fn ensure_state<'t>(
         }
     }
     // SAFETY: this function's contract.
-    let guard = unsafe { rebuild(tables, load_zone, name, guard)? };
+    let guard = unsafe { rebuild(tables, load_zone, name, reports, guard)? };
     match tables.get().and_then(|t| Ref::filter_map(t, |t| t.as_deref()).ok()) {
         Some(state) => Ok((guard, state)),
         None => {
@@ -173,7 +179,7 @@ pub unsafe fn ensure_state<'t>(
 /// As for [`ensure_state`].
 #[cold]
 #[inline(never)]
-unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
+unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], reports: bool, mut guard: Locked<Primary>) -> Result<Locked<Primary>, String> {
     let list = guard.list();
     let current = |guard: &Locked<Primary>| tables.get().is_some_and(|t| t.as_deref().is_some_and(|s| guard.current(&s.primary_peers)));
     let mut tries = 0;
@@ -188,7 +194,7 @@ unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, nam
         if backup.as_ref().map_or(true, |b| b.refs.config == primary.refs.config) {
             let mut state = build_state(primary, backup)?;
             // SAFETY: the load zone is valid for the cycle.
-            unsafe { point_at_counters(load_zone, name, &mut state) };
+            unsafe { point_at_counters(load_zone, name, reports, &mut state) };
             if !tables.set(Some(Box::new(state))) {
                 return Err("the tables are in use".into());
             }
@@ -204,7 +210,7 @@ unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, nam
         let pointed = tables.with_mut(|t| {
             if let Some(s) = t.as_deref_mut() {
                 // SAFETY: the load zone is valid for the cycle.
-                unsafe { point_at_counters(load_zone, name, s) };
+                unsafe { point_at_counters(load_zone, name, reports, s) };
             }
         });
         if pointed.is_none() {
@@ -219,7 +225,7 @@ unsafe fn rebuild(tables: &Tables, load_zone: *mut ngx::ffi::ngx_shm_zone_t, nam
 /// zone: no peer is read).
 #[cold]
 #[inline(never)]
-unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], state: &mut UpstreamState) {
+unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8], reports: bool, state: &mut UpstreamState) {
     // Claims are serialised with the zone's mutex; this runs once per table build.
     // SAFETY: the caller passes the configuration's load zone, valid for the cycle.
     let claimed = unsafe {
@@ -233,6 +239,9 @@ unsafe fn point_at_counters(load_zone: *mut ngx::ffi::ngx_shm_zone_t, name: &[u8
                     g.slots[i] = table.claim(load::server_key(name, server), Use::Counts, generation);
                     missing += usize::from(g.slots[i].is_none());
                     g.health[i] = table.claim(load::health_key(name, server), Use::Counts, generation);
+                    if reports {
+                        g.reports[i] = table.claim(load::report_key(name, server), Use::Counts, generation);
+                    }
                 }
             }
             (missing, table.capacity())

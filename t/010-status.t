@@ -57,7 +57,7 @@ qr/\An1\nn1n1n1\nn1n1n1n1\n\{(?x)
     (?=.*"version":1)
     (?=.*"load_zone":\{"capacity":\d+,"claims_failed":0,"generation":\d+,"reclaimed":\d+,"slots_used":\d+,"zone":"kylin_load"\})
     (?=.*"kylin_nodes":\{"balance":"requests","balance_factor":1\.5,"bound_per_weight":\d+,"decisions":\{"backup":0,"failover":(?:0,"learned":3,"moved":0,"spilled":0,"sticky":5|1,"learned":3,"moved":0,"spilled":0,"sticky":4|4,"learned":3,"moved":0,"spilled":0,"sticky":1|5,"learned":3,"moved":0,"spilled":0,"sticky":0)\},"in_flight":0,"live_weight":2,"moved_clients":null,)
-    (?=.*"servers":\[\{"address":"127\.0\.0\.1:\d+","backup":false,"backup_requests":0,"clients_moved_in":null,"failover":[0145],"failures":0,"health":null,"in_flight":0,"learned":3,"load_slot":true,"moved":0,"requests":8,"server":"127\.0\.0\.1:\d+","sessions":1,"slow_start":null,"spilled_in":0,"spilled_out":0,"state":"up","sticky":[0145],"weight":2\},
+    (?=.*"servers":\[\{"address":"127\.0\.0\.1:\d+","backup":false,"backup_requests":0,"clients_moved_in":null,"failover":[0145],"failures":0,"health":null,"in_flight":0,"learned":3,"load_report":null,"load_slot":true,"moved":0,"requests":8,"server":"127\.0\.0\.1:\d+","sessions":1,"slow_start":null,"spilled_in":0,"spilled_out":0,"state":"up","sticky":[0145],"weight":2\},
         \{"address":"127\.0\.0\.1:\d+","backup":false,[^}]*"requests":0,[^}]*"state":"down","sticky":0,"weight":1\},
         \{"address":"127\.0\.0\.1:\d+","backup":true,[^}]*"requests":0,[^}]*"state":"up",[^}]*\}\])
     (?=.*"session_cookie":"JSESSIONID")
