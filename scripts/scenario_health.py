@@ -75,12 +75,15 @@ IDS = itertools.count(1)
 
 
 class Node(httpserver.ThreadingHTTPServer):
-    """A Kylin stand-in: HTTP/1.1 with keep-alive; `health` is UP, DOWN, hang or close."""
+    """A Kylin stand-in: HTTP/1.1 with keep-alive; `health` is UP, DOWN, hang or close;
+    `queries` "500" fails every query."""
 
     daemon_threads = True
 
     def __init__(self, port, name):
         self.name, self.health = name, "UP"
+        # "500": queries are answered with HTTP 500 (a node that fails requests, not probes).
+        self.queries = "ok"
         self.sessions = set()
         self.probes = 0
         self.probe_conns = set()
@@ -120,6 +123,8 @@ class Node(httpserver.ThreadingHTTPServer):
                         return
                     up = mode == "UP"
                     return self.reply(200 if up else 503, json.dumps({"status": "UP" if up else "DOWN", "components": {"metaStore": {"status": "UP"}}}, separators=(",", ":")).encode())
+                if node.queries == "500":
+                    return self.reply(500, node.name.encode())
                 m = re.search(r"JSESSIONID=([0-9A-F]+)", self.headers.get("Cookie", ""))
                 if self.path.startswith("/login"):
                     sid = "%032X" % next(IDS)

@@ -12,7 +12,9 @@ from their own addresses) ask each upstream. Checks:
   3. sessions   - a session that lives on n0 goes back to it at once, not held back by the ramp;
   4. status     - the status page shows the share (`slow_start`) while n0 ramps, null after;
   5. undrain    - a node undrained through `kylin_status write=on` ramps up the same way;
-  6. reload     - a node that `nginx -s reload` adds ramps up too (nodes already there do not);
+  6. max_fails  - without health checks, a node back from nginx's own failed state
+                  (`max_fails`, once `fail_timeout` is over and a try succeeds) ramps up too;
+  7. reload     - a node that `nginx -s reload` adds ramps up too (nodes already there do not);
 and no alert or crash in the error log. Prints the shares it measured.
 
 Usage: scenario_slow_start.py --nginx PATH --module PATH [--keep]
@@ -50,12 +52,18 @@ http {{
 {servers}
         kylin_health_check interval=100ms timeout=300ms 'body="status":"UP"';
     }}
+    kylin_upstream fails {{
+        zone fails 64k;
+{fservers}
+        kylin_slow_start {slow}ms;
+    }}
     server {{
         listen 127.0.0.1:{port};
         set_real_ip_from 127.0.0.1;
         real_ip_header X-Real-IP;
         location /ramp/ {{ proxy_pass http://ramp/; }}
         location /plain/ {{ proxy_pass http://plain/; }}
+        location /fails/ {{ proxy_pass http://fails/; proxy_next_upstream error timeout http_500; }}
         location = /status {{ kylin_status write=on; }}
     }}
 }}
@@ -77,7 +85,8 @@ class Scenario:
 
     def conf(self, n=3):
         servers = "\n".join("        server 127.0.0.1:%d;" % p for p in self.ports[:n])
-        return CONF.format(module=self.module, port=self.port, servers=servers, slow=int(SLOW * 1000))
+        fservers = "\n".join("        server 127.0.0.1:%d max_fails=1 fail_timeout=1s;" % p for p in self.ports[:n])
+        return CONF.format(module=self.module, port=self.port, servers=servers, fservers=fservers, slow=int(SLOW * 1000))
 
     def clients(self, up, node):
         """The clients (indices) of upstream `up` that land on `node` now."""
@@ -177,7 +186,32 @@ class Scenario:
         early = [len(r) for t, r, _ in samples if t < 0.75]
         self.check("undrain: an undrained node ramps up the same way", not drained and early and max(early) <= 0.35 * len(home1)
                    and samples[-1][1] == home1, "counts %s of %d" % (counts, len(home1)))
+        self.max_fails_back()
         self.reload_adds()
+
+    def max_fails_back(self):
+        """Without health checks: n2 fails its queries (HTTP 500, `max_fails=1`), nginx holds it
+        failed for `fail_timeout`; once that is over, the first try that succeeds brings it
+        back, and its ramp begins."""
+        n2 = self.nodes[2]
+        home = self.clients("fails", "n2")
+        n2.queries = "500"
+        self.clients("fails", "n2")
+        gone = self.clients("fails", "n2")
+        n2.queries = "ok"
+        time.sleep(1.2)
+        t0 = time.time()
+        samples = []
+        while time.time() - t0 < SLOW + 0.6:
+            samples.append((time.time() - t0, self.clients("fails", "n2")))
+            time.sleep(0.15)
+        counts = [len(r) for _, r in samples]
+        print("n2's clients through `fails` after max_fails let it go:", ", ".join("%.1fs %d/%d" % (t, len(r), len(home)) for t, r in samples))
+        early = [len(r) for t, r in samples if t < 0.75]
+        self.check("max_fails: a node back from nginx's failed state ramps up the same way",
+                   home and not gone and early and max(early) <= 0.35 * len(home) and samples[-1][1] == home
+                   and all(b >= a for a, b in zip(counts, counts[1:])),
+                   "held failed: %d clients; counts %s of %d" % (len(gone), counts, len(home)))
 
     def reload_adds(self):
         import signal

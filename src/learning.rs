@@ -145,3 +145,19 @@ pub unsafe fn learn_session(kcf: &SrvConf, r: *mut ngx_http_request_t, server: &
         matches!(set, SetSession::Set(_)).then_some(peer)
     }
 }
+
+/// A primary server nginx held failed (`max_fails`) answered a try: it is back, and with
+/// `kylin_slow_start` its ramp begins (stamped in its health slot, as the prober does for a
+/// server that turns healthy again). A rare path: the slot is looked up by name.
+#[cold]
+#[inline(never)]
+pub unsafe fn came_back(kcf: &SrvConf, server: &[u8]) {
+    if kcf.slow_start_ms.is_none() {
+        return;
+    }
+    // SAFETY: the load zone is valid for the cycle.
+    let slot = unsafe { shm::load_slot(kcf.load_zone, crate::load::health_key(&kcf.name, server), crate::load::Use::Counts) };
+    if let Some(slot) = slot {
+        slot.cell(crate::health::cell::RAMP_MS).store(crate::health::unix_ms(), core::sync::atomic::Ordering::Relaxed);
+    }
+}

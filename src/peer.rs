@@ -169,11 +169,13 @@ struct PeerData {
     sess: SessionData,
     /// Counters of the server this try went to, while it is counted in flight.
     counted: Option<&'static Slot>,
-    movable: bool,
     /// Client placement was busy when this try was chosen: `free` measures its response.
     measure: bool,
     /// This request moved to the backup servers.
     on_backup: bool,
+    /// The try went to a primary server that nginx held failed (`max_fails`) until its
+    /// `fail_timeout` passed: if it succeeds, the server is back ([`learning::came_back`]).
+    trial: bool,
     /// The try is also counted in the upstream's in-flight total.
     counted_total: bool,
     /// What the balancer decided, for `$kylin_route` and `$kylin_session_state`: the
@@ -199,6 +201,12 @@ impl PeerData {
     unsafe fn conf(&self) -> Option<&'static SrvConf> {
         // SAFETY: r is live and has an upstream using this balancer.
         unsafe { srv_conf((*(*self.r).upstream).upstream) }
+    }
+
+    /// Whether the request may leave its server ([`balancer::may_move`] of its session's state).
+    #[inline]
+    fn movable(&self) -> bool {
+        balancer::may_move(self.ctx.session)
     }
 
     fn session(&self) -> Option<&SessionData> {
@@ -315,9 +323,9 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
             r,
             sess: SessionData { key: skey.unwrap_or(0), learned: learned.unwrap_or(0) },
             counted: None,
-            movable: balancer::may_move(state),
             measure: false,
             on_backup: false,
+            trial: false,
             counted_total: false,
             ctx: crate::variables::RequestCtx::new(None, state, checked.is_some()),
         });
@@ -504,7 +512,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let mut req = Request {
         key,
         learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
-        movable: pd.movable,
+        movable: pd.movable(),
         balance,
         moved: None,
         sticky: hinted.is_some(),
@@ -670,7 +678,7 @@ unsafe fn get_backup(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, state: &
     let tried = if moving { ptr::null_mut() } else { pd.rrp.tried };
     // No slow start among backups.
     let mut bs = NginxServers { group, peers, tried, now, single: false, gate: gate.without_slow_start() };
-    let req = balancer::on_backup(key, pd.movable);
+    let req = balancer::on_backup(key, pd.movable());
     let Some(choice) = balancer::choose_backup(&req, Pick { ring: &group.ring, servers: &mut bs, bound: Bound::OFF }) else {
         return Err(Status::NGX_BUSY.into());
     };
@@ -723,6 +731,9 @@ unsafe fn take(
         }
     }
     best.conns += 1;
+    // Back from nginx's failed state (fail_timeout over): what this try says matters to the
+    // slow start. Backups do not ramp.
+    pd.trial = total.is_some() && best.max_fails != 0 && best.fails >= best.max_fails;
     if now - best.checked > best.fail_timeout {
         best.checked = now;
     }
@@ -768,6 +779,11 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
         if core::mem::take(&mut pd.counted_total) {
             if let Some(t) = pd.conf().and_then(|c| c.total.get()) {
                 t.finish();
+            }
+        }
+        if core::mem::take(&mut pd.trial) && state & NGX_PEER_FAILED as ngx_uint_t == 0 && !pd.rrp.current.is_null() {
+            if let Some(kcf) = pd.conf() {
+                learning::came_back(kcf, (*pd.rrp.current).name.as_bytes());
             }
         }
         if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
