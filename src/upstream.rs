@@ -1228,7 +1228,8 @@ unsafe fn placement_learns(kcf: &SrvConf, pd: &PeerData, login: Option<u64>) {
         let response_ms = (now_ms as ngx::ffi::ngx_msec_t).wrapping_sub((*u).start_time) as u64;
         shm::with_placement(zone, state.primary.layout, true, |p, _, _| {
             if busy {
-                p.key_done(key, response_ms.min(3_600_000), now_ms);
+                // With the session it used: a client's active sessions shape its logins' priors.
+                p.key_done_in(key, response_ms.min(3_600_000), pd.sess.key, now_ms);
             }
             if let Some(i) = login {
                 p.login(key, i, now_ms);
