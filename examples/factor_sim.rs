@@ -386,7 +386,9 @@ fn anchors() -> Vec<(&'static str, Kind)> {
 }
 
 fn candidates() -> Vec<(String, Kind)> {
-    let d = Params::DEFAULT;
+    // As the module runs it: `local_sessions` where sessions are node-local (the policy
+    // clears it in the Redis-shared cells, as the glue does with a session store).
+    let d = Params { local_sessions: true, ..Params::DEFAULT };
     vec![
         ("kylin today (bound 1.25)".into(), Kind::Kylin(1250)),
         ("kylin, bound 2".into(), Kind::Kylin(2000)),
@@ -409,8 +411,7 @@ fn candidates() -> Vec<(String, Kind)> {
         ("placement active=250ms".into(), Kind::Place(Params { active_ms: 250, ..d })),
         ("placement active=500ms".into(), Kind::Place(Params { active_ms: 500, ..d })),
         ("placement active=2s".into(), Kind::Place(Params { active_ms: 2_000, ..d })),
-        ("placement local_sessions".into(), Kind::Place(Params { local_sessions: true, ..d })),
-        ("placement local_sessions session=1 margin=1".into(), Kind::Place(Params { local_sessions: true, session_milli: 1_000, margin_milli: 1_000, ..d })),
+        ("placement without the node-local move rule (local_sessions off)".into(), Kind::Place(Params { local_sessions: false, ..d })),
         ("placement residence=10s".into(), Kind::Place(Params { residence_ms: 10_000, ..d })),
         ("placement share=0".into(), Kind::Place(Params { share_milli: 0, ..d })),
         ("placement margin=0.25".into(), Kind::Place(Params { margin_milli: 250, ..d })),

@@ -180,12 +180,13 @@ pub struct KeyEntry {
     at_ms: u64,
     /// Server the key was moved to, plus one (0: at home).
     moved: u32,
+    /// 1 once a login gave it an expected load (its load is known then, or once the entry is
+    /// `tau` old); 0 otherwise.
+    expected: u32,
     /// When the key last moved (or returned).
     since_ms: u64,
-    /// When the entry was made: a key's load is known once it is `tau` old...
+    /// When the entry was made.
     first_ms: u64,
-    /// ... or once a login gave it an expected load (1; 0 otherwise).
-    expected: u32,
     /// Decayed count of its logins, thousandths x `tau` (as `prior`), as of `at_ms`.
     logins: u64,
     /// Sessions its requests used in the current window of `active` (one bit per session, by
@@ -320,6 +321,12 @@ where
 {
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// Whether the clients' sessions are node-local ([`Params::local_sessions`]): the glue
+    /// knows it from the upstream's configuration (no shared session store).
+    pub fn set_local_sessions(&mut self, local: bool) {
+        self.params.local_sessions = local;
     }
 
     #[inline(always)]
@@ -640,6 +647,12 @@ mod tests {
         e.busy = milli * p.params.tau_ms;
         e.at_ms = now;
         e.expected = 1;
+    }
+
+    #[test]
+    fn a_key_entry_packs_into_104_bytes() {
+        // The placement zone holds 4,096 of them (README: its size).
+        assert_eq!(core::mem::size_of::<KeyEntry>(), 104);
     }
 
     #[test]

@@ -1075,6 +1075,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
+    let local_sessions = kcf.store_mode().is_none();
     let gate = Gate::of(kcf).ramping(kcf, key);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
@@ -1127,7 +1128,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &m
             // While placement is busy, the try's response time is measured at `free`.
             pd.measure = busy;
             if busy && req.follows_client() && pd.ctx.route.is_none() {
-                req.moved = place_client(z, &state.primary, &mut ps, key, now_ms);
+                req.moved = place_client(z, &state.primary, &mut ps, key, local_sessions, now_ms);
             }
         }
     }
@@ -1185,15 +1186,18 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, now_m
 }
 
 /// Where the client `key` lives if placement moved it off its home (`None`: at home).
+/// `local_sessions`: the upstream's sessions are node-local (no shared session store), so a
+/// moved client's open sessions stay behind ([`crate::placement::Params::local_sessions`]).
 ///
 /// # Safety
 /// `zone` is the upstream's placement zone; `ps` holds the primary list's lock.
 #[cold]
 #[inline(never)]
-unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut NginxServers<'_, '_>, key: u64, now_ms: u64) -> Option<usize> {
+unsafe fn place_client(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, ps: &mut NginxServers<'_, '_>, key: u64, local_sessions: bool, now_ms: u64) -> Option<usize> {
     // SAFETY: the caller's contract.
     unsafe {
         shm::with_placement(zone, g.layout, true, |p, _, _| {
+            p.set_local_sessions(local_sessions);
             let (server, how) = p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?;
             matches!(how, Placed::Moved | Placed::MovedNow).then_some(server)
         })
