@@ -85,8 +85,8 @@ pub struct Params {
     pub active_ms: u64,
     /// Sessions are node-local: a moved client's open sessions stay where they are, so only
     /// its new sessions follow it, one login at a time. Such a client moves only to a server
-    /// that, with all of its load, ends no busier than what the move leaves behind (never to
-    /// the least loaded server that merely relieves the hot one by `margin`).
+    /// that, with all of its load, ends no busier than what the move leaves behind, or else
+    /// relieves the hot server by half the client's load at least (not merely by `margin`).
     pub local_sessions: bool,
 }
 
@@ -549,10 +549,10 @@ where
                 let fits = |s: &Self, t: usize| t != cur && per(s, t, kl) + p.margin_milli <= lc;
                 let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
                 let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
-                    if p.local_sessions {
-                        return None;
-                    }
-                    order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
+                    // A client whose open sessions stay behind must relieve the hot server by
+                    // half its load at least.
+                    let m = if p.local_sessions { p.margin_milli.max(kl / 2 / weight(cur).max(1)) } else { p.margin_milli };
+                    order.iter().copied().filter(|&t| t != cur && per(self, t, kl) + m <= lc).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
@@ -768,7 +768,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_with_node_local_sessions_moves_only_where_it_balances() {
+    fn a_client_with_node_local_sessions_moves_only_where_it_relieves_by_half_its_load() {
         // Server 0 at 10 with a client of 3; servers 1-3 at 6, 7, 8: server 1 relieves server 0
         // by the margin (6 + 3 + 0.5 <= 10) but ends busier than the 7 left behind.
         let now = 100_000;
@@ -780,7 +780,13 @@ mod tests {
         key(&mut local, 5, 3_000, now);
         levels(&mut local, &[10, 6, 7, 8], now);
         assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
-        // A server where it balances: it moves there.
+        // A server that relieves the hot one by half the client's load (5 + 3 + 1.5 <= 10),
+        // though it ends busier than the 7 left behind: it moves there.
+        levels(&mut local, &[10, 5, 7, 8], now);
+        assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        // A server where it balances: the first of its order.
+        let mut local = Placement::new(4, 16, Params { local_sessions: true, ..D });
+        key(&mut local, 5, 3_000, now);
         levels(&mut local, &[10, 6, 3, 8], now);
         assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
     }
