@@ -20,6 +20,9 @@
 //!   of the key's own ring order** that ends no busier than the hot one is left
 //!   (`L(t) + k <= L(cur) - k`), else the least loaded: the same key, in the same situation,
 //!   lands on the same server, and never joins another busy client while a server is free.
+//!   With node-local sessions (`local_sessions`: the client's open sessions stay behind and
+//!   follow one login at a time) the least loaded server must relieve the hot one by half
+//!   the key's load, not just by `margin`.
 //! - The key's expected load moves with it at once (subtracted from the hot server's average,
 //!   added to the target's), so the next decision sees the cluster as it will be: no second
 //!   client chases the same server before its average has risen.
