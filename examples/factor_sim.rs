@@ -386,7 +386,9 @@ fn anchors() -> Vec<(&'static str, Kind)> {
 }
 
 fn candidates() -> Vec<(String, Kind)> {
-    let d = Params::DEFAULT;
+    // As the module runs it: `local_sessions` where sessions are node-local (the policy
+    // clears it in the Redis-shared cells, as the glue does with a session store).
+    let d = Params { local_sessions: true, ..Params::DEFAULT };
     vec![
         ("kylin today (bound 1.25)".into(), Kind::Kylin(1250)),
         ("kylin, bound 2".into(), Kind::Kylin(2000)),
@@ -400,13 +402,16 @@ fn candidates() -> Vec<(String, Kind)> {
         ("placement tau=2s".into(), Kind::Place(Params { tau_ms: 2_000, ..d })),
         ("placement cooldown=2s".into(), Kind::Place(Params { cooldown_ms: 2_000, ..d })),
         ("placement without login priors (session=0)".into(), Kind::Place(Params { session_milli: 0, ..d })),
-        ("placement without the login-prior cap (prior_cap=0)".into(), Kind::Place(Params { prior_cap_milli: 0, ..d })),
-        ("placement prior cap=4".into(), Kind::Place(Params { prior_cap_milli: 4_000, ..d })),
         ("placement session=1 margin=1".into(), Kind::Place(Params { session_milli: 1_000, margin_milli: 1_000, ..d })),
         ("placement session=0.25".into(), Kind::Place(Params { session_milli: 250, ..d })),
-        ("placement prior window=3s".into(), Kind::Place(Params { prior_window_ms: 3_000, ..d })),
-        ("placement prior window=3s session=1".into(), Kind::Place(Params { prior_window_ms: 3_000, session_milli: 1_000, ..d })),
-        ("placement prior window=1s".into(), Kind::Place(Params { prior_window_ms: 1_000, ..d })),
+        ("placement cold_logins=8".into(), Kind::Place(Params { cold_logins: 8, ..d })),
+        ("placement cold_logins=32".into(), Kind::Place(Params { cold_logins: 32, ..d })),
+        ("placement session_max=0.5".into(), Kind::Place(Params { session_max_milli: 500, ..d })),
+        ("placement session_max=2".into(), Kind::Place(Params { session_max_milli: 2_000, ..d })),
+        ("placement active=250ms".into(), Kind::Place(Params { active_ms: 250, ..d })),
+        ("placement active=500ms".into(), Kind::Place(Params { active_ms: 500, ..d })),
+        ("placement active=2s".into(), Kind::Place(Params { active_ms: 2_000, ..d })),
+        ("placement without the node-local move rule (local_sessions off)".into(), Kind::Place(Params { local_sessions: false, ..d })),
         ("placement residence=10s".into(), Kind::Place(Params { residence_ms: 10_000, ..d })),
         ("placement share=0".into(), Kind::Place(Params { share_milli: 0, ..d })),
         ("placement margin=0.25".into(), Kind::Place(Params { margin_milli: 250, ..d })),

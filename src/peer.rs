@@ -476,6 +476,9 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let factor = kcf.balance_factor();
     let balance = kcf.balance();
     let placement = kcf.placement_zone;
+    // Sessions are node-local (no shared session store): a moved client's open sessions stay
+    // behind ([`crate::placement::Params::local_sessions`]).
+    let local_sessions = kcf.store_mode().is_none();
     let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
@@ -529,7 +532,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
             // While placement is busy, the try's response time is measured at `free`.
             pd.measure = busy;
             if busy && req.follows_client() && pd.ctx.route.is_none() {
-                req.moved = place_client(z, &state.primary, &mut ps, report, key, now_ms);
+                req.moved = place_client(z, &state.primary, &mut ps, report, key, local_sessions, now_ms);
             }
         }
     }
@@ -605,12 +608,14 @@ unsafe fn place_client(
     ps: &mut NginxServers<'_, '_>,
     report: Option<&crate::load_report::ReportConf>,
     key: u64,
+    local_sessions: bool,
     now_ms: u64,
 ) -> Option<usize> {
     let unix = if report.is_some() { crate::health::unix_ms() } else { 0 };
     // SAFETY: the caller's contract.
     unsafe {
         shm::with_placement(zone, g.layout, true, |p, _, _| {
+            p.set_local_sessions(local_sessions);
             let (server, how) = match report {
                 Some(conf) => p.place_reported(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)?,
                 None => p.place(key, g.ring.order(key), |i| ps.usable(i), |i| g.weight(i), now_ms)?,
@@ -792,7 +797,7 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             let login = kcf.and_then(|kcf| learning::learn_session(kcf, pd.r, server, pd.session().map(session_key_of)));
             if !pd.on_backup && (core::mem::take(&mut pd.measure) || login.is_some()) {
                 if let Some(kcf) = kcf {
-                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), login);
+                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), pd.sess.key, login);
                 }
             }
         }

@@ -20,14 +20,24 @@
 //!   of the key's own ring order** that ends no busier than the hot one is left
 //!   (`L(t) + k <= L(cur) - k`), else the least loaded: the same key, in the same situation,
 //!   lands on the same server, and never joins another busy client while a server is free.
+//!   With node-local sessions (`local_sessions`: the client's open sessions stay behind and
+//!   follow one login at a time) the least loaded server must relieve the hot one by half
+//!   the key's load, not just by `margin`.
 //! - The key's expected load moves with it at once (subtracted from the hot server's average,
 //!   added to the target's), so the next decision sees the cluster as it will be: no second
 //!   client chases the same server before its average has risen.
-//! - **Logins bring expected load.** A new session is expected to bring `session` requests
-//!   in flight until its requests are measured: [`Placement::login`] adds that to its
-//!   server and its key at once. With node-local sessions the login is the only moment a
-//!   client's load can move, and a BI server opening its session pool logs in many times
-//!   within a second, long before any response time is known.
+//! - **Logins bring expected load.** A new session is expected to bring the load of one more
+//!   of the client's sessions until its requests are measured: [`Placement::login`] adds that
+//!   prior to its server and its key at once. A client with `N` active sessions (sessions its
+//!   requests used recently, counted in a small bitmap per key) and a measured load `L` gets
+//!   `L / N` (capped at `session_max`), so its new login is placed for the load `N + 1`
+//!   sessions bring. A client none of whose sessions has been used yet (a BI server opening
+//!   its session pool, many logins within a second, long before any response time is known)
+//!   gets `session` per login, for its first `cold_logins` logins in `tau`; past those, logins
+//!   without used sessions are sessions that are not kept (a REST client without a cookie jar
+//!   logs in on every request), and its prior is its measured load per recent login, so it
+//!   never looks much busier than it is. With node-local sessions the login is the only moment
+//!   a client's load can move.
 //! - **Hysteresis**: a moved key stays for at least `residence` before it may move again or
 //!   return; it returns home only when home, with the key back, would not be hot
 //!   (`L(home) + k < hot`) and would not be busier than where it is. Optionally, after a key
@@ -63,27 +73,31 @@ pub struct Params {
     pub residence_ms: u64,
     /// After a key leaves a server, no other key leaves it for this long.
     pub cooldown_ms: u64,
-    /// Expected load of a new session until measured (thousandths of a request in flight):
-    /// a login adds it to its server and its key at once ([`Placement::login`]).
+    /// Expected load of a new session of a client none of whose sessions has been used yet
+    /// (its cold start), thousandths of a request in flight ([`Placement::login`]).
     pub session_milli: u64,
-    /// Logins add that prior only while their key is younger than this (its cold start;
-    /// later its measured load counts, and re-logins would inflate it); 0: always.
-    pub prior_window_ms: u64,
-    /// ... and only while the key's expected load from logins is below this (thousandths of a
-    /// request in flight): a client that logs in on every request (Kylin's REST API called
-    /// with `Authorization: Basic` and no cookie jar gets a new session each time) would
-    /// otherwise look as busy as its login rate, however light its queries. The cap bounds
-    /// that error, it does not remove it: such a client looks up to this much busier than it
-    /// is. 16 (32 logins' worth) is above what any simulated BI server reached (the same
-    /// results as no cap in every cell of `scripts/bench-placement --quick`, while 4 lost up to
-    /// 0.16x: `bench/placement-research.md`, section 4).
-    pub prior_cap_milli: u64,
+    /// While a client's load is not known (not measured for `tau`), its logins get `session`
+    /// only while its logins in the last `tau` (a decayed count) are fewer than this: a pool
+    /// that opens this many sessions at once is believed; a client that keeps logging in
+    /// without using its sessions is not.
+    pub cold_logins: u64,
+    /// Most expected load a login brings once the client's load is measured (thousandths).
+    pub session_max_milli: u64,
+    /// A session is active while a request used it within the last `active` to `2 x active`
+    /// milliseconds (two bitmaps per key, swapped every `active`).
+    pub active_ms: u64,
+    /// Sessions are node-local: a moved client's open sessions stay where they are, so only
+    /// its new sessions follow it, one login at a time. Such a client moves only to a server
+    /// that, with all of its load, ends no busier than what the move leaves behind, or else
+    /// relieves the hot server by half the client's load at least (not merely by `margin`).
+    pub local_sessions: bool,
 }
 
 impl Params {
     /// Defaults chosen with `examples/factor_sim.rs cluster` (bench/placement-research.md):
     /// the results hardly depend on `hot` (1 to 3), `share` or `residence`; `tau` of 1 s reacts
-    /// within a second; `session` matters for long node-local sessions (0 loses 0.3x there).
+    /// within a second; the cold-start prior `session` matters for long node-local sessions (0
+    /// loses 0.3x there); `cold_logins`, `session_max` and `active`: section 6 there.
     pub const DEFAULT: Params = Params {
         tau_ms: 1_000,
         hot_milli: 2_000,
@@ -94,8 +108,10 @@ impl Params {
         residence_ms: 30_000,
         cooldown_ms: 0,
         session_milli: 500,
-        prior_window_ms: 0,
-        prior_cap_milli: 16_000,
+        cold_logins: 16,
+        session_max_milli: 1_000,
+        active_ms: 1_000,
+        local_sessions: false,
     };
 }
 
@@ -167,13 +183,37 @@ pub struct KeyEntry {
     at_ms: u64,
     /// Server the key was moved to, plus one (0: at home).
     moved: u32,
+    /// 1 once a login gave it an expected load (its load is known then, or once the entry is
+    /// `tau` old); 0 otherwise.
+    expected: u32,
     /// When the key last moved (or returned).
     since_ms: u64,
-    /// When the entry was made: a key's load is known once it is `tau` old...
+    /// When the entry was made.
     first_ms: u64,
-    /// ... or once a login gave it an expected load (1; 0 otherwise).
-    expected: u32,
+    /// Decayed count of its logins, thousandths x `tau` (as `prior`), as of `at_ms`.
+    logins: u64,
+    /// Sessions its requests used in the current window of `active` (one bit per session, by
+    /// hash) ...
+    seen: u64,
+    /// ... and in the previous window.
+    seen_prev: u64,
+    /// Start of the current window.
+    seen_ms: u64,
+    /// Since when its response times have been measured without a gap of `tau` (0: never) ...
+    measured_ms: u64,
+    /// ... and when the last one was.
+    done_ms: u64,
 }
+
+/// Distinct sessions (thousandths) behind `b` bits set in a 64-bit bitmap of session hashes:
+/// linear counting, `-64 ln(1 - b/64)`; 300 for a full bitmap (a lower bound).
+const DISTINCT_MILLI: [u32; 65] = [
+    0, 1008, 2032, 3073, 4130, 5206, 6300, 7413, 8546, 9699, 10874, 12070, 13289, 14532, 15799, 17092, 18412, 19759,
+    21135, 22542, 23980, 25452, 26958, 28500, 30080, 31701, 33363, 35070, 36823, 38626, 40481, 42392, 44361, 46393,
+    48492, 50662, 52907, 55235, 57650, 60160, 62773, 65497, 68342, 71319, 74442, 77724, 81185, 84843, 88723, 92853,
+    97269, 102012, 107134, 112703, 118803, 125546, 133084, 141630, 151496, 163164, 177446, 195857, 221807, 266169,
+    300000,
+];
 
 impl KeyEntry {
     /// The key's load as of `now`: its average requests in flight (measured, plus what its
@@ -182,12 +222,56 @@ impl KeyEntry {
         decay(self.busy.saturating_add(self.prior), now.saturating_sub(self.at_ms), tau) / tau.max(1)
     }
 
-    /// Decays both sums to `now`.
+    /// Decays the sums to `now`.
     fn advance(&mut self, now: u64, tau: u64) {
         let dt = now.saturating_sub(self.at_ms);
         self.busy = decay(self.busy, dt, tau);
         self.prior = decay(self.prior, dt, tau);
+        self.logins = decay(self.logins, dt, tau);
         self.at_ms = now.max(self.at_ms);
+    }
+
+    /// Starts a new window of session use when the current one is `active` old.
+    fn rotate(&mut self, now: u64, active: u64) {
+        let dt = now.saturating_sub(self.seen_ms);
+        if dt >= active.saturating_mul(2) {
+            (self.seen_prev, self.seen, self.seen_ms) = (0, 0, now);
+        } else if dt >= active {
+            (self.seen_prev, self.seen, self.seen_ms) = (self.seen, 0, self.seen_ms + active);
+        }
+    }
+
+    /// Its active sessions as of `now` (used within the last `active` to `2 x active`),
+    /// thousandths.
+    fn active_milli(&self, now: u64, active: u64) -> u64 {
+        let dt = now.saturating_sub(self.seen_ms);
+        let bits = if dt >= active.saturating_mul(2) {
+            0
+        } else if dt >= active {
+            self.seen.count_ones()
+        } else {
+            (self.seen | self.seen_prev).count_ones()
+        };
+        u64::from(DISTINCT_MILLI[bits as usize])
+    }
+
+    /// The expected load of a new session of this key as of `now` (entry advanced to `now`),
+    /// thousandths of a request in flight: its measured load spread over its sessions (the
+    /// active ones, or its recent logins if more), at most `session_max`; at least `session`
+    /// while its load is not known (measured for less than `tau`, or not for `tau`) and it
+    /// has logged in fewer than `cold_logins` times in `tau`.
+    fn login_prior(&self, now: u64, p: &Params) -> u64 {
+        let tau = p.tau_ms.max(1);
+        let recent = self.logins / tau;
+        let sessions = self.active_milli(now, p.active_ms).max(recent).max(1000);
+        let measured = self.busy / tau;
+        let est = (measured.saturating_mul(1000) / sessions).min(p.session_max_milli);
+        let young = self.measured_ms == 0 || now.saturating_sub(self.measured_ms) < tau || now.saturating_sub(self.done_ms) >= tau;
+        if young && recent < p.cold_logins.saturating_mul(1000) {
+            est.max(p.session_milli)
+        } else {
+            est
+        }
     }
 }
 
@@ -240,6 +324,12 @@ where
 {
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// Whether the clients' sessions are node-local ([`Params::local_sessions`]): the glue
+    /// knows it from the upstream's configuration (no shared session store).
+    pub fn set_local_sessions(&mut self, local: bool) {
+        self.params.local_sessions = local;
     }
 
     #[inline(always)]
@@ -336,44 +426,53 @@ where
     /// A request of `key` finished after `response_ms` (call at `free`, for every request of
     /// the key, pinned or not: logins need to know the load a client brings).
     pub fn key_done(&mut self, key: u64, response_ms: u64, now: u64) {
-        let tau = self.params.tau_ms;
+        self.key_done_in(key, response_ms, 0, now);
+    }
+
+    /// As [`Placement::key_done`], for a request that used the session whose hash is
+    /// `session` (0: none, or a login): its key's active sessions are counted from these.
+    pub fn key_done_in(&mut self, key: u64, response_ms: u64, session: u64, now: u64) {
+        let p = self.params;
         let i = self.entry(key, now);
         let e = &mut self.keys_mut()[i];
-        e.advance(now, tau);
+        e.advance(now, p.tau_ms);
         e.busy = e.busy.saturating_add(response_ms.saturating_mul(1000));
+        if e.measured_ms == 0 || now.saturating_sub(e.done_ms) >= p.tau_ms {
+            e.measured_ms = now.max(1);
+        }
+        e.done_ms = now;
+        if session != 0 {
+            e.rotate(now, p.active_ms.max(1));
+            e.seen |= 1u64 << (session.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58);
+        }
     }
 
     /// A login of `key` was placed on server `i` (a new session, which will stay there if
-    /// node-local). Until its requests are measured, the session is expected to bring
-    /// `session` requests in flight: that much is added to the server's average and to the
-    /// key's load at once (and decays with `tau` as measurements take over), so a burst of
-    /// logins, e.g. a BI server opening its session pool, sees its own load building up.
+    /// node-local). Until its requests are measured, the session is expected to bring the load
+    /// of one more of the key's sessions (`KeyEntry::login_prior`): that much is added to the
+    /// server's average and to the key's load at once (and decays with `tau` as measurements
+    /// take over), so a burst of logins, e.g. a BI server opening its session pool, sees its
+    /// own load building up, while a client that logs in on every request and never uses its
+    /// sessions adds about its measured load, not its login rate.
     pub fn login(&mut self, key: u64, i: usize, now: u64) {
         let p = self.params;
-        if p.session_milli == 0 || i >= self.servers().len() {
+        if i >= self.servers().len() {
             return;
-        }
-        if p.prior_window_ms > 0 {
-            if let Some(j) = self.find(key) {
-                if now.saturating_sub(self.keys()[j].first_ms) >= p.prior_window_ms {
-                    return;
-                }
-            }
         }
         let j = self.entry(key, now);
         let tau = p.tau_ms.max(1);
         let e = &mut self.keys_mut()[j];
         e.advance(now, tau);
-        // Expected load beyond the cap is not believed: logins that come faster than their
-        // sessions could bring requests are sessions that are not kept.
-        if p.prior_cap_milli > 0 && e.prior / tau >= p.prior_cap_milli {
+        let prior = e.login_prior(now, &p);
+        e.logins = e.logins.saturating_add(tau.saturating_mul(1000));
+        if prior == 0 {
             return;
         }
-        e.prior = e.prior.saturating_add(p.session_milli.saturating_mul(tau));
-        // Its load is known now (an estimate that errs on the heavy side).
+        e.prior = e.prior.saturating_add(prior.saturating_mul(tau));
+        // Its load is known now (an estimate).
         e.expected = 1;
         let s = &mut self.servers_mut()[i];
-        s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(p.session_milli);
+        s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(prior);
         s.at_ms = now.max(s.at_ms);
     }
 
@@ -489,7 +588,10 @@ where
                 let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, kl) + p.margin_milli <= lc;
                 let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
                 let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
-                    order.iter().copied().filter(|&t| fits(self, t)).min_by_key(|&t| per(self, t, 0))
+                    // A client whose open sessions stay behind must relieve the hot server by
+                    // half its load at least.
+                    let m = if p.local_sessions { p.margin_milli.max(kl / 2 / weight(cur).max(1)) } else { p.margin_milli };
+                    order.iter().copied().filter(|&t| t != cur && !saturated(t) && per(self, t, kl) + m <= lc).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
@@ -553,7 +655,7 @@ where
                     .unwrap_or(s)
             });
         self.set_moved(i, 0);
-        self.keys_mut()[i] = KeyEntry { key, busy: 0, prior: 0, at_ms: now, moved: 0, since_ms: 0, first_ms: now, expected: 0 };
+        self.keys_mut()[i] = KeyEntry { key, at_ms: now, first_ms: now, seen_ms: now, ..KeyEntry::default() };
         i
     }
 }
@@ -584,6 +686,12 @@ mod tests {
         e.busy = milli * p.params.tau_ms;
         e.at_ms = now;
         e.expected = 1;
+    }
+
+    #[test]
+    fn a_key_entry_packs_into_104_bytes() {
+        // The placement zone holds 4,096 of them (README: its size).
+        assert_eq!(core::mem::size_of::<KeyEntry>(), 104);
     }
 
     #[test]
@@ -699,6 +807,30 @@ mod tests {
     }
 
     #[test]
+    fn a_client_with_node_local_sessions_moves_only_where_it_relieves_by_half_its_load() {
+        // Server 0 at 10 with a client of 3; servers 1-3 at 6, 7, 8: server 1 relieves server 0
+        // by the margin (6 + 3 + 0.5 <= 10) but ends busier than the 7 left behind.
+        let now = 100_000;
+        let mut shared = Placement::new(4, 16, D);
+        key(&mut shared, 5, 3_000, now);
+        levels(&mut shared, &[10, 6, 7, 8], now);
+        assert_eq!(shared.place(5, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        let mut local = Placement::new(4, 16, Params { local_sessions: true, ..D });
+        key(&mut local, 5, 3_000, now);
+        levels(&mut local, &[10, 6, 7, 8], now);
+        assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
+        // A server that relieves the hot one by half the client's load (5 + 3 + 1.5 <= 10),
+        // though it ends busier than the 7 left behind: it moves there.
+        levels(&mut local, &[10, 5, 7, 8], now);
+        assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        // A server where it balances: the first of its order.
+        let mut local = Placement::new(4, 16, Params { local_sessions: true, ..D });
+        key(&mut local, 5, 3_000, now);
+        levels(&mut local, &[10, 6, 3, 8], now);
+        assert_eq!(local.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
+    }
+
+    #[test]
     fn loads_are_compared_per_unit_of_weight() {
         let mut p = Placement::new(3, 16, D);
         let now = 100_000;
@@ -738,40 +870,87 @@ mod tests {
         assert!(p.moved_keys() == 2);
     }
 
+    /// A closed-loop client: `n` sessions, each with one request of `rt` ms in flight at all
+    /// times, from `from` for `ms`; returns the time it ends.
+    fn sessions_busy(p: &mut Placement, key: u64, n: u64, rt: u64, from: u64, ms: u64) -> u64 {
+        let mut now = from;
+        while now < from + ms {
+            now += rt;
+            for s in 0..n {
+                p.key_done_in(key, rt, 1_000 + s, now);
+            }
+        }
+        now
+    }
+
     #[test]
-    fn the_login_prior_can_be_limited_to_a_keys_cold_start() {
-        let mut p = Placement::new(2, 16, Params { prior_window_ms: 3_000, ..D });
-        p.key_done(8, 1, 1_000);
-        p.login(8, 0, 2_000);
-        assert!(p.key_load(8, 2_000) >= 500);
-        let before = p.server_load(0, 10_000);
-        p.login(8, 0, 10_000);
-        assert_eq!(p.server_load(0, 10_000), before);
+    fn a_login_is_placed_for_one_more_of_the_clients_sessions() {
+        // 6 sessions, one request each always in flight: a load of 6, known for long.
+        let mut p = Placement::new(2, 16, D);
+        let now = sessions_busy(&mut p, 9, 6, 50, 10_000, 5 * D.tau_ms);
+        let before = p.key_load(9, now);
+        assert!((5_500..=6_400).contains(&before), "{before}");
+        p.login(9, 0, now);
+        let added = p.key_load(9, now) - before;
+        // One more session: a sixth of its load (the bitmap's count is within a few percent).
+        assert!((900..=1_000).contains(&added), "{added}");
+        assert!(p.server_load(0, now) >= added);
+        // A light client's sessions bring little: two sessions, a 10 ms query every 500 ms.
+        let mut now = now;
+        for _ in 0..20 {
+            now += 250;
+            p.key_done_in(4, 10, 1_000 + now / 250 % 2, now);
+        }
+        let light = p.key_load(4, now);
+        p.login(4, 1, now);
+        assert!(p.key_load(4, now) - light <= 30, "{}", p.key_load(4, now) - light);
+    }
+
+    #[test]
+    fn a_new_client_gets_the_cold_start_prior_for_its_first_logins_only() {
+        let mut p = Placement::new(2, 16, D);
+        for k in 0..D.cold_logins {
+            p.login(8, 0, 1_000 + k);
+            let l = p.key_load(8, 1_000 + k);
+            assert!(((k + 1) * D.session_milli * 98 / 100..=(k + 1) * D.session_milli).contains(&l), "login {k}: {l}");
+        }
+        // A few more logins at once, then its logins stop adding.
+        for k in 0..4 {
+            p.login(8, 0, 1_020 + k);
+        }
+        let l = p.key_load(8, 1_030);
+        assert!(l <= (D.cold_logins + 2) * D.session_milli, "{l}");
+        p.login(8, 0, 1_030);
+        assert_eq!(p.key_load(8, 1_030), l);
+        // A client idle for long is new again.
+        p.login(8, 0, 100_000);
+        assert!(p.key_load(8, 100_000) >= D.session_milli);
     }
 
     #[test]
     fn logging_in_on_every_request_does_not_make_a_server_hot() {
         // A tool without a cookie jar: a new session per request, 1,000 of them in a second,
-        // each answered at once. Its priors stop at the cap.
+        // each answered at once and never used again.
         let mut p = Placement::new(2, 16, D);
         let mut now = 10_000;
-        for _ in 0..1_000 {
-            p.login(9, 0, now);
+        for _ in 0..5_000 {
             p.key_done(9, 1, now);
+            p.login(9, 0, now);
             now += 1;
         }
-        // Its measured load: one response of 1 ms every millisecond, one request in flight.
-        assert!(p.key_load(9, now) <= D.prior_cap_milli + D.session_milli + 1_000, "{}", p.key_load(9, now));
-        assert!(p.server_load(0, now) <= D.prior_cap_milli + D.session_milli, "{}", p.server_load(0, now));
-        assert!(p.server_load(0, now) >= D.prior_cap_milli / 2, "{}", p.server_load(0, now));
-        // Without the cap it would look like hundreds of requests in flight.
-        let mut q = Placement::new(2, 16, Params { prior_cap_milli: 0, ..D });
+        // Its measured load: one response of 1 ms every millisecond, one request in flight;
+        // its priors add about as much again, not its login rate.
+        let k = p.key_load(9, now);
+        assert!((1_000..=2_100).contains(&k), "{k}");
+        assert!(p.server_load(0, now) <= 1_100, "{}", p.server_load(0, now));
+        // Measured or not: its first cold_logins logins bring at most that many priors.
+        let mut q = Placement::new(2, 16, D);
         let mut now = 10_000;
-        for _ in 0..1_000 {
+        for _ in 0..5_000 {
             q.login(9, 0, now);
             now += 1;
         }
-        assert!(q.server_load(0, now) > 100_000);
+        assert!(q.server_load(0, now) <= D.cold_logins * D.session_milli, "{}", q.server_load(0, now));
     }
 
     #[test]
@@ -1003,6 +1182,46 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Whatever the history of logins, responses and session use: a login's prior is at most
+        /// `max(session, session_max)`, the same history gives the same loads, and a client
+        /// that never uses its sessions looks at most twice as busy as its measured load plus
+        /// its cold start.
+        #[test]
+        fn login_priors_are_bounded_deterministic_and_do_not_inflate(
+            ops in proptest::collection::vec((0u8..3, 0u64..200, 0u64..4), 1..400),
+        ) {
+            let run = |with_sessions: bool| {
+                let mut p = Placement::new(2, 16, D);
+                let mut now = 1_000u64;
+                let mut loads = Vec::new();
+                let mut worst = 0u64;
+                for &(op, x, s) in &ops {
+                    now += x % 50;
+                    match op {
+                        0 => {
+                            let before = p.key_load(7, now);
+                            p.login(7, (s % 2) as usize, now);
+                            worst = worst.max(p.key_load(7, now) - before);
+                        }
+                        _ => p.key_done_in(7, x, if with_sessions { s + 1 } else { 0 }, now),
+                    }
+                    loads.push((p.key_load(7, now), p.server_load(0, now), p.server_load(1, now)));
+                }
+                (loads, worst, p, now)
+            };
+            let (a, worst, _, _) = run(true);
+            prop_assert!(worst <= D.session_milli.max(D.session_max_milli) + 1);
+            prop_assert_eq!(&a, &run(true).0);
+            // Without used sessions: the priors' part of the key's load.
+            let (_, _, p, now) = run(false);
+            let i = p.find(7).unwrap();
+            let mut e = p.ks[i];
+            e.advance(now, D.tau_ms);
+            let prior = e.prior / D.tau_ms;
+            let measured = e.busy / D.tau_ms;
+            prop_assert!(prior <= measured * 2 + D.cold_logins * D.session_milli, "prior {} measured {}", prior, measured);
         }
 
         /// The decayed averages never overflow or go wild: a server's average stays within

@@ -211,7 +211,7 @@ impl Policy {
     pub fn new(kind: Kind, names: &[&str], shared: bool) -> Policy {
         let ring = Ring::new(names.iter().map(|s| (s.as_bytes(), 1))).unwrap();
         let placement = match kind {
-            Kind::Place(p) | Kind::PlaceValve(p, _, _) => Some(Placement::new(NODES, 256, p)),
+            Kind::Place(p) | Kind::PlaceValve(p, _, _) => Some(Placement::new(NODES, 256, Params { local_sessions: p.local_sessions && !shared, ..p })),
             _ => None,
         };
         Policy { kind, ring, ketama: Ketama::new(names), rr: 0, routes: HashMap::new(), placement, shared, rt: [0.0; NODES], moves: 0 }
@@ -350,12 +350,12 @@ impl Policy {
         }
     }
 
-    /// A request of `key` finished on `node` after `rt` ms.
-    pub fn done(&mut self, node: usize, key: u64, rt: f64, now: f64) {
+    /// A request of `key` (with session `session`, 0: none) finished on `node` after `rt` ms.
+    pub fn done(&mut self, node: usize, key: u64, session: u64, rt: f64, now: f64) {
         let avg = &mut self.rt[node];
         *avg = if *avg == 0.0 { rt } else { 0.95 * *avg + 0.05 * rt };
         if let Some(p) = self.placement.as_mut() {
-            p.key_done(key, rt.round() as u64, now as u64);
+            p.key_done_in(key, rt.round() as u64, session, now as u64);
         }
     }
 }
@@ -615,7 +615,7 @@ pub fn run(cfg: &Config, layout: &Layout, kind: Kind, seed: u64) -> Outcome {
                     n.running -= 1;
                 }
                 let rt = t - issued + cfg.overhead_ms;
-                pol.done(node, keys[users[u].client], rt, t);
+                pol.done(node, keys[users[u].client], users[u].session.unwrap_or(0), rt, t);
                 if issued >= cfg.warmup_ms {
                     ok += 1;
                     lat.push(rt);
