@@ -93,38 +93,6 @@ impl ReportConf {
 /// The default condition: Spark tasks waiting for a core.
 pub const DEFAULT_BUSY: &[u8] = b"spark_tasks{state=\"pending\"}>0";
 
-/// Parses an nginx time (`500ms`, `2s`, `1m30s`; a bare number is seconds) into ms.
-fn parse_time_ms(v: &[u8]) -> Option<u64> {
-    let mut total: u64 = 0;
-    let mut i = 0;
-    if v.is_empty() {
-        return None;
-    }
-    while i < v.len() {
-        let start = i;
-        while i < v.len() && v[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i == start || i - start > 9 {
-            return None;
-        }
-        let n: u64 = core::str::from_utf8(&v[start..i]).ok()?.parse().ok()?;
-        let u = i;
-        while i < v.len() && v[i].is_ascii_alphabetic() {
-            i += 1;
-        }
-        let mult = match &v[u..i] {
-            b"ms" => 1,
-            b"" | b"s" => 1000,
-            b"m" => 60_000,
-            b"h" => 3_600_000,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(mult)?)?;
-    }
-    Some(total)
-}
-
 fn is_name_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b == b':'
 }
@@ -259,9 +227,9 @@ pub fn parse_params(args: &[&[u8]]) -> Result<ReportConf, String> {
                 }
                 c.uri = v.to_vec();
             }
-            (b"interval", Some(v)) => c.interval_ms = parse_time_ms(v).filter(|&t| t >= 100).ok_or_else(|| format!("{}: at least 100ms", bad()))?,
-            (b"timeout", Some(v)) => c.timeout_ms = parse_time_ms(v).filter(|&t| t >= 10).ok_or_else(|| format!("{}: at least 10ms", bad()))?,
-            (b"stale", Some(v)) => stale = Some(parse_time_ms(v).filter(|&t| t >= 100).ok_or_else(|| format!("{}: at least 100ms", bad()))?),
+            (b"interval", Some(v)) => c.interval_ms = crate::health::parse_time_ms(v).filter(|&t| t >= 100).ok_or_else(|| format!("{}: at least 100ms", bad()))?,
+            (b"timeout", Some(v)) => c.timeout_ms = crate::health::parse_time_ms(v).filter(|&t| t >= 10).ok_or_else(|| format!("{}: at least 10ms", bad()))?,
+            (b"stale", Some(v)) => stale = Some(crate::health::parse_time_ms(v).filter(|&t| t >= 100).ok_or_else(|| format!("{}: at least 100ms", bad()))?),
             (b"port", Some(v)) => {
                 let p: u16 = core::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).filter(|&p| p > 0).ok_or_else(bad)?;
                 c.port = Some(p);

@@ -9,6 +9,12 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 #[path = "../../src/load_report.rs"]
 mod load_report;
+#[allow(dead_code)]
+#[path = "../../src/health.rs"]
+mod health;
+#[allow(dead_code)]
+#[path = "../../src/load.rs"]
+mod load;
 
 fuzz_target!(|data: &[u8]| {
     let (split, rest) = match data.split_first() {
