@@ -207,11 +207,15 @@ class Recorder:
         self.logins = []    # (t, latency_s, status, node)
         self.errors = []    # (t, kind)
         self.placement = {}  # client address -> {node: responses}
+        self.placement_s = {}  # (client address, node) -> {second: responses}
 
     def note_node(self, addr, node):
         if node:
             d = self.placement.setdefault(addr, {})
             d[node] = d.get(node, 0) + 1
+            s = int(time.monotonic() - self.t0)
+            d = self.placement_s.setdefault((addr, node), {})
+            d[s] = d.get(s, 0) + 1
 
 
 def node_of(body):
@@ -479,6 +483,16 @@ def placement(rec, w):
         d = rec.placement.get(addr, {})
         total = sum(d.values()) or 1
         out[addr] = {k: round(v / total, 2) for k, v in sorted(d.items())}
+    return out
+
+
+def placement_per_second(rec, w, secs):
+    """Each BI server's responses per node and second: {address: {node: [count per second]}}."""
+    bi, _ = client_addresses(w)
+    out = {}
+    for (addr, node), d in sorted(rec.placement_s.items()):
+        if addr in bi:
+            out.setdefault(addr, {})[node] = [d.get(s, 0) for s in range(secs)]
     return out
 
 
@@ -923,6 +937,7 @@ class Suite:
                "addresses": {"bi": self.workload.addresses[0], "light": self.workload.addresses[1]},
                "duration_s": dur, "warmup_s": self.warmup, "summary": summ, "cpu": cpu,
                "bi_server_placement": placement(rec, self.workload),
+               "bi_server_placement_per_second": placement_per_second(rec, self.workload, int(dur + 0.999)),
                "latency_quantiles": latency_quantiles(rec, self.warmup),
                "per_second": series, "kylin_status_final": slim_status(final),
                "kylin_status_series": status, "errors_sample": rec.errors[:20],

@@ -797,7 +797,7 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             let login = kcf.and_then(|kcf| learning::learn_session(kcf, pd.r, server, pd.session().map(session_key_of)));
             if !pd.on_backup && (core::mem::take(&mut pd.measure) || login.is_some()) {
                 if let Some(kcf) = kcf {
-                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), pd.sess.key, login);
+                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), server, pd.sess.key, login);
                 }
             }
         }

@@ -26,6 +26,11 @@
 //! - The key's expected load moves with it at once (subtracted from the hot server's average,
 //!   added to the target's), so the next decision sees the cluster as it will be: no second
 //!   client chases the same server before its average has risen.
+//! - **What a moved client leaves behind leaves by itself.** Its node-local sessions stay on
+//!   the server it left until they end, and keep that server's in-flight count up for as long
+//!   (seconds, on a busy node). Requests of a moved key served elsewhere are measured per server
+//!   ([`Placement::key_done_on`]) and not counted when the keys that live there ask whether it
+//!   is hot: otherwise the client that stays would follow the one that left, to a cold cache.
 //! - **Logins bring expected load.** A new session is expected to bring the load of one more
 //!   of the client's sessions until its requests are measured: [`Placement::login`] adds that
 //!   prior to its server and its key at once. A client with `N` active sessions (sessions its
@@ -33,7 +38,8 @@
 //!   `L / N` (capped at `session_max`), so its new login is placed for the load `N + 1`
 //!   sessions bring. A client none of whose sessions has been used yet (a BI server opening
 //!   its session pool, many logins within a second, long before any response time is known)
-//!   gets `session` per login, for its first `cold_logins` logins in `tau`; past those, logins
+//!   gets `session` per login (`local_session` with node-local sessions, which cannot follow
+//!   the client later), for its first `cold_logins` logins in `tau`; past those, logins
 //!   without used sessions are sessions that are not kept (a REST client without a cookie jar
 //!   logs in on every request), and its prior is its measured load per recent login, so it
 //!   never looks much busier than it is. With node-local sessions the login is the only moment
@@ -76,6 +82,10 @@ pub struct Params {
     /// Expected load of a new session of a client none of whose sessions has been used yet
     /// (its cold start), thousandths of a request in flight ([`Placement::login`]).
     pub session_milli: u64,
+    /// The same, when sessions are node-local ([`Params::local_sessions`]): a login placed too
+    /// low stays where it is for the whole session, while with shared sessions the client
+    /// can still move later, and too high a prior delays the moves that pay.
+    pub local_session_milli: u64,
     /// While a client's load is not known (not measured for `tau`), its logins get `session`
     /// only while its logins in the last `tau` (a decayed count) are fewer than this: a pool
     /// that opens this many sessions at once is believed; a client that keeps logging in
@@ -108,6 +118,7 @@ impl Params {
         residence_ms: 30_000,
         cooldown_ms: 0,
         session_milli: 500,
+        local_session_milli: 1_000,
         cold_logins: 16,
         session_max_milli: 1_000,
         active_ms: 1_000,
@@ -135,6 +146,11 @@ pub struct ServerLoad {
     left_ms: u64,
     /// Keys currently moved to this server.
     moved_in: u64,
+    /// Decayed sum of the response times of requests it served for keys moved elsewhere (the
+    /// node-local sessions a moved client left behind, which end by themselves), in
+    /// milliseconds x 1000, as of `behind_ms`.
+    behind: u64,
+    behind_ms: u64,
 }
 
 /// `x * tau / (tau + dt)`: exponential decay over `dt`, to first order, exact for dt = 0.
@@ -155,6 +171,12 @@ impl ServerLoad {
     /// Keys currently moved to this server.
     pub fn moved_in(&self) -> u64 {
         self.moved_in
+    }
+
+    /// The load (average requests in flight, thousandths) of what moved keys left behind here,
+    /// as of `now`: their node-local sessions, which leave by themselves as they end.
+    fn behind_at(&self, now: u64, tau: u64) -> u64 {
+        decay(self.behind, now.saturating_sub(self.behind_ms), tau) / tau.max(1)
     }
 
     /// The average as of `now`, with the level held since `at_ms`.
@@ -268,7 +290,7 @@ impl KeyEntry {
         let est = (measured.saturating_mul(1000) / sessions).min(p.session_max_milli);
         let young = self.measured_ms == 0 || now.saturating_sub(self.measured_ms) < tau || now.saturating_sub(self.done_ms) >= tau;
         if young && recent < p.cold_logins.saturating_mul(1000) {
-            est.max(p.session_milli)
+            est.max(if p.local_sessions { p.local_session_milli } else { p.session_milli })
         } else {
             est
         }
@@ -432,6 +454,30 @@ where
     /// As [`Placement::key_done`], for a request that used the session whose hash is
     /// `session` (0: none, or a login): its key's active sessions are counted from these.
     pub fn key_done_in(&mut self, key: u64, response_ms: u64, session: u64, now: u64) {
+        self.done(key, response_ms, session, now);
+    }
+
+    /// As [`Placement::key_done_in`], for a request that server `i` served. If the key is
+    /// moved to another server, the request was one of the sessions it left behind on `i`
+    /// (node-local sessions stay where they were created, and end there): load that leaves
+    /// `i` by itself, so [`Placement::place`] does not count it when it asks whether `i` is
+    /// hot for the keys that live there. Without this, a client that moves off a server full
+    /// of its sessions makes the client that stays look as if it had to move too.
+    pub fn key_done_on(&mut self, key: u64, i: usize, response_ms: u64, session: u64, now: u64) {
+        let j = self.done(key, response_ms, session, now);
+        let moved = self.keys()[j].moved;
+        if moved == 0 || moved as usize - 1 == i {
+            return;
+        }
+        let tau = self.params.tau_ms;
+        if let Some(s) = self.servers_mut().get_mut(i) {
+            s.behind = decay(s.behind, now.saturating_sub(s.behind_ms), tau).saturating_add(response_ms.saturating_mul(1000));
+            s.behind_ms = now.max(s.behind_ms);
+        }
+    }
+
+    /// Records a finished request of `key` in its entry; returns the entry's index.
+    fn done(&mut self, key: u64, response_ms: u64, session: u64, now: u64) -> usize {
         let p = self.params;
         let i = self.entry(key, now);
         let e = &mut self.keys_mut()[i];
@@ -445,6 +491,7 @@ where
             e.rotate(now, p.active_ms.max(1));
             e.seen |= 1u64 << (session.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58);
         }
+        i
     }
 
     /// A login of `key` was placed on server `i` (a new session, which will stay there if
@@ -570,9 +617,19 @@ where
             self.set_moved(idx, 0);
         }
 
-        let lc = per(self, cur, 0);
+        // The current server's load without what moved keys left behind there (it leaves by
+        // itself): the load the key shares that server with from now on.
+        let own = self.server_load(cur, now).saturating_sub(self.servers()[cur].behind_at(now, p.tau_ms));
+        let lc = {
+            let l = own / weight(cur).max(1);
+            if saturated(cur) {
+                l.max(floor)
+            } else {
+                l
+            }
+        };
         let known = e.expected != 0 || now.saturating_sub(e.first_ms) >= p.tau_ms;
-        let major = kl > p.major_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(self.server_load(cur, now));
+        let major = kl > p.major_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(own);
         if settled && known && major && lc >= p.hot_milli {
             let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
             let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
@@ -586,7 +643,7 @@ where
                 // stable choice that never piles two clients up while a server is free), else
                 // the least loaded.
                 let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, kl) + p.margin_milli <= lc;
-                let left_behind = per(self, cur, 0).saturating_sub(kl / weight(cur).max(1));
+                let left_behind = lc.saturating_sub(kl / weight(cur).max(1));
                 let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
                     // A client whose open sessions stay behind must relieve the hot server by
                     // half its load at least.
@@ -793,6 +850,55 @@ mod tests {
     }
 
     #[test]
+    fn what_a_moved_client_left_behind_does_not_move_the_client_that_stays() {
+        // Server 0 holds two clients of 3 (9 in flight with one more client's session). Client
+        // 5 moves to server 2; its node-local sessions stay on server 0 and end there.
+        let mut now = 100_000;
+        let run = |left_behind_counted: bool| {
+            let mut p = Placement::new(4, 16, D);
+            let mut now = now;
+            key(&mut p, 5, 3_000, now);
+            key(&mut p, 6, 3_000, now);
+            levels(&mut p, &[6, 3, 0, 0], now);
+            assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
+            // For a second, server 0 stays at 6: client 6 and client 5's open sessions, whose
+            // requests (three in flight: 100 ms each, one every 33 ms) end on server 0.
+            for _ in 0..30 {
+                now += 33;
+                if left_behind_counted {
+                    p.key_done_on(5, 0, 100, 0, now);
+                } else {
+                    p.key_done_in(5, 100, 0, now);
+                }
+                p.key_done_on(6, 0, 100, 0, now);
+                p.server_inflight(0, 6, now);
+                p.server_inflight(2, 1, now);
+            }
+            p.place(6, order(0, 4), |_| true, |_| 1, now)
+        };
+        // Counted as load that leaves by itself, server 0 is client 6's alone (3): it stays.
+        assert_eq!(run(true), Some((0, Placed::Home)));
+        // Not counted, server 0 looks hot with two clients, and client 6 would leave a cache
+        // that is warm for it for one that is cold, only to leave server 0 idle later.
+        assert!(matches!(run(false), Some((_, Placed::MovedNow))));
+        // Requests of a key at the server it lives on are not left behind.
+        let mut p = Placement::new(4, 16, D);
+        key(&mut p, 5, 3_000, now);
+        levels(&mut p, &[6, 3, 0, 0], now);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((2, Placed::MovedNow)));
+        for _ in 0..30 {
+            now += 33;
+            p.key_done_on(5, 2, 100, 0, now);
+            p.key_done_on(7, 0, 100, 0, now);
+        }
+        assert!(p.sv.iter().all(|s| s.behind == 0));
+        // And what was left behind fades within a few `tau` once those sessions end.
+        p.key_done_on(5, 0, 1_000, 0, now);
+        assert_eq!(p.sv[0].behind_at(now, D.tau_ms), 1_000);
+        assert!(p.sv[0].behind_at(now + 10 * D.tau_ms, D.tau_ms) < 100);
+    }
+
+    #[test]
     fn no_cool_server_means_the_least_loaded_one_that_relieves() {
         let mut p = Placement::new(4, 16, D);
         let now = 100_000;
@@ -908,6 +1014,10 @@ mod tests {
 
     #[test]
     fn a_new_client_gets_the_cold_start_prior_for_its_first_logins_only() {
+        // Node-local sessions: a whole request in flight per login.
+        let mut p = Placement::new(2, 16, Params { local_sessions: true, ..D });
+        p.login(8, 0, 1_000);
+        assert_eq!(p.key_load(8, 1_000), D.local_session_milli);
         let mut p = Placement::new(2, 16, D);
         for k in 0..D.cold_logins {
             p.login(8, 0, 1_000 + k);
@@ -925,6 +1035,40 @@ mod tests {
         // A client idle for long is new again.
         p.login(8, 0, 100_000);
         assert!(p.key_load(8, 100_000) >= D.session_milli);
+    }
+
+    #[test]
+    fn with_node_local_sessions_a_pool_opening_on_a_shared_home_leaves_one_session_behind() {
+        // Three BI servers whose home is server 0 open 6 sessions each, their logins
+        // interleaved, before anything is measured. Returns, per client, the sessions left on
+        // server 0 and where the rest went.
+        let open = |local: bool| {
+            let mut p = Placement::new(4, 16, Params { local_sessions: local, ..D });
+            let now = 100_000;
+            let mut placed = [[0u32; 4]; 3];
+            for _ in 0..6 {
+                for k in 0..3 {
+                    let (s, _) = p.place(k + 1, order(0, 4), |_| true, |_| 1, now).unwrap();
+                    p.login(k + 1, s, now);
+                    placed[k as usize][s] += 1;
+                }
+            }
+            placed
+        };
+        // Node-local: a session is expected to bring a whole request in flight, so the two
+        // clients that move do so at their second login, each leaving one session on server 0,
+        // which their sessions cannot leave; the third stays, and every server has one client.
+        let local = open(true);
+        let mut movers: Vec<_> = local.iter().filter(|c| c[0] == 1).collect();
+        assert_eq!(movers.len(), 2, "{local:?}");
+        assert!(local.iter().any(|c| c[0] == 6), "{local:?}");
+        movers.sort();
+        assert!(movers.iter().all(|c| c.iter().filter(|&&n| n == 5).count() == 1), "{local:?}");
+        assert_ne!(movers[0], movers[1], "{local:?}");
+        // Shared: half a request per login, and the clients move at their third (their
+        // sessions follow them later anyway).
+        let shared = open(false);
+        assert_eq!(shared.iter().filter(|c| c[0] == 2).count(), 2, "{shared:?}");
     }
 
     #[test]

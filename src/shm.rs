@@ -500,7 +500,7 @@ struct PlacementRegion {
     keys: [KeyEntry; PLACEMENT_KEYS],
 }
 
-const PLACEMENT_MAGIC: u64 = 0x6b796c_696e_706c_02;
+const PLACEMENT_MAGIC: u64 = 0x6b796c_696e_706c_03;
 
 /// The name of an upstream's placement zone.
 fn placement_zone_name(upstream: &[u8]) -> Vec<u8> {

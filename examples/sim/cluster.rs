@@ -355,7 +355,7 @@ impl Policy {
         let avg = &mut self.rt[node];
         *avg = if *avg == 0.0 { rt } else { 0.95 * *avg + 0.05 * rt };
         if let Some(p) = self.placement.as_mut() {
-            p.key_done_in(key, rt.round() as u64, session, now as u64);
+            p.key_done_on(key, node, rt.round() as u64, session, now as u64);
         }
     }
 }
