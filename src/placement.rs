@@ -595,8 +595,13 @@ where
         let idx = self.entry(key, now);
         let e = self.keys()[idx];
         let kl = e.load_at(now, p.tau_ms);
-        let moved = e.moved.checked_sub(1).map(|m| m as usize).filter(|&m| m != home && order.contains(&m));
-        let cur = moved.unwrap_or(home);
+        // Where the key was moved, if that server is usable. While the key's home is not (a
+        // node down), its target may be the first usable server of its order: the key stays
+        // moved there, so that it does not follow its home back when that returns (with every
+        // other client whose home it is, onto a node whose cache is cold).
+        let target = e.moved.checked_sub(1).map(|m| m as usize).filter(|&m| order.contains(&m));
+        let moved = target.filter(|&m| m != home);
+        let cur = target.unwrap_or(home);
         // Load per unit of weight, with `extra` added first; a saturated server's is at least
         // `hot + margin`.
         let floor = p.hot_milli.saturating_add(p.margin_milli);
@@ -621,7 +626,7 @@ where
                     return Some((home, Placed::Returned));
                 }
             }
-        } else if e.moved != 0 {
+        } else if target.is_none() && e.moved != 0 {
             // Its target is gone or unusable: home again.
             self.set_moved(idx, 0);
         }
@@ -1187,6 +1192,32 @@ mod tests {
         let r = p.place(5, order(0, 3), |i| i != 1, |_| 1, now + 1).unwrap();
         assert_ne!(r.0, 1);
         assert_eq!(p.place(5, order(0, 3), |_| false, |_| 1, now + 2), None);
+    }
+
+    #[test]
+    fn a_moved_key_does_not_follow_its_home_back_after_an_outage() {
+        // Key 5 (home 0) was moved to server 1. Server 0 goes down: its order's first usable
+        // server is now 1, where the key already is. When server 0 returns, the key stays
+        // on 1 (within its residence; after it, only if home, with it back, is not hot),
+        // instead of piling onto the returning node with every client whose home it is.
+        let mut p = Placement::new(3, 16, D);
+        let mut now = 100_000;
+        key(&mut p, 5, 3_000, now);
+        levels(&mut p, &[6, 0, 0], now);
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        for _ in 0..10 {
+            now += 500;
+            levels(&mut p, &[0, 3, 0], now);
+            assert_eq!(p.place(5, order(0, 3), |i| i != 0, |_| 1, now), Some((1, Placed::Home)));
+        }
+        assert_eq!(p.moved_keys(), 1);
+        now += 500;
+        levels(&mut p, &[0, 3, 0], now);
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((1, Placed::Moved)));
+        // Once settled, it returns home by the usual rule.
+        now += D.residence_ms;
+        levels(&mut p, &[0, 3, 0], now);
+        assert_eq!(p.place(5, order(0, 3), |_| true, |_| 1, now), Some((0, Placed::Returned)));
     }
 
     #[test]
