@@ -151,6 +151,12 @@ impl SrvConf {
         self.store.as_ref().filter(|m| **m != crate::store::StoreMode::Off)
     }
 
+    /// Sessions are node-local: no session store can say one is shared
+    /// ([`crate::placement::Params::local_sessions`]).
+    pub fn node_local_sessions(&self) -> bool {
+        self.store_mode().is_none()
+    }
+
     /// Takes the http-level `kylin_session_store` if this upstream sets none.
     pub fn inherit_store(&mut self, http: &SrvConf) {
         if self.store.is_none() {

@@ -28,15 +28,14 @@ pub unsafe fn share_again(kcf: &SrvConf, session_id: &[u8], peer_id: u64) {
 /// Records what placement learns from a finished try on a primary server: the key's
 /// response time (its load, by Little's law), while placement is busy (as it was when the try
 /// was chosen, and still is), or a login (a response that set a session) on server `login`,
-/// always. `key` computes the request's stickiness key; `server` is the name of the server
-/// that answered; `session` is the route-table key of the session the request carried (0:
-/// none).
+/// always. `key` computes the request's stickiness key; `peer` is the primary peer that
+/// answered; `session` is the route-table key of the session the request carried (0: none).
 ///
 /// # Safety
 /// `r` is the live request, its upstream set.
 #[cold]
 #[inline(never)]
-pub unsafe fn placement_learns(kcf: &SrvConf, r: *mut ngx_http_request_t, key: impl FnOnce() -> Option<u64>, server: &[u8], session: u64, login: Option<u64>) {
+pub unsafe fn placement_learns(kcf: &SrvConf, r: *mut ngx_http_request_t, key: impl FnOnce() -> Option<u64>, peer: *const ngx::ffi::ngx_http_upstream_rr_peer_t, session: u64, login: Option<u64>) {
     let tables = kcf.tables.get();
     let (Some(zone), Some(state)) = (kcf.placement_zone, tables.as_deref().and_then(|t| t.as_deref())) else { return };
     // SAFETY: the zone is valid for the cycle; r and its upstream are live.
@@ -55,12 +54,13 @@ pub unsafe fn placement_learns(kcf: &SrvConf, r: *mut ngx_http_request_t, key: i
         let response_ms = (now_ms as ngx::ffi::ngx_msec_t).wrapping_sub((*u).start_time) as u64;
         shm::with_placement(zone, state.primary.layout, true, |p, _, _| {
             // Without a session store, sessions are node-local (their logins' priors differ).
-            p.set_local_sessions(kcf.store_mode().is_none());
+            p.set_local_sessions(kcf.node_local_sessions());
             if busy {
                 // With the session it used (a client's active sessions shape its logins' priors)
-                // and the server that served it (what a moved client left behind there).
+                // and the server that served it (what a moved client left behind there), found
+                // by its peer among the tables' own (a peer `resolve` removed is not there).
                 let response_ms = response_ms.min(3_600_000);
-                match state.index_of(key_hash(server)) {
+                match state.primary_peers.index_of(peer) {
                     Some(i) => p.key_done_on(key, i, response_ms, session, now_ms),
                     None => p.key_done_in(key, response_ms, session, now_ms),
                 }

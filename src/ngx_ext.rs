@@ -65,6 +65,14 @@ pub struct PeerRefs<K> {
     kind: PhantomData<K>,
 }
 
+impl<K> PeerRefs<K> {
+    /// The index of peer `p` among these (a pointer comparison: nothing is read through the
+    /// pointers, so no lock is needed), `None` if it is not one of them.
+    pub fn index_of(&self, p: *const ngx_http_upstream_rr_peer_t) -> Option<usize> {
+        self.peers.iter().position(|&q| ptr::eq(q, p))
+    }
+}
+
 /// What the tables of one group are built from, copied under the list's lock.
 pub struct Snapshot<K> {
     pub refs: PeerRefs<K>,

@@ -478,7 +478,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let placement = kcf.placement_zone;
     // Sessions are node-local (no shared session store): a moved client's open sessions stay
     // behind ([`crate::placement::Params::local_sessions`]).
-    let local_sessions = kcf.store_mode().is_none();
+    let local_sessions = kcf.node_local_sessions();
     let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
@@ -797,7 +797,7 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             let login = kcf.and_then(|kcf| learning::learn_session(kcf, pd.r, server, pd.session().map(session_key_of)));
             if !pd.on_backup && (core::mem::take(&mut pd.measure) || login.is_some()) {
                 if let Some(kcf) = kcf {
-                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), server, pd.sess.key, login);
+                    learning::placement_learns(kcf, pd.r, || request_key(pd.r, kcf), pd.rrp.current, pd.sess.key, login);
                 }
             }
         }
