@@ -198,18 +198,34 @@ class Test:
         _, _, body = await http(self.port, "GET", "/status", timeout=5)
         return json.loads(body)
 
+    def workers(self):
+        """The master's children (its workers: this configuration has no cache processes)."""
+        master, n = self.master(), 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open("/proc/%s/stat" % pid) as f:
+                        # The field after the command name (in parentheses) is the state, then ppid.
+                        n += int(f.read().rsplit(")", 1)[1].split()[1]) == master
+                except (OSError, IndexError, ValueError):
+                    pass
+        return n
+
     async def serving(self, r):
-        """The status document once the workers of configuration `r` answer."""
+        """The status document once the workers of configuration `r` answer and the previous
+        configuration's workers have exited (until they take the shutdown signal they still
+        accept connections, and answer with their own configuration: on a busy machine, for a
+        while)."""
         end = time.time() + 15
         while time.time() < end:
             try:
                 doc = await self.status()
-                if any(s["address"] == self.live(r) for s in doc["upstreams"]["kc"]["servers"]):
+                if any(s["address"] == self.live(r) for s in doc["upstreams"]["kc"]["servers"]) and self.workers() == 2:
                     return doc
             except (OSError, ValueError, KeyError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.05)
-        raise RuntimeError("configuration %d not serving after 15 s" % r)
+        raise RuntimeError("configuration %d not serving after 15 s (workers: %d)" % (r, self.workers()))
 
     async def one(self, r):
         await self.serving(r)
