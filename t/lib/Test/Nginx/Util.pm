@@ -76,6 +76,8 @@ our $PrevRandPorts;
 our $NginxPid;           # pid of the nginx we started (master or single)
 our $MustDieStderr;      # set while a must_die block is being checked
 our $NginxChild;         # daemon off (valgrind mode): pid of nginx, our direct child
+our $NginxStarting;      # daemon off: that child until it wrote its pid file (a signal then
+                         # must stop it too: under valgrind the start takes seconds)
 our $NginxChildValgrind; # ... and whether it runs under valgrind
 our $StderrPrinted = 0;  # how much of $StderrFile has been shown
 
@@ -653,6 +655,13 @@ sub stop_nginx ($;$) {
 
 sub cleanup (;$) {
     my $fast = shift;
+    if ($NginxStarting) {
+        # its own process group (setpgrp in run_nginx_cmd)
+        kill SIGKILL, -$NginxStarting;
+        kill SIGKILL, $NginxStarting;
+        waitpid($NginxStarting, 0);
+        undef $NginxStarting;
+    }
     for my $hdl (@CleanupHandlers) {
         eval { $hdl->() };
     }
@@ -662,10 +671,13 @@ sub cleanup (;$) {
 my $SignalsInstalled;
 sub install_signal_handlers () {
     return if $SignalsInstalled++;
-    for my $sig (qw(INT TERM HUP)) {
+    # PIPE too: when prove is killed, the next line a test prints would end it silently,
+    # leaving nginx running (under valgrind it is in its own process group).
+    for my $sig (qw(INT TERM HUP PIPE)) {
         my $old = $SIG{$sig};
         next if defined $old && ref $old;   # respect user handlers
         $SIG{$sig} = sub {
+            $SIG{PIPE} = 'IGNORE';
             cleanup(1);
             $SIG{$sig} = 'DEFAULT';
             kill $sig, $$;
@@ -716,6 +728,14 @@ sub run_nginx_cmd () {
         waitpid($pid, 0);
         return $?;
     }
+    $NginxStarting = $pid;
+    my $status = _wait_started($pid);
+    undef $NginxStarting;
+    return $status;
+}
+
+sub _wait_started ($) {
+    my ($pid) = @_;
 
     my $deadline = time + ($UseValgrind ? $ValgrindStartTimeout : 10);
     while (1) {
