@@ -216,6 +216,46 @@ like($errlog, qr/signal 15 \(SIGTERM\) received.*\[notice\] \d+#\d+: exit$/ms,
      'SIGTERM: nginx got TERM and exited by itself (not killed)');
 ok(port_free($PORT), "SIGTERM: port $PORT is free");
 
+# 4b. the runner interrupted (SIGTERM) while nginx is still starting under valgrind (its pid
+#     file not yet written: seconds under valgrind): that nginx is stopped too (it is in its
+#     own process group, which the signal to the runner's group does not reach)
+$bg = run_spec(
+    port => $PORT,
+    background => 1,
+    env  => { TEST_NGINX_USE_VALGRIND => "--tool=memcheck --leak-check=full --log-file=$logs/start.%p.log" },
+    data => <<'EOF');
+=== TEST 1: interrupted start
+--- config
+    location = /t { return 200 "s\n"; }
+--- request
+GET /t
+EOF
+# processes whose command line names this run's server root (valgrind, then nginx in it)
+my $servroot_procs = sub {
+    my @p;
+    opendir my $d, '/proc' or return ();
+    for my $p (grep { /^\d+$/ } readdir $d) {
+        my $cmd = do { local $/; open my $f, '<', "/proc/$p/cmdline" or next; <$f> } // '';
+        my $st = do { local $/; open my $f, '<', "/proc/$p/stat" or next; <$f> } // '';
+        push @p, $p if index($cmd, $bg->{servroot}) >= 0 && $st !~ /\)\s+Z\b/;
+    }
+    return @p;
+};
+my @starting;
+$until = time + 60;
+while (time < $until) {
+    last if @starting = $servroot_procs->();
+    select undef, undef, undef, 0.01;
+}
+ok(@starting && !-e "$bg->{servroot}/logs/nginx.pid", 'start interrupted: valgrind started, no pid file yet')
+    or diag ${ $bg->{out} };
+$bg->{handle}->signal('TERM');
+eval { $bg->{handle}->finish };
+my @left = $servroot_procs->();
+ok(!@left, 'start interrupted: no nginx left when the runner has exited') or diag "left: @left";
+kill 'KILL', @left if @left;
+ok(port_free($PORT), "start interrupted: port $PORT is free");
+
 # 5. nginx exiting at start-up under valgrind is a start failure showing its stderr
 $r = run_spec(port => $PORT, env => { TEST_NGINX_USE_VALGRIND => '--tool=memcheck' }, data => <<'EOF');
 === TEST 1: bad config without must_die

@@ -1098,8 +1098,10 @@ the port is still in use), the pid file is awaited (and with
 C<master_on> the workers), requests are sent (connects are retried with
 back-off, as the real module does), then nginx is stopped (QUIT and up
 to C<timeout()> seconds, then TERM, then KILL of its process group)
-before the next block.  An END block and INT/TERM/HUP handlers stop
-nginx (TERM) if the test dies or is interrupted.  (Under valgrind nginx
+before the next block.  An END block and INT/TERM/HUP/PIPE handlers stop
+nginx (TERM) if the test dies or is interrupted (PIPE: the harness
+reading its output is gone); an nginx still starting in valgrind mode
+(no pid file yet) is killed with its process group.  (Under valgrind nginx
 runs in the foreground instead: see L</Valgrind mode>.)
 
 =head2 Valgrind mode
