@@ -73,6 +73,20 @@ pub struct SrvConf {
     /// `kylin_load_report`, and where it was written (for the `zone` check after parsing).
     pub load_report: Option<crate::load_report::ReportConf>,
     pub load_report_at: (Option<&'static CStr>, ngx_uint_t),
+    /// What `peer.get` reads of the above on every request, resolved once by `init_upstream`.
+    pub run: Resolved,
+}
+
+/// The settings `peer.get` needs on every request, resolved by `init_upstream` once the
+/// http-level store is inherited and the default balance settled (from [`SrvConf::balance`],
+/// [`SrvConf::balance_factor`], [`SrvConf::node_local_sessions`] and the health check).
+#[derive(Clone, Copy, Debug)]
+pub struct Resolved {
+    pub balance: Balance,
+    pub balance_factor: u32,
+    pub node_local_sessions: bool,
+    /// The availability rules without the slow start (added per request).
+    pub gate: crate::health::Gate,
 }
 
 impl Default for SrvConf {
@@ -104,6 +118,7 @@ impl Default for SrvConf {
             slow_start_ms: None,
             load_report: None,
             load_report_at: (None, 0),
+            run: Resolved { balance: DEFAULT_BALANCE, balance_factor: 0, node_local_sessions: true, gate: crate::health::Gate::new(false, false) },
         }
     }
 }
@@ -155,6 +170,16 @@ impl SrvConf {
     /// ([`crate::placement::Params::local_sessions`]).
     pub fn node_local_sessions(&self) -> bool {
         self.store_mode().is_none()
+    }
+
+    /// The settings `peer.get` reads on every request, as this configuration gives them.
+    pub fn resolve(&mut self) {
+        self.run = Resolved {
+            balance: self.balance(),
+            balance_factor: self.balance_factor(),
+            node_local_sessions: self.node_local_sessions(),
+            gate: crate::health::Gate::new(self.health.is_some(), self.health.as_ref().is_some_and(|h| h.mandatory)),
+        };
     }
 
     /// Takes the http-level `kylin_session_store` if this upstream sets none.

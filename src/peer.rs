@@ -132,6 +132,8 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
             }
         }
 
+        kcf.resolve();
+
         // With a zone, peers are copied to shared memory after this point: each worker builds
         // its tables from that copy on first use. Building them now as well shows a
         // configuration error in `nginx -t`, and workers without a zone inherit them.
@@ -344,8 +346,9 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
 }
 
 /// The module's availability rules of an upstream ([`Gate`]), for one request.
+#[inline]
 fn gate_of(kcf: &SrvConf) -> Gate {
-    Gate::new(kcf.health.is_some(), kcf.health.as_ref().is_some_and(|h| h.mandatory))
+    kcf.run.gate
 }
 
 /// nginx's cached time, Unix milliseconds (for the slow start's ramps, which the prober
@@ -395,12 +398,12 @@ impl NginxServers<'_, '_> {
 }
 
 impl Servers for NginxServers<'_, '_> {
-    #[inline]
+    #[inline(always)]
     fn usable(&mut self, i: usize) -> bool {
         self.check(i, 0, false)
     }
 
-    #[inline]
+    #[inline(always)]
     fn usable_for_session(&mut self, i: usize) -> bool {
         self.check(i, DRAINING, true)
     }
@@ -473,12 +476,12 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 /// backups (see [`get_backup`]) if no primary server is usable. `Err` is `get`'s return code.
 #[inline(always)]
 unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &SrvConf, key: u64, now: i64) -> Result<Choice, ngx_int_t> {
-    let factor = kcf.balance_factor();
-    let balance = kcf.balance();
+    let factor = kcf.run.balance_factor;
+    let balance = kcf.run.balance;
     let placement = kcf.placement_zone;
     // Sessions are node-local (no shared session store): a moved client's open sessions stay
     // behind ([`crate::placement::Params::local_sessions`]).
-    let local_sessions = kcf.node_local_sessions();
+    let local_sessions = kcf.run.node_local_sessions;
     let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
@@ -508,7 +511,8 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let hinted = unsafe { sticky_hint(pd, pc) };
     let bound = Bound {
         factor_milli: factor,
-        total: state.total.map_or(0, |t| t.inflight()),
+        // (Read only where the bound is on: clients mode has none.)
+        total: if factor > 0 { state.total.map_or(0, |t| t.inflight()) } else { 0 },
         live_weight: state.live_weight.get(),
     };
     let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single, gate };
@@ -578,21 +582,33 @@ unsafe fn sample_placement(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, repor
         if !due {
             return busy;
         }
+        take_placement_sample(zone, g, report, now_ms).unwrap_or(busy)
+    }
+}
+
+/// [`sample_placement`]'s sample, when one is due: `None` if another process holds the lock.
+///
+/// # Safety
+/// As for [`sample_placement`].
+#[cold]
+#[inline(never)]
+unsafe fn take_placement_sample(zone: *mut ngx::ffi::ngx_shm_zone_t, g: &Group, report: Option<&crate::load_report::ReportConf>, now_ms: u64) -> Option<bool> {
+    // SAFETY: the caller's contract.
+    unsafe {
         shm::with_placement(zone, g.layout, false, |p, at, flag| {
             let n = g.slots.len();
-            p.sample(n, |i| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight())), now_ms);
+            let inflight = |i: usize| g.slots.get(i).map(|s| s.map_or(0, |s| s.inflight()));
             let busy = match report {
                 Some(conf) => {
                     let unix = crate::health::unix_ms();
-                    p.busy_reported(n, |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)
+                    p.sample_busy(n, inflight, |i| g.weight(i), |i| reported_saturated(g, conf, i, unix), now_ms)
                 }
-                None => p.busy(n, |i| g.weight(i), now_ms),
+                None => p.sample_busy(n, inflight, |i| g.weight(i), |_| false, now_ms),
             };
             at.store(now_ms, core::sync::atomic::Ordering::Relaxed);
             flag.store(u64::from(busy), core::sync::atomic::Ordering::Relaxed);
             busy
         })
-        .unwrap_or(busy)
     }
 }
 
@@ -775,6 +791,7 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
     // SAFETY: data is our PeerData; rrp is its first field.
     unsafe {
         let pd = &mut *(data as *mut PeerData);
+        let kcf = pd.conf();
         if let Some(s) = pd.counted.take() {
             s.finish();
             if state & NGX_PEER_FAILED as ngx_uint_t != 0 {
@@ -782,17 +799,16 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
             }
         }
         if core::mem::take(&mut pd.counted_total) {
-            if let Some(t) = pd.conf().and_then(|c| c.total.get()) {
+            if let Some(t) = kcf.and_then(|c| c.total.get()) {
                 t.finish();
             }
         }
         if core::mem::take(&mut pd.trial) && state & NGX_PEER_FAILED as ngx_uint_t == 0 && !pd.rrp.current.is_null() {
-            if let Some(kcf) = pd.conf() {
+            if let Some(kcf) = kcf {
                 learning::came_back(kcf, (*pd.rrp.current).name.as_bytes());
             }
         }
         if !pd.rrp.current.is_null() && state & (NGX_PEER_FAILED as ngx_uint_t | NGX_PEER_NEXT) == 0 {
-            let kcf = pd.conf();
             let server = (*pd.rrp.current).name.as_bytes();
             let login = kcf.and_then(|kcf| learning::learn_session(kcf, pd.r, server, pd.session().map(session_key_of)));
             if !pd.on_backup && (core::mem::take(&mut pd.measure) || login.is_some()) {

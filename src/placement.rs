@@ -393,6 +393,35 @@ where
         }
     }
 
+    /// [`Placement::sample`] then [`Placement::busy_reported`], in one pass over the servers
+    /// (the glue's sample, taken every few milliseconds): the same state and the same answer.
+    pub fn sample_busy(
+        &mut self,
+        n: usize,
+        inflight: impl Fn(usize) -> Option<u64>,
+        weight: impl Fn(usize) -> u64,
+        saturated: impl Fn(usize) -> bool,
+        now: u64,
+    ) -> bool {
+        let tau = self.params.tau_ms;
+        let half = self.params.hot_milli / 2;
+        let mut busy = false;
+        for i in 0..n.min(self.servers().len()) {
+            let level = inflight(i);
+            let s = &mut self.servers_mut()[i];
+            if let Some(level) = level {
+                s.avg_milli = s.avg_at(now, tau);
+                s.at_ms = now.max(s.at_ms);
+                s.level = level;
+            }
+            // avg / weight >= half, without the division (weights and `half` are far below
+            // the product's overflow).
+            let hot = s.avg_at(now, tau) >= half.saturating_mul(weight(i).max(1));
+            busy = busy || saturated(i) || s.moved_in > 0 || hot;
+        }
+        busy
+    }
+
     /// Whether placement has anything to do: some server's average in flight (per unit of
     /// `weight`) is at least half of `hot`, or some key is moved. While it is not, the glue
     /// neither measures keys nor asks [`Placement::place`]: every key is at home.
@@ -1302,6 +1331,39 @@ mod tests {
                 let y = b.place_reported(key, ord, |_| true, |_| 1, |_| false, now);
                 prop_assert_eq!(x, y);
                 prop_assert_eq!(&a.sv, &b.sv);
+                prop_assert_eq!(&a.ks, &b.ks);
+            }
+        }
+
+        /// The glue's one-pass sample answers and leaves the state as a sample then
+        /// `busy_reported` would, over any history, weights and reports.
+        #[test]
+        fn sample_busy_is_sample_then_busy(
+            n in 1usize..8,
+            ops in proptest::collection::vec((0u64..6, 0usize..8, 0u64..12, 0u64..3000, proptest::bool::ANY, 0u8..16), 1..200),
+            weights in proptest::collection::vec(1u64..5, 8),
+            sampled in 0usize..9,
+        ) {
+            let mut a = Placement::new(n, 8, D);
+            let mut b = Placement::new(n, 8, D);
+            let mut now = 1u64;
+            for (key, server, level, dt, done, sat) in ops {
+                now += dt;
+                // Servers past `sampled` have no slot (None), as servers without counters.
+                let inflight = |i: usize| (i < sampled).then_some(level + i as u64);
+                let weight = |i: usize| weights[i];
+                let saturated = |i: usize| sat & (1 << (i % 4)) != 0 && sat >= 8;
+                a.sample(n, inflight, now);
+                let x = a.busy_reported(n, weight, saturated, now);
+                let y = b.sample_busy(n, inflight, weight, saturated, now);
+                prop_assert_eq!(x, y);
+                prop_assert_eq!(&a.sv, &b.sv);
+                for p in [&mut a, &mut b] {
+                    if done {
+                        p.key_done_on(key, server % n, dt % 500 * 20, 0, now);
+                    }
+                    p.place(key, order(key as usize % n, n), |_| true, weight, now);
+                }
                 prop_assert_eq!(&a.ks, &b.ks);
             }
         }
