@@ -36,6 +36,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -764,6 +765,9 @@ class Suite:
         self.warmup = args.warmup if args.warmup is not None else 2.0
         if self.warmup >= self.duration:
             raise SystemExit("--warmup must be shorter than --duration")
+        self.repeat = args.repeat
+        if self.repeat < 1:
+            raise SystemExit("--repeat must be at least 1")
         self.fault_duration = 14.0 if self.quick else 20.0
         self.fault_window = 4.0 if self.quick else 6.0
         self.balancers = balancers(args.kylin_variant)
@@ -831,10 +835,10 @@ class Suite:
 
     # the plan ------------------------------------------------------------------------------
     @staticmethod
-    def run_name(layout, cache, mode, bal, fault):
+    def run_name(layout, cache, mode, bal, fault, rep=0):
         if fault:
             return "fault-%s-%s" % (fault, bal)
-        return "L%d-%s-%s-%s" % (layout, mode, cache, bal)
+        return "L%d-%s-%s-%s%s" % (layout, mode, cache, bal, "-r%d" % (rep + 1) if rep else "")
 
     def plan(self):
         plan = []
@@ -844,27 +848,30 @@ class Suite:
                     # Every balancer of a cell runs back to back, in an order shuffled per cell
                     # (seeded), so that a slow spell of the shared machine hits no balancer
                     # systematically.
-                    order = [b.name for b in self.balancers]
-                    random.Random(layout * 100 + ci * 10 + si).shuffle(order)
-                    plan += [(layout, cache, mode, b, None) for b in order]
+                    # With --repeat N, N rounds of the cell follow one another, each in its own
+                    # order (the first as without --repeat).
+                    for r in range(self.repeat):
+                        order = [b.name for b in self.balancers]
+                        random.Random(layout * 100 + ci * 10 + si + 1000 * r).shuffle(order)
+                        plan += [(layout, cache, mode, b, None, r) for b in order]
         first = self.layouts[0]
         if not self.args.no_faults:
             if self.quick:
-                plan += [(first, "bounded", "local", b, "node-kill") for b in ("kylin", "ip_hash")]
+                plan += [(first, "bounded", "local", b, "node-kill", 0) for b in ("kylin", "ip_hash")]
             else:
-                plan += [(first, "bounded", "local", b, "node-kill") for b in self.kylins + self.anchors]
+                plan += [(first, "bounded", "local", b, "node-kill", 0) for b in self.kylins + self.anchors]
                 redis = self.kylins + ["ip_hash", "round_robin", "least_conn_sticky"]
-                plan += [(first, "bounded", "shared", b, f) for f in ("redis-stop", "redis-slow") for b in redis]
+                plan += [(first, "bounded", "shared", b, f, 0) for f in ("redis-stop", "redis-slow") for b in redis]
         if self.args.only:
             globs = [g.strip() for g in self.args.only.split(",") if g.strip()]
             plan = [p for p in plan if any(fnmatch.fnmatchcase(self.run_name(*p), g) for g in globs)]
         return plan
 
     # one run -------------------------------------------------------------------------------
-    async def one(self, layout, cache, mode, bname, fault=None):
+    async def one(self, layout, cache, mode, bname, fault=None, rep=0):
         bal = self.by_name[bname]
         shared = mode == "shared"
-        name = self.run_name(layout, cache, mode, bname, fault)
+        name = self.run_name(layout, cache, mode, bname, fault, rep)
         set_layout(self.workload, layout)
         self.workload.seed = layout  # the same users (random streams) for every balancer of a layout
         self.cache_size = CACHE_SIZE[cache]
@@ -933,7 +940,7 @@ class Suite:
         cpu["others"] = round(max(0.0, cpu["machine_busy"] * ncpu - ours), 3)
         res = {"name": name, "balancer": bname, "label": bal.label, "kylin": bal.kylin,
                "directives": bal.directives, "layout": layout, "cache": cache, "cache_size": self.cache_size,
-               "sessions": mode, "fault": fault, "client_keepalive": keepalive,
+               "sessions": mode, "fault": fault, "repeat": rep + 1, "client_keepalive": keepalive,
                "addresses": {"bi": self.workload.addresses[0], "light": self.workload.addresses[1]},
                "duration_s": dur, "warmup_s": self.warmup, "summary": summ, "cpu": cpu,
                "bi_server_placement": placement(rec, self.workload),
@@ -985,6 +992,7 @@ class Suite:
         self.anchors = [b.name for b in self.balancers if not b.kylin]
         self.caches = tuple(c for c in CACHES if any(x["cache"] == c for x in meta["cells"])) or self.caches
         self.fault_duration = meta.get("fault_duration_s", self.fault_duration)
+        self.repeat = meta.get("repeat", 1)
         self.fault_window = meta.get("fault_window_s", self.fault_window)
         self.args.only = meta.get("only")
         order = {}
@@ -1008,6 +1016,7 @@ class Suite:
                        "quick": self.quick, "layouts": self.layouts, "duration_s": self.duration,
                        "warmup_s": self.warmup, "node_ports": self.node_ports,
                        "fault_duration_s": self.fault_duration, "fault_window_s": self.fault_window,
+                       "repeat": self.repeat,
                        "only": self.args.only, "order": [r["name"] for r in self.results],
                        "run_info": self.run_info,
                        "balancers": [{"name": b.name, "label": b.label, "kylin": b.kylin,
@@ -1042,13 +1051,13 @@ class Suite:
               % (",".join(map(str, self.node_ports)), self.redis_port, self.nginx_port, len(plan),
                  len(self.layouts), self.layouts[0], "/".join(self.caches), len(self.balancers),
                  "" if self.args.no_faults else ", plus faults"), flush=True)
-        for n, (layout, cache, mode, b, fault) in enumerate(plan):
+        for n, (layout, cache, mode, b, fault, rep) in enumerate(plan):
             elapsed = time.monotonic() - started
             eta = elapsed / n * (len(plan) - n) if n else 0
             print("[%3d/%d %4.0fs, ~%3.0fs left] %-38s" % (n + 1, len(plan), elapsed, eta,
-                                                          self.run_name(layout, cache, mode, b, fault)),
+                                                          self.run_name(layout, cache, mode, b, fault, rep)),
                   end="", flush=True)
-            await self.one(layout, cache, mode, b, fault)
+            await self.one(layout, cache, mode, b, fault, rep)
             nxt = plan[n + 1] if n + 1 < len(plan) else None
             if not fault and (nxt is None or nxt[0] != layout or nxt[4]):
                 self.print_layout_row(layout)
@@ -1065,24 +1074,44 @@ def run_info():
             "module_dirty": bool(sh("git -C %s status --porcelain -- src Cargo.toml Cargo.lock build.rs" % ROOT))}
 
 
+MEDIAN_FIELDS = ("throughput_qps", "p50_ms", "p99_ms", "cache_hit_ratio", "busiest_over_mean_in_flight")
+SUM_FIELDS = ("unauthorized_401", "errors")
+
+
+def merge_repeats(runs):
+    """One balancer's runs of a cell (`--repeat`) as one: the median of each rate and latency,
+    the sum of the 401s and errors (one 401 in any run misses the goal), and the runs' queries/s
+    in `qps_runs`. A single run stands as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    summ = {}
+    for k in MEDIAN_FIELDS:
+        vals = [r["summary"][k] for r in runs if r["summary"].get(k) is not None]
+        summ[k] = statistics.median(vals) if vals else None
+    for k in SUM_FIELDS:
+        summ[k] = sum(r["summary"][k] for r in runs)
+    summ["qps_runs"] = [r["summary"]["throughput_qps"] for r in runs]
+    return {"summary": summ}
+
+
 def analyse(results, kylins, anchors):
     """One entry per cell (layout x sessions x cache): the best anchor by queries/s, and each
-    kylin variant's ratios to it."""
+    kylin variant's ratios to it. With `--repeat`, each balancer counts with the median of its
+    runs (`merge_repeats`)."""
     by = {}
     for r in results:
         if not r["fault"]:
-            by.setdefault((r["layout"], r["sessions"], r["cache"]), {})[r["balancer"]] = r
+            by.setdefault((r["layout"], r["sessions"], r["cache"]), {}).setdefault(r["balancer"], []).append(r)
     cells = []
     for key in sorted(by, key=lambda k: (k[0], CACHES.index(k[2]), SESSIONS.index(k[1]))):
-        runs = by[key]
+        runs = {n: merge_repeats(rs) for n, rs in by[key].items()}
         stock = [(n, runs[n]["summary"]) for n in anchors if n in runs]
         if not stock:
             continue
         best_name, best = max(stock, key=lambda x: x[1]["throughput_qps"])
         cell = {"layout": key[0], "sessions": key[1], "cache": key[2], "best": best_name,
                 "best_qps": best["throughput_qps"], "best_p99_ms": best["p99_ms"],
-                "runs": {n: {k: r["summary"][k] for k in ("throughput_qps", "p50_ms", "p99_ms", "cache_hit_ratio",
-                                                          "unauthorized_401", "errors", "busiest_over_mean_in_flight")}
+                "runs": {n: {k: r["summary"][k] for k in MEDIAN_FIELDS + SUM_FIELDS + ("qps_runs",) if k in r["summary"]}
                          for n, r in runs.items()},
                 "kylin": {}}
         for k in kylins:
@@ -1091,7 +1120,7 @@ def analyse(results, kylins, anchors):
             s = runs[k]["summary"]
             qr = s["throughput_qps"] / best["throughput_qps"] if best["throughput_qps"] else float("nan")
             pr = s["p99_ms"] / best["p99_ms"] if best["p99_ms"] else float("nan")
-            cell["kylin"][k] = {"qps": s["throughput_qps"], "p99_ms": s["p99_ms"],
+            cell["kylin"][k] = {"qps": s["throughput_qps"], "p99_ms": s["p99_ms"], "qps_runs": s.get("qps_runs"),
                                 "qps_ratio": round(qr, 3), "p99_ratio": round(pr, 3),
                                 "cache_hit_ratio": s["cache_hit_ratio"], "unauthorized_401": s["unauthorized_401"],
                                 "errors": s["errors"],
@@ -1373,8 +1402,12 @@ def write_markdown(suite, path):
         "balancer of a layout." % (", ".join(suite.caches), suite.duration, suite.warmup),
         "- Best stock = the anchor with the most queries/s (200 answers) in the cell; its p99 is the p99 "
         "reference. Goal (issue #13): kylin >= %.2fx its queries/s, p99 <= %.2fx, zero 401, in every cell. "
-        "One run per balancer and cell: the best of six noisy anchors is biased upwards, so ratios a few percent "
-        "under 1 are within the noise of this machine." % (GOAL_QPS, GOAL_P99),
+        % (GOAL_QPS, GOAL_P99)
+        + ("One run per balancer and cell: the best of six noisy anchors is biased upwards, so ratios a few percent "
+           "under 1 are within the noise of this machine." if suite.repeat == 1 else
+           "%d runs per balancer and cell (`--repeat`: the cell's rounds one after another, each in its own "
+           "shuffled order); a balancer's queries/s and p99 are the medians of its runs, its 401s and errors "
+           "their sums." % suite.repeat),
     ]
     if any(not r["client_keepalive"] for r in suite.results):
         lines.append("- Every run opened one client connection per request (`--close-connections`).")
@@ -1544,6 +1577,8 @@ def main():
     s.add_argument("--duration", type=float, help="seconds per cell run (default 9; --quick: 7)")
     s.add_argument("--warmup", type=float, help="seconds not counted at the start of a run (default 2)")
     s.add_argument("--no-faults", action="store_true", help="skip the fault runs")
+    s.add_argument("--repeat", type=int, default=1,
+                   help="rounds per cell (default 1): each balancer counts with the median of its runs")
     s.add_argument("--report-only", action="store_true",
                    help="run nothing: rewrite results.md and the charts from OUT/results/*.json")
     s.add_argument("--out", default=os.path.join(ROOT, "bench"))
