@@ -1081,7 +1081,16 @@ SUM_FIELDS = ("unauthorized_401", "errors")
 def merge_repeats(runs):
     """One balancer's runs of a cell (`--repeat`) as one: the median of each rate and latency,
     the sum of the 401s and errors (one 401 in any run misses the goal), and the runs' queries/s
-    in `qps_runs`. A single run stands as it is."""
+    in `qps_runs`. A single run stands as it is.
+
+    >>> run = lambda q, p99, u=0: {"summary": {"throughput_qps": q, "p50_ms": 5.0, "p99_ms": p99,
+    ...     "cache_hit_ratio": 0.9, "busiest_over_mean_in_flight": 1.2, "unauthorized_401": u, "errors": 0}}
+    >>> m = merge_repeats([run(100, 60), run(90, 70, 1), run(120, 65)])["summary"]
+    >>> m["throughput_qps"], m["p99_ms"], m["unauthorized_401"], m["qps_runs"]
+    (100, 65, 1, [100, 90, 120])
+    >>> merge_repeats([run(100, 60)])["summary"]["throughput_qps"]
+    100
+    """
     if len(runs) == 1:
         return runs[0]
     summ = {}
@@ -1097,7 +1106,21 @@ def merge_repeats(runs):
 def analyse(results, kylins, anchors):
     """One entry per cell (layout x sessions x cache): the best anchor by queries/s, and each
     kylin variant's ratios to it. With `--repeat`, each balancer counts with the median of its
-    runs (`merge_repeats`)."""
+    runs (`merge_repeats`).
+
+    >>> def run(b, q, u=0):
+    ...     return {"fault": None, "layout": 1, "sessions": "local", "cache": "bounded", "balancer": b,
+    ...             "summary": {"throughput_qps": q, "p50_ms": 5.0, "p99_ms": 60.0, "cache_hit_ratio": 0.9,
+    ...                         "busiest_over_mean_in_flight": 1.2, "unauthorized_401": u, "errors": 0}}
+    >>> runs = [run("kylin", 98), run("ip_hash", 100), run("kylin", 99), run("ip_hash", 130),
+    ...         run("kylin", 150), run("ip_hash", 101)]
+    >>> k = analyse(runs, ["kylin"], ["ip_hash"])[0]["kylin"]["kylin"]
+    >>> k["qps_ratio"], k["goal"]
+    (0.98, True)
+    >>> k = analyse(runs + [run("kylin", 99, u=1)], ["kylin"], ["ip_hash"])[0]["kylin"]["kylin"]
+    >>> k["qps_ratio"], k["unauthorized_401"], k["goal"]
+    (0.98, 1, False)
+    """
     by = {}
     for r in results:
         if not r["fault"]:
