@@ -345,12 +345,6 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
     Status::NGX_OK.into()
 }
 
-/// The module's availability rules of an upstream ([`Gate`]), for one request.
-#[inline]
-fn gate_of(kcf: &SrvConf) -> Gate {
-    kcf.run.gate
-}
-
 /// nginx's cached time, Unix milliseconds (for the slow start's ramps, which the prober
 /// stamps with wall-clock time).
 fn cached_unix_ms() -> u64 {
@@ -441,7 +435,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let picked = if pd.on_backup {
             match kcf.tables.get().as_deref().and_then(|t| t.as_deref()) {
                 // SAFETY: on backups, rrp.peers is the upstream's backup list (set in get_backup).
-                Some(state) => get_backup(pd, pc, state, gate_of(kcf), Locked::backup(pd.rrp.peers), key, now),
+                Some(state) => get_backup(pd, pc, state, kcf.run.gate, Locked::backup(pd.rrp.peers), key, now),
                 None => Err(Status::NGX_ERROR.into()),
             }
         } else {
@@ -482,7 +476,7 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     // Sessions are node-local (no shared session store): a moved client's open sessions stay
     // behind ([`crate::placement::Params::local_sessions`]).
     let local_sessions = kcf.run.node_local_sessions;
-    let gate = gate_of(kcf).ramping(kcf.slow_start_ms, key, cached_unix_ms);
+    let gate = kcf.run.gate.ramping(kcf.slow_start_ms, key, cached_unix_ms);
     // SAFETY: rrp.peers is the upstream's primary list while the request is not on backups.
     let guard = unsafe { Locked::primary(pd.rrp.peers) };
     // SAFETY: the guard is of the upstream's primary list.

@@ -494,7 +494,7 @@ struct PlacementRegion {
     layout: u64,
     /// When the servers were last sampled (ngx_current_msec).
     sampled_at: AtomicU64,
-    /// 1 while placement has something to do (`Placement::busy`), as of the last sample.
+    /// 1 while placement has something to do (`Placement::sample_busy`), as of the last sample.
     busy: AtomicU64,
     servers: [ServerLoad; PLACEMENT_SERVERS],
     keys: [KeyEntry; PLACEMENT_KEYS],
