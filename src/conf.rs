@@ -65,6 +65,9 @@ pub struct SrvConf {
     /// the store's verdict cache zone (see `shm::session_key`).
     pub routes_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
     pub cache_keyer: core::cell::Cell<Option<crate::session::SessionKeyer>>,
+    /// The routes this worker found in the routes zone this second (empty until
+    /// `init_upstream`).
+    pub recent_routes: crate::routes::RecentRoutes,
     /// `kylin_health_check`, and where it was written (for the `zone` check after parsing).
     pub health: Option<crate::health::CheckConf>,
     pub health_at: (Option<&'static CStr>, ngx_uint_t),
@@ -113,6 +116,7 @@ impl Default for SrvConf {
             name: Vec::new(),
             routes_keyer: core::cell::Cell::new(None),
             cache_keyer: core::cell::Cell::new(None),
+            recent_routes: crate::routes::RecentRoutes::default(),
             health: None,
             health_at: (None, 0),
             slow_start_ms: None,

@@ -38,7 +38,7 @@ use crate::load::{self, Counter, Slot, Use};
 use crate::ngx_ext::{failed, request_cookies, server_count, server_names, Backup, Locked, Peers, DRAINING};
 use crate::placement::Placed;
 use crate::ring::key_hash;
-use crate::routes::RouteTable;
+use crate::routes::{RecentRoutes, RouteTable, Share, RECENT_ROUTES};
 use crate::session::{self, RequestSession};
 use crate::tables::{build_state, ensure_state, live_weight, snapshot_lists, Group, Tables, UpstreamState};
 use crate::{learning, shm, store_io};
@@ -131,6 +131,8 @@ pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_http_up
                 None => return Status::NGX_ERROR.into(),
             }
         }
+        // Each worker's own copy (workers fork after this).
+        kcf.recent_routes = RecentRoutes::new(RECENT_ROUTES);
 
         kcf.resolve();
 
@@ -293,16 +295,16 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                 // every SHARE_EVERY seconds of use, which also renews its expiry there.
                 let sharing = store_io::shares_routes(kcf);
                 let since = if sharing { store_io::store_recovered_at(kcf) } else { 0 };
+                let share = sharing.then(|| Share { every: RouteTable::share_interval(timeout), since });
+                let recent = &kcf.recent_routes;
                 let found = kcf.routes_zone.and_then(|z| {
                     let k = shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?;
-                    let tk = u128::from(k);
+                    if let Some(peer) = shm::recent_route(z, recent, k, now, share) {
+                        return Some((k, Some(peer), false));
+                    }
                     shm::with_routes(z, |t| {
-                        if sharing {
-                            let hit = t.lookup_share(tk, now, timeout, RouteTable::share_interval(timeout), since);
-                            (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
-                        } else {
-                            (k, t.lookup(tk, now, timeout), false)
-                        }
+                        let hit = t.lookup_noting(u128::from(k), now, timeout, share, Some(recent));
+                        (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
                     })
                 });
                 if let Some((_, Some(peer_id), true)) = found {

@@ -7,10 +7,14 @@
 //!
 //! Keys are keyed hashes of session ids ([`crate::session::session_key`]); values are
 //! hashes of server addresses, so a route survives a reload that reorders or adds servers.
+//!
+//! Each worker also keeps [`RecentRoutes`]: the routes it found in the table this second,
+//! valid while the table's change count ([`RouteTable::changes`]) stays the same, so that a
+//! busy session's requests after its first in a second need neither the lock nor the table.
 
 use bytemuck::{Pod, Zeroable};
 
-const MAGIC: u64 = 0x6b796c_696e_7274_01; // "kylinrt" v1
+const MAGIC: u64 = 0x6b796c_696e_7274_02; // "kylinrt" v2 (v2 added `changes`)
 const NIL: u32 = u32::MAX;
 
 /// Table-wide state and statistics, at the start of the region.
@@ -35,6 +39,9 @@ pub struct Header {
     pub evict_logged_at: i64,
     /// Evictions not yet logged.
     pub evict_unlogged: u64,
+    /// How many times a route was removed or changed its server or its time of sharing (see
+    /// [`RecentRoutes`]); wraps.
+    changes: u64,
 }
 
 /// Where a table's magic number and secret lie in its region: both are written once, when
@@ -282,6 +289,19 @@ impl<'a> RouteTable<'a> {
         self.entries[i].next = self.hdr.free_head;
         self.hdr.free_head = i as u32;
         self.hdr.len -= 1;
+        self.changed();
+    }
+
+    #[inline]
+    fn changed(&mut self) {
+        self.hdr.changes = self.hdr.changes.wrapping_add(1);
+    }
+
+    /// How many times a route was removed, or changed its server or its time of sharing:
+    /// what a worker's [`RecentRoutes`] may have missed when this count differs from theirs.
+    #[inline]
+    pub fn changes(&self) -> u64 {
+        self.hdr.changes
     }
 
     /// Drops routes idle for more than `timeout` seconds, oldest first, at most `max` of them.
@@ -351,6 +371,7 @@ impl<'a> RouteTable<'a> {
             self.entries[i].peer = peer;
             self.entries[i].shared_at = now as u32;
             self.touch(i, now);
+            self.changed();
             return Inserted::Updated;
         }
         // Expired routes make room first; they are not evictions.
@@ -400,12 +421,23 @@ impl<'a> RouteTable<'a> {
     /// Routes written before `since` (when the store came back after failing, and may have
     /// lost them) are due too.
     pub fn lookup_share(&mut self, key: u128, now: i64, timeout: i64, every: i64, since: i64) -> Option<(u64, bool)> {
+        self.lookup_noting(key, now, timeout, Some(Share { every, since }), None)
+    }
+
+    /// [`RouteTable::lookup`] (without `share`) or [`RouteTable::lookup_share`] (with it), and
+    /// notes what it found in the worker's `recent` routes.
+    #[inline]
+    pub fn lookup_noting(&mut self, key: u128, now: i64, timeout: i64, share: Option<Share>, recent: Option<&RecentRoutes>) -> Option<(u64, bool)> {
         let i = self.find_live(key, now, timeout)?;
         let peer = self.entries[i].peer;
-        let at = self.entries[i].shared_at;
-        let due = at == 0 || i64::from(at) < (since as u32) as i64 || (now as u32).wrapping_sub(at) as i64 >= every;
+        let due = share.is_some_and(|s| s.due(self.entries[i].shared_at, now));
         if due {
+            // Not a change for RecentRoutes: their older time of sharing makes the route due
+            // for them too, so they ask the table, which then says it is not.
             self.entries[i].shared_at = now as u32;
+        }
+        if let Some(r) = recent {
+            r.note(key as u64, peer, self.entries[i].shared_at, now, self.hdr.changes);
         }
         Some((peer, due))
     }
@@ -431,6 +463,85 @@ impl<'a> RouteTable<'a> {
         self.hdr.evict_unlogged = 0;
         self.hdr.evict_logged_at = now;
         Some(n)
+    }
+}
+
+/// When a route shared through the session store is written there again (see
+/// [`RouteTable::lookup_share`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Seconds of use between writes ([`RouteTable::share_interval`]).
+    pub every: i64,
+    /// Routes written before this (when the store came back after failing) are due.
+    pub since: i64,
+}
+
+impl Share {
+    /// Whether a route last written at `at` (0: never) is due at `now`.
+    #[inline]
+    fn due(self, at: u32, now: i64) -> bool {
+        at == 0 || i64::from(at) < (self.since as u32) as i64 || (now as u32).wrapping_sub(at) as i64 >= self.every
+    }
+}
+
+/// How many routes a worker remembers per upstream ([`RecentRoutes`]).
+pub const RECENT_ROUTES: usize = 256;
+
+/// One remembered route; `key` 0 is an empty slot (session keys are never 0).
+#[derive(Clone, Copy, Debug, Default)]
+struct Recent {
+    key: u64,
+    peer: u64,
+    second: i64,
+    changes: u64,
+    shared_at: u32,
+}
+
+/// A worker's memory of the routes it found in the shared table during the current second,
+/// direct-mapped by key (a collision forgets the older route).
+///
+/// A remembered route is the table's answer, without its lock, while
+/// - the second is the same: the table's lookup refreshed the route's idle time to this second,
+///   as every lookup in it would, and moves a route in its recency list at most once a second
+///   (so skipping the table changes nothing in it, up to the worker clocks' second apart that
+///   the recency list already allows);
+/// - the table's change count is the same: no route was removed, expired, evicted or given
+///   another server or time of sharing since;
+/// - with sharing, the route is not due for a write (the remembered time of sharing is never
+///   later than the table's, so a route the table says is due is due here too).
+///
+/// A new route added since is no change: it cannot be a remembered one.
+#[derive(Debug, Default)]
+pub struct RecentRoutes {
+    slots: Box<[core::cell::Cell<Recent>]>,
+}
+
+impl RecentRoutes {
+    /// Room for `n` routes, rounded up to a power of two; 0 remembers nothing.
+    pub fn new(n: usize) -> RecentRoutes {
+        let n = if n == 0 { 0 } else { n.next_power_of_two() };
+        RecentRoutes { slots: (0..n).map(|_| core::cell::Cell::new(Recent::default())).collect() }
+    }
+
+    #[inline(always)]
+    fn slot(&self, key: u64) -> Option<&core::cell::Cell<Recent>> {
+        self.slots.get(key as usize & self.slots.len().wrapping_sub(1))
+    }
+
+    /// The server of `key`'s route, if remembered and still the table's answer at `now` with
+    /// the table's change count `changes` (read without its lock); `share` as for
+    /// [`RouteTable::lookup_noting`]. `None`: ask the table.
+    #[inline]
+    pub fn get(&self, key: u64, now: i64, changes: u64, share: Option<Share>) -> Option<u64> {
+        let r = self.slot(key)?.get();
+        let valid = r.key == key && key != 0 && r.second == now && r.changes == changes && !share.is_some_and(|s| s.due(r.shared_at, now));
+        valid.then_some(r.peer)
+    }
+
+    fn note(&self, key: u64, peer: u64, shared_at: u32, now: i64, changes: u64) {
+        if let Some(s) = self.slot(key) {
+            s.set(Recent { key, peer, second: now, changes, shared_at });
+        }
     }
 }
 
@@ -580,7 +691,89 @@ mod tests {
         assert_eq!(RouteTable::format(&mut b[4..], [0, 0]).err(), Some(RouteError::Misaligned));
     }
 
+    /// A lookup as the glue does it: the worker's recent routes, else the table.
+    fn recent_then_table(t: &mut RouteTable<'_>, recent: &RecentRoutes, key: u128, now: i64, timeout: i64, share: Option<Share>) -> Option<(u64, bool)> {
+        match recent.get(key as u64, now, t.changes(), share) {
+            Some(peer) => Some((peer, false)),
+            None => t.lookup_noting(key, now, timeout, share, Some(recent)),
+        }
+    }
+
+    #[test]
+    fn recent_routes_hold_within_the_second_until_the_table_changes() {
+        let mut r = region(8192);
+        let mut t = RouteTable::format(bytes(&mut r), [1, 2]).unwrap();
+        let recent = RecentRoutes::new(RECENT_ROUTES);
+        t.insert(5, 50, 10, H);
+        assert_eq!(recent.get(5, 10, t.changes(), None), None); // not looked up yet
+        assert_eq!(recent_then_table(&mut t, &recent, 5, 10, H, None), Some((50, false)));
+        assert_eq!(recent.get(5, 10, t.changes(), None), Some(50));
+        // A new route is no change.
+        t.insert(6, 60, 10, H);
+        assert_eq!(recent.get(5, 10, t.changes(), None), Some(50));
+        // Another second: the table refreshes the route's idle time.
+        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        assert_eq!(recent_then_table(&mut t, &recent, 5, 11, H, None), Some((50, false)));
+        // Another worker moves the route: forgotten.
+        t.insert(5, 51, 11, H);
+        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        assert_eq!(recent_then_table(&mut t, &recent, 5, 11, H, None), Some((51, false)));
+        // Any removal is a change.
+        t.remove(6);
+        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        // Key 0 is never remembered, nor anything by an empty memory.
+        assert_eq!(RecentRoutes::default().get(5, 11, t.changes(), None), None);
+        assert_eq!(recent.get(0, 0, 0, None), None);
+        // A route due for sharing is due here too.
+        let share = Some(Share { every: 60, since: 0 });
+        assert_eq!(recent_then_table(&mut t, &recent, 5, 12, H, share), Some((51, false)));
+        assert_eq!(recent.get(5, 12, t.changes(), share), Some(51));
+        assert_eq!(recent.get(5, 12, t.changes(), Some(Share { every: 60, since: 13 })), None);
+        assert_eq!(t.header().hits, 4);
+    }
+
     proptest! {
+        /// Lookups through two workers' recent routes give the same answers (server, and
+        /// whether a shared route is due for writing) as lookups in the table alone, and
+        /// leave the table as they would (same routes, same expiry and eviction, the same
+        /// count of hits together with the recent routes' own), whatever else happens to it.
+        #[test]
+        fn recent_routes_answer_as_the_table(
+            ops in proptest::collection::vec((0u8..6, 0u128..24, 0u64..3, 0usize..2), 1..500),
+            timeout in 1i64..8,
+            sharing in any::<bool>(),
+        ) {
+            let (mut ra, mut rb) = (region(1024), region(1024));
+            let mut with = RouteTable::format(bytes(&mut ra), [0, 0]).unwrap();
+            let mut alone = RouteTable::format(bytes(&mut rb), [0, 0]).unwrap();
+            let workers = [RecentRoutes::new(4), RecentRoutes::new(RECENT_ROUTES)];
+            let (mut now, mut since, mut recent_hits) = (1i64, 0i64, 0u64);
+            for (op, k, v, w) in ops {
+                let key = k + 1; // session keys are never 0
+                let share = sharing.then_some(Share { every: 3, since });
+                match op {
+                    0 => { with.insert(key, v, now, timeout); alone.insert(key, v, now, timeout); }
+                    1 => { prop_assert_eq!(with.remove(key), alone.remove(key)); }
+                    2 => { prop_assert_eq!(with.expire(now, timeout, 2), alone.expire(now, timeout, 2)); }
+                    // The store comes back (routes written before now are due), or time passes.
+                    3 => { if v == 0 { since = now; } else { now += v as i64; } }
+                    _ => {
+                        let before = with.header().hits;
+                        let got = recent_then_table(&mut with, &workers[w], key, now, timeout, share);
+                        if got.is_some() && with.header().hits == before { recent_hits += 1; }
+                        let want = match share {
+                            Some(s) => alone.lookup_share(key, now, timeout, s.every, s.since),
+                            None => alone.lookup(key, now, timeout).map(|p| (p, false)),
+                        };
+                        prop_assert_eq!(got, want);
+                    }
+                }
+                prop_assert_eq!(with.len(), alone.len());
+                prop_assert_eq!(with.header().hits + recent_hits, alone.header().hits);
+                prop_assert_eq!(with.header().misses, alone.header().misses);
+            }
+        }
+
         /// The table behaves like a map with LRU eviction: every key it still has maps to the
         /// last value stored, it never exceeds capacity, and its links stay consistent.
         #[test]

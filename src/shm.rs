@@ -21,7 +21,7 @@ use ngx::ngx_log_error;
 
 use crate::load::{self, LoadTable, Slot, Use};
 use crate::placement::{KeyEntry, Params, Placement, ServerLoad};
-use crate::routes::{self, RouteTable};
+use crate::routes::{self, RecentRoutes, RouteTable};
 use crate::session::{KeyUse, SessionKeyer};
 
 /// The module's tag for its shared zones.
@@ -301,10 +301,15 @@ struct RoutesRegion {
     len: u64,
     /// Where the table's parts lie in the `len` bytes that follow, formatted by RouteTable.
     layout: routes::Layout,
+    /// The table's change count ([`RouteTable::changes`]) as of the last time its lock was
+    /// released, for reading without the lock ([`recent_route`]).
+    changes: AtomicU64,
+    /// Lookups answered from a worker's recent routes (the table's `hits` counts the others).
+    recent_hits: AtomicU64,
 }
 
-/// Version 2 added `layout`.
-const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_02;
+/// Version 2 added `layout`, version 3 `changes` and `recent_hits`.
+const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_03;
 
 /// Declares (or finds) a session routes zone.
 pub unsafe fn routes_zone(cf: *mut ngx_conf_t, name: &mut ngx_str_t, size: usize) -> Option<*mut ngx_shm_zone_t> {
@@ -369,7 +374,7 @@ unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_vo
                 return Status::NGX_ERROR.into();
             }
         };
-        p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout });
+        p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout, changes: AtomicU64::new(0), recent_hits: AtomicU64::new(0) });
         (*zone).data = p as *mut c_void;
     }
     Status::NGX_OK.into()
@@ -423,13 +428,14 @@ pub unsafe fn session_key(
 pub unsafe fn table_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::TableReport> {
     // SAFETY: zone is valid for the cycle (as in with_routes); its name is nginx's copy.
     unsafe {
+        let recent_hits = routes_region(zone)?.recent_hits.load(Ordering::Relaxed);
         with_routes(zone, |t| {
             let h = t.header();
             crate::report::TableReport {
                 zone: String::from_utf8_lossy((*zone).shm.name.as_bytes()).into_owned(),
                 entries: t.len() as u64,
                 capacity: t.capacity() as u64,
-                hits: h.hits,
+                hits: h.hits + recent_hits,
                 misses: h.misses,
                 inserts: h.inserts,
                 evictions: h.evictions,
@@ -437,6 +443,30 @@ pub unsafe fn table_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::T
             }
         })
     }
+}
+
+/// A routes zone's region, if the zone is ready (and a routes zone).
+#[inline(always)]
+unsafe fn routes_region<'z>(zone: *mut ngx_shm_zone_t) -> Option<&'z RoutesRegion> {
+    // SAFETY: zone is valid for the cycle; its data, once set, is a RoutesRegion in shared
+    // memory, whose fields other than the atomics are written once, before any worker started.
+    unsafe {
+        let r = (zone.as_ref()?.data as *const RoutesRegion).as_ref()?;
+        (r.magic == ROUTES_MAGIC).then_some(r)
+    }
+}
+
+/// The server of the route of `key` (a table key of [`session_key`]) if this worker's
+/// `recent` routes still hold the table's answer (see [`RecentRoutes`]), without taking the
+/// zone's lock; counted as a hit of the table. `None`: look it up with [`with_routes`].
+#[inline]
+pub unsafe fn recent_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, share: Option<routes::Share>) -> Option<u64> {
+    // SAFETY: the caller's contract (zone valid for the cycle).
+    let r = unsafe { routes_region(zone)? };
+    // Acquire: pairs with the Release in with_routes, after the table changed.
+    let peer = recent.get(key, now, r.changes.load(Ordering::Acquire), share)?;
+    r.recent_hits.fetch_add(1, Ordering::Relaxed);
+    Some(peer)
 }
 
 /// Runs `f` on a zone's route table with the zone's mutex held. `None` if the zone is not
@@ -461,7 +491,10 @@ pub unsafe fn with_routes<R>(zone: *mut ngx_shm_zone_t, f: impl FnOnce(&mut Rout
             core::slice::from_raw_parts_mut(base.add(l.buckets_at) as *mut u32, l.capacity),
             core::slice::from_raw_parts_mut(base.add(l.entries_at) as *mut routes::Entry, l.capacity),
         );
-        Some(f(&mut t))
+        let out = f(&mut t);
+        // Published while the lock is held, so the count never goes back.
+        (*r).changes.store(t.changes(), Ordering::Release);
+        Some(out)
     }
 }
 

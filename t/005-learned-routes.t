@@ -170,3 +170,42 @@ main::ssi_page(
 GET /t
 --- response_body_like eval
 qr/\A(n\d)\n(?:\1\n){10}(?:n\d\n)(?=.*n1)(?=.*n2)(?=.*n3)(?:n\d\n){30}\z/s
+
+
+
+=== TEST 5: a session created again on another node moves there at once
+Only n1 creates the session at the login (`?login=1`), and only n2 creates it again at the
+relogin (`?relogin=1`; 30 addresses, so that some land on n2): the session's requests go to
+n1, then, with no pause (the same second: a worker's memory of the routes it looked up must
+not outlive the change), to n2.
+--- http_config
+    map $arg_login $login_cookie { "1" "JSESSIONID=L0GIN1D; Path=/kylin"; default ""; }
+    map $arg_relogin $relogin_cookie { "1" "JSESSIONID=L0GIN1D; Path=/kylin"; default ""; }
+    kylin_upstream kylin_nodes {
+        server 127.0.0.1:$TEST_NGINX_B1_PORT;
+        server 127.0.0.1:$TEST_NGINX_B2_PORT;
+        server 127.0.0.1:$TEST_NGINX_B3_PORT;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { add_header Set-Cookie $login_cookie; return 200 "n1"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B2_PORT; location / { add_header Set-Cookie $relogin_cookie; return 200 "n2"; } }
+    server { listen 127.0.0.1:$TEST_NGINX_B3_PORT; location / { return 200 "n3"; } }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_REALIP_PORT;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location / { proxy_pass http://kylin_nodes; }
+    }
+--- config eval
+main::ssi_page(
+    (map { qq{<!--# include virtual="/via/10.9.$_.9?login=1" wait="yes" -->} } 1 .. 30),
+    (map { qq{<!--# include virtual="/via/10.66.$_.1/s/L0GIN1D" wait="yes" -->} } 1 .. 10),
+    (map { qq{<!--# include virtual="/via/10.8.$_.8?relogin=1" wait="yes" -->} } 1 .. 30),
+    (map { qq{<!--# include virtual="/via/10.66.$_.1/s/L0GIN1D" wait="yes" -->} } 1 .. 10),
+) . main::via_location()
+--- request
+GET /t
+--- response_body_like eval
+qr/\A(?:n\d\n){30}(?:n1\n){10}(?:n\d\n){30}(?:n2\n){10}\z/s
+--- no_error_log
+[error]
+[warn]
