@@ -459,6 +459,9 @@ unsafe fn routes_region<'z>(zone: *mut ngx_shm_zone_t) -> Option<&'z RoutesRegio
 /// The server of the route of `key` (a table key of [`session_key`]) if this worker's
 /// `recent` routes still hold the table's answer (see [`RecentRoutes`]), without taking the
 /// zone's lock; counted as a hit of the table. `None`: look it up with [`with_routes`].
+///
+/// # Safety
+/// `zone` is a routes zone, valid for the cycle (as for [`with_routes`]).
 #[inline]
 pub unsafe fn recent_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, share: Option<routes::Share>) -> Option<u64> {
     // SAFETY: the caller's contract (zone valid for the cycle).
