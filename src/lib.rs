@@ -13,7 +13,7 @@
 //! | what is a session, may it move | [`session`] (cookies), [`store`] (`kylin_session_store`, breaker, verdicts), [`redis_lookup`] (Redis, in the thread pool) | `phase` (precontent), `store_io` (thread-pool calls and their completion), `learning` (routes learned) |
 //! | is a node healthy, draining, ramping | [`health`] (`kylin_health_check`, [`health::Gate`], slow start), [`drain`] | `probe` (the prober), `admin` (`kylin_status write=on`) |
 //! | what load does a node report | [`load_report`] (`kylin_load_report`, the metrics page's parser, saturation verdicts; used by [`placement`]) | `probe` (fetches the page, same machinery), `peer` (passes verdicts to placement) |
-//! | where is shared state | [`load`] (in-flight counters, health and store slots), [`routes`] (learned routes; the verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
+//! | where is shared state | [`load`] (in-flight counters, health and store slots), [`routes`] (learned routes, each worker's memory of this second's; the verdict cache) | `shm` (every zone: `kylin_load`, routes, `kylin_placement:NAME`) |
 //! | what runs in the background | | `background` (worker 0: store health timers, `probe`) |
 //! | what operators see | [`report`] (JSON, Prometheus), [`dashboard`] | `status` (`kylin_status`), `variables` |
 //! | directives, `nginx -t` | parsers in [`balancer`], [`store`], [`session`], [`health`] | `directives` (the directives, checks), `conf` (`SrvConf`, finding it) |
