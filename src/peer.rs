@@ -299,11 +299,12 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                 let recent = &kcf.recent_routes;
                 let found = kcf.routes_zone.and_then(|z| {
                     let k = shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?;
-                    if let Some(peer) = shm::recent_route(z, recent, k, now, share) {
+                    let ms = ngx::ffi::ngx_current_msec as u64;
+                    if let Some(peer) = shm::recent_route(z, recent, k, now, ms, share) {
                         return Some((k, Some(peer), false));
                     }
                     shm::with_routes(z, |t| {
-                        let hit = t.lookup_noting(u128::from(k), now, timeout, share, Some(recent));
+                        let hit = t.lookup_noting(u128::from(k), now, timeout, share, Some((recent, ms)));
                         (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
                     })
                 });

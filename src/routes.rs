@@ -425,19 +425,23 @@ impl<'a> RouteTable<'a> {
     }
 
     /// [`RouteTable::lookup`] (without `share`) or [`RouteTable::lookup_share`] (with it), and
-    /// notes what it found in the worker's `recent` routes.
+    /// notes what it found in the worker's `recent` routes, at monotonic milliseconds `ms`.
     #[inline]
-    pub fn lookup_noting(&mut self, key: u128, now: i64, timeout: i64, share: Option<Share>, recent: Option<&RecentRoutes>) -> Option<(u64, bool)> {
+    pub fn lookup_noting(&mut self, key: u128, now: i64, timeout: i64, share: Option<Share>, recent: Option<(&RecentRoutes, u64)>) -> Option<(u64, bool)> {
         let i = self.find_live(key, now, timeout)?;
         let peer = self.entries[i].peer;
         let due = share.is_some_and(|s| s.due(self.entries[i].shared_at, now));
         if due {
-            // Not a change for RecentRoutes: their older time of sharing makes the route due
-            // for them too, so they ask the table, which then says it is not.
-            self.entries[i].shared_at = now as u32;
+            // Written now, and after the store came back. Never earlier than before (a worker
+            // whose clock is a second behind must not make the route due again for the
+            // others): so not a change for RecentRoutes, whose older time of sharing makes
+            // the route due for them too, and they ask the table, which then says it is not.
+            let at = self.entries[i].shared_at;
+            let s = share.map_or(0, |s| s.since);
+            self.entries[i].shared_at = latest(latest(at, now as u32), s as u32);
         }
-        if let Some(r) = recent {
-            r.note(key as u64, peer, self.entries[i].shared_at, now, self.hdr.changes);
+        if let Some((r, ms)) = recent {
+            r.note(key as u64, peer, self.entries[i].shared_at, now, ms, self.hdr.changes);
         }
         Some((peer, due))
     }
@@ -477,10 +481,29 @@ pub struct Share {
 }
 
 impl Share {
-    /// Whether a route last written at `at` (0: never) is due at `now`.
+    /// Whether a route last written at `at` (seconds, truncated to 32 bits; 0: never) is due
+    /// at `now`: never written, written before the store came back, or `every` seconds ago
+    /// or more. A write "in the future" (by a worker whose clock is ahead) is recent.
     #[inline]
     fn due(self, at: u32, now: i64) -> bool {
-        at == 0 || i64::from(at) < (self.since as u32) as i64 || (now as u32).wrapping_sub(at) as i64 >= self.every
+        at == 0 || (self.since != 0 && later(self.since as u32, at)) || i64::from((now as u32).wrapping_sub(at) as i32) >= self.every
+    }
+}
+
+/// Whether second `a` is later than `b`, both truncated to 32 bits (they are less than 68
+/// years apart).
+#[inline]
+fn later(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The later of two seconds truncated to 32 bits.
+#[inline]
+fn latest(a: u32, b: u32) -> u32 {
+    if later(b, a) {
+        b
+    } else {
+        a
     }
 }
 
@@ -493,6 +516,8 @@ struct Recent {
     key: u64,
     peer: u64,
     second: i64,
+    /// When it was noted, monotonic milliseconds.
+    noted_ms: u64,
     changes: u64,
     shared_at: u32,
 }
@@ -511,6 +536,10 @@ struct Recent {
 ///   later than the table's, so a route the table says is due is due here too).
 ///
 /// A new route added since is no change: it cannot be a remembered one.
+///
+/// Seconds are nginx's cached wall-clock time, which a stepped clock can bring round again: a
+/// remembered route also holds only for a second of the monotonic clock (`ngx_current_msec`)
+/// after it was noted.
 #[derive(Debug, Default)]
 pub struct RecentRoutes {
     slots: Box<[core::cell::Cell<Recent>]>,
@@ -528,19 +557,25 @@ impl RecentRoutes {
         self.slots.get(key as usize & self.slots.len().wrapping_sub(1))
     }
 
-    /// The server of `key`'s route, if remembered and still the table's answer at `now` with
-    /// the table's change count `changes` (read without its lock); `share` as for
-    /// [`RouteTable::lookup_noting`]. `None`: ask the table.
+    /// The server of `key`'s route, if remembered and still the table's answer at `now`
+    /// (seconds, as the table's) and `ms` (monotonic milliseconds) with the table's change
+    /// count `changes` (read without its lock); `share` as for [`RouteTable::lookup_noting`].
+    /// `None`: ask the table.
     #[inline]
-    pub fn get(&self, key: u64, now: i64, changes: u64, share: Option<Share>) -> Option<u64> {
+    pub fn get(&self, key: u64, now: i64, ms: u64, changes: u64, share: Option<Share>) -> Option<u64> {
         let r = self.slot(key)?.get();
-        let valid = r.key == key && key != 0 && r.second == now && r.changes == changes && !share.is_some_and(|s| s.due(r.shared_at, now));
+        let valid = r.key == key
+            && key != 0
+            && r.second == now
+            && ms.wrapping_sub(r.noted_ms) < 1000
+            && r.changes == changes
+            && !share.is_some_and(|s| s.due(r.shared_at, now));
         valid.then_some(r.peer)
     }
 
-    fn note(&self, key: u64, peer: u64, shared_at: u32, now: i64, changes: u64) {
+    fn note(&self, key: u64, peer: u64, shared_at: u32, now: i64, ms: u64, changes: u64) {
         if let Some(s) = self.slot(key) {
-            s.set(Recent { key, peer, second: now, changes, shared_at });
+            s.set(Recent { key, peer, second: now, noted_ms: ms, changes, shared_at });
         }
     }
 }
@@ -693,10 +728,49 @@ mod tests {
 
     /// A lookup as the glue does it: the worker's recent routes, else the table.
     fn recent_then_table(t: &mut RouteTable<'_>, recent: &RecentRoutes, key: u128, now: i64, timeout: i64, share: Option<Share>) -> Option<(u64, bool)> {
-        match recent.get(key as u64, now, t.changes(), share) {
+        match recent.get(key as u64, now, ms(now), t.changes(), share) {
             Some(peer) => Some((peer, false)),
-            None => t.lookup_noting(key, now, timeout, share, Some(recent)),
+            None => t.lookup_noting(key, now, timeout, share, Some((recent, ms(now)))),
         }
+    }
+
+    /// The monotonic clock in step with the wall clock (milliseconds).
+    fn ms(now: i64) -> u64 {
+        now as u64 * 1000 + 500
+    }
+
+    #[test]
+    fn a_second_that_comes_round_again_is_not_the_same() {
+        let mut r = region(4096);
+        let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+        let recent = RecentRoutes::new(RECENT_ROUTES);
+        t.insert(5, 50, 100, H);
+        assert_eq!(t.lookup_noting(5, 100, H, None, Some((&recent, 7_000))), Some((50, false)));
+        assert_eq!(recent.get(5, 100, 7_999, t.changes(), None), Some(50));
+        // The wall clock was stepped back and has come round to second 100 again.
+        assert_eq!(recent.get(5, 100, 60_000, t.changes(), None), None);
+    }
+
+    #[test]
+    fn a_worker_a_second_behind_does_not_write_a_shared_route_again() {
+        let mut r = region(4096);
+        let mut t = RouteTable::format(bytes(&mut r), [0, 0]).unwrap();
+        let (a, b) = (RecentRoutes::new(8), RecentRoutes::new(8));
+        let share = Some(Share { every: 1, since: 0 });
+        t.insert(5, 50, 8, H);
+        // Worker a (second 10) writes the route again; worker b (second 9) finds it written.
+        assert_eq!(recent_then_table(&mut t, &a, 5, 10, H, share), Some((50, true)));
+        assert_eq!(recent_then_table(&mut t, &b, 5, 9, H, share), Some((50, false)));
+        // a's memory and the table agree: written, not due.
+        assert_eq!(a.get(5, 10, ms(10), t.changes(), share), Some(50));
+        assert_eq!(t.lookup_share(5, 10, H, 1, 0), Some((50, false)));
+        // The store came back at a's second 10: a writes the route again, b (at 9) does not.
+        let back = Some(Share { every: H, since: 10 });
+        t.insert(6, 60, 8, H);
+        assert_eq!(recent_then_table(&mut t, &a, 6, 10, H, back), Some((60, true)));
+        assert_eq!(recent_then_table(&mut t, &b, 6, 9, H, back), Some((60, false)));
+        assert_eq!(a.get(6, 10, ms(10), t.changes(), back), Some(60));
+        assert_eq!(t.lookup_share(6, 10, H, H, 10), Some((60, false)));
     }
 
     #[test]
@@ -705,30 +779,30 @@ mod tests {
         let mut t = RouteTable::format(bytes(&mut r), [1, 2]).unwrap();
         let recent = RecentRoutes::new(RECENT_ROUTES);
         t.insert(5, 50, 10, H);
-        assert_eq!(recent.get(5, 10, t.changes(), None), None); // not looked up yet
+        assert_eq!(recent.get(5, 10, ms(10), t.changes(), None), None); // not looked up yet
         assert_eq!(recent_then_table(&mut t, &recent, 5, 10, H, None), Some((50, false)));
-        assert_eq!(recent.get(5, 10, t.changes(), None), Some(50));
+        assert_eq!(recent.get(5, 10, ms(10), t.changes(), None), Some(50));
         // A new route is no change.
         t.insert(6, 60, 10, H);
-        assert_eq!(recent.get(5, 10, t.changes(), None), Some(50));
+        assert_eq!(recent.get(5, 10, ms(10), t.changes(), None), Some(50));
         // Another second: the table refreshes the route's idle time.
-        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        assert_eq!(recent.get(5, 11, ms(11), t.changes(), None), None);
         assert_eq!(recent_then_table(&mut t, &recent, 5, 11, H, None), Some((50, false)));
         // Another worker moves the route: forgotten.
         t.insert(5, 51, 11, H);
-        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        assert_eq!(recent.get(5, 11, ms(11), t.changes(), None), None);
         assert_eq!(recent_then_table(&mut t, &recent, 5, 11, H, None), Some((51, false)));
         // Any removal is a change.
         t.remove(6);
-        assert_eq!(recent.get(5, 11, t.changes(), None), None);
+        assert_eq!(recent.get(5, 11, ms(11), t.changes(), None), None);
         // Key 0 is never remembered, nor anything by an empty memory.
-        assert_eq!(RecentRoutes::default().get(5, 11, t.changes(), None), None);
-        assert_eq!(recent.get(0, 0, 0, None), None);
+        assert_eq!(RecentRoutes::default().get(5, 11, ms(11), t.changes(), None), None);
+        assert_eq!(recent.get(0, 0, ms(0), 0, None), None);
         // A route due for sharing is due here too.
         let share = Some(Share { every: 60, since: 0 });
         assert_eq!(recent_then_table(&mut t, &recent, 5, 12, H, share), Some((51, false)));
-        assert_eq!(recent.get(5, 12, t.changes(), share), Some(51));
-        assert_eq!(recent.get(5, 12, t.changes(), Some(Share { every: 60, since: 13 })), None);
+        assert_eq!(recent.get(5, 12, ms(12), t.changes(), share), Some(51));
+        assert_eq!(recent.get(5, 12, ms(12), t.changes(), Some(Share { every: 60, since: 13 })), None);
         assert_eq!(t.header().hits, 4);
     }
 
@@ -771,6 +845,42 @@ mod tests {
                 prop_assert_eq!(with.len(), alone.len());
                 prop_assert_eq!(with.header().hits + recent_hits, alone.header().hits);
                 prop_assert_eq!(with.header().misses, alone.header().misses);
+            }
+        }
+
+        /// The same with worker clocks a second apart and lookups with and without sharing
+        /// mixed (as the precontent phase and `init_peer` do): with a few routes that never
+        /// expire, the answers (server, and whether a write is due) are the table's alone.
+        #[test]
+        fn recent_routes_answer_as_the_table_with_clocks_a_second_apart(
+            ops in proptest::collection::vec((0u8..6, 0u128..6, 0u64..3, 0usize..2, any::<bool>()), 1..400),
+            every in 1i64..4,
+        ) {
+            let (mut ra, mut rb) = (region(4096), region(4096));
+            let mut with = RouteTable::format(bytes(&mut ra), [0, 0]).unwrap();
+            let mut alone = RouteTable::format(bytes(&mut rb), [0, 0]).unwrap();
+            let workers = [RecentRoutes::new(4), RecentRoutes::new(RECENT_ROUTES)];
+            let (mut now, mut since) = (10i64, 0i64);
+            let never = 1i64 << 40;
+            for (op, k, v, w, sharing) in ops {
+                let key = k + 1;
+                // Worker 1's clock is a second behind.
+                let at = now - w as i64;
+                let share = sharing.then_some(Share { every, since });
+                match op {
+                    0 => { with.insert(key, v, at, never); alone.insert(key, v, at, never); }
+                    1 => { prop_assert_eq!(with.remove(key), alone.remove(key)); }
+                    2 => { since = at; }
+                    3 => { now += v as i64; }
+                    _ => {
+                        let got = recent_then_table(&mut with, &workers[w], key, at, never, share);
+                        let want = match share {
+                            Some(s) => alone.lookup_share(key, at, never, s.every, s.since),
+                            None => alone.lookup(key, at, never).map(|p| (p, false)),
+                        };
+                        prop_assert_eq!(got, want);
+                    }
+                }
             }
         }
 

@@ -304,9 +304,14 @@ struct RoutesRegion {
     /// The table's change count ([`RouteTable::changes`]) as of the last time its lock was
     /// released, for reading without the lock ([`recent_route`]).
     changes: AtomicU64,
-    /// Lookups answered from a worker's recent routes (the table's `hits` counts the others).
-    recent_hits: AtomicU64,
+    /// Lookups answered from a worker's recent routes (the table's `hits` counts the others);
+    /// on a cache line of its own, so that counting them does not take from every worker the
+    /// line it reads `changes` from.
+    recent_hits: CacheLine<AtomicU64>,
 }
+
+#[repr(C, align(64))]
+struct CacheLine<T>(T);
 
 /// Version 2 added `layout`, version 3 `changes` and `recent_hits`.
 const ROUTES_MAGIC: u64 = 0x6b796c_696e_7273_03;
@@ -374,7 +379,7 @@ unsafe extern "C" fn init_routes_zone(zone: *mut ngx_shm_zone_t, data: *mut c_vo
                 return Status::NGX_ERROR.into();
             }
         };
-        p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout, changes: AtomicU64::new(0), recent_hits: AtomicU64::new(0) });
+        p.write(RoutesRegion { magic: ROUTES_MAGIC, len: len as u64, layout, changes: AtomicU64::new(0), recent_hits: CacheLine(AtomicU64::new(0)) });
         (*zone).data = p as *mut c_void;
     }
     Status::NGX_OK.into()
@@ -428,7 +433,7 @@ pub unsafe fn session_key(
 pub unsafe fn table_report(zone: *mut ngx_shm_zone_t) -> Option<crate::report::TableReport> {
     // SAFETY: zone is valid for the cycle (as in with_routes); its name is nginx's copy.
     unsafe {
-        let recent_hits = routes_region(zone)?.recent_hits.load(Ordering::Relaxed);
+        let recent_hits = routes_region(zone)?.recent_hits.0.load(Ordering::Relaxed);
         with_routes(zone, |t| {
             let h = t.header();
             crate::report::TableReport {
@@ -463,12 +468,12 @@ unsafe fn routes_region<'z>(zone: *mut ngx_shm_zone_t) -> Option<&'z RoutesRegio
 /// # Safety
 /// `zone` is a routes zone, valid for the cycle (as for [`with_routes`]).
 #[inline]
-pub unsafe fn recent_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, share: Option<routes::Share>) -> Option<u64> {
+pub unsafe fn recent_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, ms: u64, share: Option<routes::Share>) -> Option<u64> {
     // SAFETY: the caller's contract (zone valid for the cycle).
     let r = unsafe { routes_region(zone)? };
     // Acquire: pairs with the Release in with_routes, after the table changed.
-    let peer = recent.get(key, now, r.changes.load(Ordering::Acquire), share)?;
-    r.recent_hits.fetch_add(1, Ordering::Relaxed);
+    let peer = recent.get(key, now, ms, r.changes.load(Ordering::Acquire), share)?;
+    r.recent_hits.0.fetch_add(1, Ordering::Relaxed);
     Some(peer)
 }
 
