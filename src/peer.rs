@@ -296,17 +296,10 @@ unsafe extern "C" fn init_peer(r: *mut ngx_http_request_t, us: *mut ngx_http_ups
                 let sharing = store_io::shares_routes(kcf);
                 let since = if sharing { store_io::store_recovered_at(kcf) } else { 0 };
                 let share = sharing.then(|| Share { every: RouteTable::share_interval(timeout), since });
-                let recent = &kcf.recent_routes;
                 let found = kcf.routes_zone.and_then(|z| {
                     let k = shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?;
-                    let ms = ngx::ffi::ngx_current_msec as u64;
-                    if let Some(peer) = shm::recent_route(z, recent, k, now, ms, share) {
-                        return Some((k, Some(peer), false));
-                    }
-                    shm::with_routes(z, |t| {
-                        let hit = t.lookup_noting(u128::from(k), now, timeout, share, Some((recent, ms)));
-                        (k, hit.map(|h| h.0), hit.is_some_and(|h| h.1))
-                    })
+                    let hit = shm::lookup_route(z, &kcf.recent_routes, k, now, timeout, share)?;
+                    Some((k, hit.map(|h| h.0), hit.is_some_and(|h| h.1)))
                 });
                 if let Some((_, Some(peer_id), true)) = found {
                     learning::share_again(kcf, id, peer_id);

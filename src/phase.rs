@@ -112,11 +112,7 @@ unsafe extern "C" fn precontent(r: *mut ngx_http_request_t) -> ngx_int_t {
 
         let learned = kcf.routes_zone.and_then(|z| {
             let k = shm::session_key(z, &kcf.routes_keyer, session::KeyUse::Route, &kcf.name, id)?;
-            let ms = ngx::ffi::ngx_current_msec as u64;
-            if let Some(peer) = shm::recent_route(z, &kcf.recent_routes, k, now, ms, None) {
-                return Some(peer);
-            }
-            shm::with_routes(z, |t| t.lookup_noting(u128::from(k), now, kcf.routes_timeout(), None, Some((&kcf.recent_routes, ms))).map(|h| h.0)).flatten()
+            shm::lookup_route(z, &kcf.recent_routes, k, now, kcf.routes_timeout(), None).flatten().map(|h| h.0)
         });
         if !balancer::worth_asking(learned.is_some(), store.share_routes, || near_bound(kcf, r, learned)) {
             return Status::NGX_DECLINED.into();

@@ -302,7 +302,7 @@ struct RoutesRegion {
     /// Where the table's parts lie in the `len` bytes that follow, formatted by RouteTable.
     layout: routes::Layout,
     /// The table's change count ([`RouteTable::changes`]) as of the last time its lock was
-    /// released, for reading without the lock ([`recent_route`]).
+    /// released, for reading without the lock ([`lookup_route`]).
     changes: AtomicU64,
     /// Lookups answered from a worker's recent routes (the table's `hits` counts the others);
     /// on a cache line of its own, so that counting them does not take from every worker the
@@ -461,20 +461,27 @@ unsafe fn routes_region<'z>(zone: *mut ngx_shm_zone_t) -> Option<&'z RoutesRegio
     }
 }
 
-/// The server of the route of `key` (a table key of [`session_key`]) if this worker's
-/// `recent` routes still hold the table's answer (see [`RecentRoutes`]), without taking the
-/// zone's lock; counted as a hit of the table. `None`: look it up with [`with_routes`].
+/// The route of `key` (a table key of [`session_key`]) as [`RouteTable::lookup_noting`] finds
+/// it (`share`: see there): from this worker's `recent` routes while they still hold the
+/// table's answer (see [`RecentRoutes`]; counted as a hit of the table, no lock taken), else
+/// from the table under the zone's lock, noting what it found. `None` if the zone is not ready.
 ///
 /// # Safety
 /// `zone` is a routes zone, valid for the cycle (as for [`with_routes`]).
 #[inline]
-pub unsafe fn recent_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, ms: u64, share: Option<routes::Share>) -> Option<u64> {
-    // SAFETY: the caller's contract (zone valid for the cycle).
-    let r = unsafe { routes_region(zone)? };
-    // Acquire: pairs with the Release in with_routes, after the table changed.
-    let peer = recent.get(key, now, ms, r.changes.load(Ordering::Acquire), share)?;
-    r.recent_hits.0.fetch_add(1, Ordering::Relaxed);
-    Some(peer)
+pub unsafe fn lookup_route(zone: *mut ngx_shm_zone_t, recent: &RecentRoutes, key: u64, now: i64, timeout: i64, share: Option<routes::Share>) -> Option<Option<(u64, bool)>> {
+    // SAFETY: the caller's contract (zone valid for the cycle); ngx_current_msec is this
+    // process's clock, written by its own event loop only.
+    unsafe {
+        let r = routes_region(zone)?;
+        let ms = ngx::ffi::ngx_current_msec as u64;
+        // Acquire: pairs with the Release in with_routes, after the table changed.
+        if let Some(peer) = recent.get(key, now, ms, r.changes.load(Ordering::Acquire), share) {
+            r.recent_hits.0.fetch_add(1, Ordering::Relaxed);
+            return Some(Some((peer, false)));
+        }
+        with_routes(zone, |t| t.lookup_noting(u128::from(key), now, timeout, share, Some((recent, ms))))
+    }
 }
 
 /// Runs `f` on a zone's route table with the zone's mutex held. `None` if the zone is not
