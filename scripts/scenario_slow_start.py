@@ -199,10 +199,9 @@ class Scenario:
         back, and its ramp begins.
 
         nginx keeps a peer's failure times in whole seconds (`ngx_time()`): with
-        `fail_timeout=1s` the first trial comes 1 to 2 s after the failure, and only a try
-        after the second the trial was made in resets the failure count. So the samples are
-        timed from the first one in which n2 has clients again (the ramp's start), and run
-        until n2 has all its clients or SLOW + 3 s have passed."""
+        `fail_timeout=1s` the first trial comes 1 to 2 s after the failure. So the ramp is
+        timed from the first sample in which n2 has clients again (its start), and the
+        samples run until n2 has all its clients or SLOW + 3 s have passed."""
         n2 = self.nodes[2]
         home = self.clients("fails", "n2")
         n2.queries = "500"
@@ -211,28 +210,29 @@ class Scenario:
         n2.queries = "ok"
         time.sleep(1.0)
         t0 = time.time()
-        samples, start = [], None
+        samples = []
         while True:
             t = time.time() - t0
             r = self.clients("fails", "n2")
             samples.append((t, r))
-            if start is None and r:
-                start = t
             if r == home or t > SLOW + 3.0:
                 break
             time.sleep(0.15)
         counts = [len(r) for _, r in samples]
         print("n2's clients through `fails` after max_fails let it go:", ", ".join("%.1fs %d/%d" % (t, len(r), len(home)) for t, r in samples))
-        early = [len(r) for t, r in samples if start is not None and t < start + 0.75]
-        took = samples[-1][0] - start if start is not None else None
+        # The ramp's start: the first sample with a client back (-1: none came back).
+        i = next((j for j, c in enumerate(counts) if c), -1)
+        start = samples[i][0]
+        early = [c for (t, _), c in zip(samples, counts) if i >= 0 and start <= t < start + 0.75]
+        took = samples[-1][0] - start
         # The first client back may be the trial itself, which the ramp's first moments need
         # not admit again: the share never shrinks from the sample after it on.
-        after = counts[[t for t, _ in samples].index(start) + 1:] if start is not None else []
+        after = counts[i + 1:] if i >= 0 else []
         self.check("max_fails: a node back from nginx's failed state ramps up the same way",
-                   home and not gone and early and max(early) <= 0.35 * len(home) and samples[-1][1] == home
+                   i >= 0 and home and not gone and max(early) <= 0.35 * len(home) and samples[-1][1] == home
                    and took >= 0.5 * SLOW and all(b >= a for a, b in zip(after, after[1:])),
-                   "held failed: %d clients; counts %s of %d; ramp from %s s, whole after %s s"
-                   % (len(gone), counts, len(home), start if start is None else "%.1f" % start, took if took is None else "%.1f" % took))
+                   "held failed: %d clients; counts %s of %d; ramp from %.1f s, whole after %.1f s"
+                   % (len(gone), counts, len(home), start, took))
 
     def reload_adds(self):
         import signal
