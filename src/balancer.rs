@@ -284,6 +284,7 @@ fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
 
 /// Sticky/failover/spill within one group: (server, route, spilled from); `None` when no
 /// server of the group is usable.
+#[inline(never)]
 fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route, Option<usize>)> {
     // Whether this request may leave an over-bound server at all.
     let bounded = req.movable && req.balance == Balance::Requests && g.bound.is_on();
@@ -350,7 +351,21 @@ where
 }
 
 /// Steps 1 to 4: the choice among the primary servers; `None` when none is usable.
+///
+/// The most common request (nothing learned, its client not moved) whose own server is
+/// usable and within its bound is answered here, inlined into the caller: the answer
+/// [`within`] would give (`fast_path_is_within` checks it). `within`, out of line, handles
+/// every other request.
+#[inline(always)]
 pub fn choose_primary<P: Servers>(req: &Request, mut primary: Group<'_, P>) -> Option<Choice> {
+    if req.learned.is_none() && req.moved.is_none() {
+        if let Some((owner, _)) = primary.ring.locate(req.key) {
+            let bounded = req.movable && req.balance == Balance::Requests && primary.bound.is_on();
+            if primary.servers.usable(owner) && !(bounded && over(&primary, owner)) {
+                return Some(Choice { server: owner, backup: false, route: Route::Sticky, from: None });
+            }
+        }
+    }
     within(&mut primary, req, req.learned).map(|(server, route, from)| Choice { server, backup: false, route, from })
 }
 
@@ -708,6 +723,32 @@ mod tests {
         ) {
             let b = Bound { factor_milli, total, live_weight };
             prop_assert_eq!(b.admits(load, weight), load < b.limit(weight));
+        }
+
+        /// `choose_primary`'s inline common case gives `within`'s answer, for any request,
+        /// servers' state and bound.
+        #[test]
+        fn fast_path_is_within(
+            n in 1usize..8,
+            up in proptest::collection::vec(any::<bool>(), 8),
+            // Idle and busy servers, so that some are over the bound.
+            loads in proptest::collection::vec(prop_oneof![0u64..2, 40u64..60], 8),
+            weights in proptest::collection::vec(1u64..3, 8),
+            factor in prop_oneof![Just(0u32), 1010u32..2000],
+            key in any::<u64>(),
+            learned in proptest::option::of(0usize..9),
+            moved in proptest::option::of(0usize..9),
+            movable in any::<bool>(),
+            sticky in any::<bool>(),
+            balance in prop_oneof![Just(Balance::Requests), Just(Balance::Clients), Just(Balance::Off)],
+        ) {
+            let r = ring(n);
+            let mut s = Set { up: up[..n].to_vec(), load: loads[..n].to_vec(), weight: weights[..n].to_vec() };
+            let bound = s.bound(factor);
+            let req = Request { key, learned, movable, balance, moved, sticky };
+            let slow = within(&mut Group { ring: &r, servers: &mut s.clone(), bound }, &req, req.learned)
+                .map(|(server, route, from)| Choice { server, backup: false, route, from });
+            prop_assert_eq!(choose_primary(&req, Group { ring: &r, servers: &mut s, bound }), slow);
         }
 
         /// Feeding movable requests one by one (none finishing), no server ever exceeds its

@@ -510,7 +510,7 @@ impl Gate {
     /// health slot, the zone being full, is not held back), and, unless the request's session
     /// lives there (`own_session`), whether it is not drained at run time nor ramping up past
     /// this key.
-    #[inline]
+    #[inline(always)]
     pub fn admits(&self, slot: Option<&crate::load::Slot>, own_session: bool) -> bool {
         use core::sync::atomic::Ordering::Relaxed;
         let Some(h) = slot else { return true };

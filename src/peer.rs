@@ -225,6 +225,7 @@ fn session_key_of(s: &SessionData) -> u128 {
 
 /// The request's stickiness key: the value of `kylin_hash`, else (also when that value is
 /// empty, e.g. `$http_x_forwarded_for` of a request without the header) the client address.
+#[inline(always)]
 pub unsafe fn request_key(r: *mut ngx_http_request_t, kcf: &SrvConf) -> Option<u64> {
     // SAFETY: r is a live request.
     unsafe {
@@ -508,7 +509,12 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
     let mut ps = NginxServers { group: &state.primary, peers, tried: pd.rrp.tried, now, single, gate };
     let mut req = Request {
         key,
-        learned: hinted.or_else(|| pd.session().filter(|s| s.learned != 0).and_then(|s| state.index_of(s.learned))),
+        // (A learned server implies a session: `learned` is 0 without one.)
+        learned: match hinted {
+            Some(h) => Some(h),
+            None if pd.sess.learned != 0 => state.index_of(pd.sess.learned),
+            None => None,
+        },
         movable: pd.movable(),
         balance,
         moved: None,
@@ -530,13 +536,17 @@ unsafe fn get_primary(pd: &mut PeerData, pc: *mut ngx_peer_connection_t, kcf: &S
             }
         }
     }
-    let mut choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
-    if choice.is_none() && ps.gate.slow_start_ms > 0 {
-        // Every usable server is ramping up and none admits this key: the slow start never
-        // turns a request away, so choose as if there were none.
-        ps.gate = ps.gate.without_slow_start();
-        choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
-    }
+    // (One call site: choose_primary's common case is inlined here.)
+    let choice = loop {
+        let choice = balancer::choose_primary(&req, Pick { ring: &state.primary.ring, servers: &mut ps, bound });
+        if choice.is_none() && ps.gate.slow_start_ms > 0 {
+            // Every usable server is ramping up and none admits this key: the slow start never
+            // turns a request away, so choose as if there were none.
+            ps.gate = ps.gate.without_slow_start();
+            continue;
+        }
+        break choice;
+    };
     if let Some(choice) = choice {
         // SAFETY: pc is the request's peer connection.
         kcf.total.set(state.total);

@@ -122,7 +122,7 @@ impl Ring {
     /// Where `key` lands: its owner (first choice) and the position its preference list
     /// starts from ([`Ring::order_at`]), so that the list is only built when needed.
     /// `None` only for an empty ring.
-    #[inline]
+    #[inline(always)]
     pub fn locate(&self, key: u64) -> Option<(usize, Landing)> {
         let start = self.start(key);
         let owner = self.points.get(start)?.peer as usize;
@@ -137,7 +137,7 @@ impl Ring {
 
     /// Index of the first point at or after `key`, wrapping to 0: the key's bucket gives the
     /// first candidate, and the scan stops at the bucket's end (O(1) on average).
-    #[inline]
+    #[inline(always)]
     fn start(&self, key: u64) -> usize {
         if self.bits == 0 {
             return 0;
