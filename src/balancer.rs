@@ -354,7 +354,7 @@ where
 ///
 /// The most common request (nothing learned, its client not moved) whose own server is
 /// usable and within its bound is answered here, inlined into the caller: the answer
-/// [`within`] would give (`fast_path_is_within` checks it). `within`, out of line, handles
+/// `within` would give (`fast_path_is_within` checks it). `within`, out of line, handles
 /// every other request.
 #[inline(always)]
 pub fn choose_primary<P: Servers>(req: &Request, mut primary: Group<'_, P>) -> Option<Choice> {

@@ -15,6 +15,12 @@
 //!   response times by Little's law) is above `major` and at least `share` of the hot
 //!   server's load, and it is known (the key is `tau` old, or logins gave it an expected
 //!   load). Light clients never move: moving them costs their cache and relieves nothing.
+//!   A key placement has never seen answered (new, no response yet: the first logins of a
+//!   BI server opening its session pool, all sent before any answer) counts with the load
+//!   its first login will bring (`local_session` with node-local sessions, `session` else)
+//!   and is placed for that at once: on a hot home it opens its sessions elsewhere instead
+//!   of leaving its first one behind. Its prior moves with it (the hot server is spared
+//!   it), so new clients leave a hot server a few at a time, never in a herd.
 //! - Its target must relieve the hot server: after the move it carries less than the hot
 //!   server did, by `margin`: `L(t) + k + margin <= L(cur)`. Among those, the **first server
 //!   of the key's own ring order** that ends no busier than the hot one is left
@@ -208,7 +214,8 @@ pub struct KeyEntry {
     /// Server the key was moved to, plus one (0: at home).
     moved: u32,
     /// 1 once a login gave it an expected load (its load is known then, or once the entry is
-    /// `tau` old); 0 otherwise.
+    /// `tau` old); [`GRANTED`] when [`Placement::place`] moved it before any login was
+    /// answered and gave it its first login's prior then; 0 otherwise.
     expected: u32,
     /// When the key last moved (or returned).
     since_ms: u64,
@@ -279,6 +286,23 @@ impl KeyEntry {
         u64::from(DISTINCT_MILLI[bits as usize])
     }
 
+    /// The entry [`Placement::entry`] makes for a new key.
+    fn new(key: u64, now: u64) -> KeyEntry {
+        KeyEntry { key: key.max(1), at_ms: now, first_ms: now, seen_ms: now, ..KeyEntry::default() }
+    }
+
+    /// What a key placement knows nothing of yet (not known, no response measured) is
+    /// expected to bring: the prior of its first login; 0 for any other key.
+    fn cold_start(&self, now: u64, p: &Params) -> u64 {
+        let tau = p.tau_ms.max(1);
+        if self.expected != 0 || now.saturating_sub(self.first_ms) >= tau || self.measured_ms != 0 {
+            return 0;
+        }
+        let mut e = *self;
+        e.advance(now, tau);
+        e.login_prior(now, p)
+    }
+
     /// The expected load of a new session of this key as of `now` (entry advanced to `now`),
     /// thousandths of a request in flight: its measured load spread over its sessions (the
     /// active ones, or its recent logins if more), at most `session_max`; at least `session`
@@ -311,6 +335,10 @@ pub enum Placed {
     /// The key returned home just now.
     Returned,
 }
+
+/// `KeyEntry::expected` of a key that [`Placement::place`] moved before any of its logins
+/// was answered, giving it its first login's prior then.
+const GRANTED: u32 = 2;
 
 /// Probe window of the key table: a key lives in one of this many entries from its slot.
 const PROBE: usize = 8;
@@ -563,6 +591,13 @@ where
         e.advance(now, tau);
         let prior = e.login_prior(now, &p);
         e.logins = e.logins.saturating_add(tau.saturating_mul(1000));
+        if e.expected == GRANTED {
+            e.expected = 1;
+            // Placement gave it this login's prior when it moved the key (within `tau`).
+            if now.saturating_sub(e.since_ms) < tau {
+                return;
+            }
+        }
         if prior == 0 {
             return;
         }
@@ -684,9 +719,19 @@ where
                 l
             }
         };
+        // A key placement knows nothing of yet (not known, no response measured): its first
+        // requests, such as the first logins of a BI server opening its session pool, all sent
+        // before any answer. On a hot server it is placed for the load its first login will
+        // bring (its cold start, [`KeyEntry::login_prior`]): otherwise the first session of
+        // every client stays on its home however hot, and with node-local sessions stays
+        // there. A key with responses but not known yet waits to be (a few response times say
+        // little).
         let known = e.expected != 0 || now.saturating_sub(e.first_ms) >= p.tau_ms;
-        let major = kl > p.major_milli && kl.saturating_mul(1000) >= p.share_milli.saturating_mul(own);
-        if settled && known && major && lc >= p.hot_milli {
+        let grant = e.cold_start(now, &p);
+        // The load the key brings where it goes.
+        let brings = kl.saturating_add(grant);
+        let major = brings > p.major_milli && brings.saturating_mul(1000) >= p.share_milli.saturating_mul(own);
+        if settled && (known || grant > 0) && major && lc >= p.hot_milli {
             let total: u64 = order.iter().map(|&i| self.server_load(i, now)).sum();
             let weights: u64 = order.iter().map(|&i| weight(i).max(1)).sum();
             let mean = total / weights.max(1);
@@ -698,19 +743,31 @@ where
                 // first of the key's order that ends no busier than the hot one is left (a
                 // stable choice that never piles two clients up while a server is free), else
                 // the least loaded.
-                let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, kl) + p.margin_milli <= lc;
+                let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, brings) + p.margin_milli <= lc;
                 let left_behind = lc.saturating_sub(kl / weight(cur).max(1));
-                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, kl) <= left_behind).or_else(|| {
+                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, brings) <= left_behind).or_else(|| {
                     // A client whose open sessions stay behind must relieve the hot server by
                     // half its load at least.
-                    let m = if p.local_sessions { p.margin_milli.max(kl / 2 / weight(cur).max(1)) } else { p.margin_milli };
-                    order.iter().copied().filter(|&t| t != cur && !saturated(t) && per(self, t, kl) + m <= lc).min_by_key(|&t| per(self, t, 0))
+                    let m = if p.local_sessions { p.margin_milli.max(brings / 2 / weight(cur).max(1)) } else { p.margin_milli };
+                    order.iter().copied().filter(|&t| t != cur && !saturated(t) && per(self, t, brings) + m <= lc).min_by_key(|&t| per(self, t, 0))
                 });
                 if let Some(t) = target {
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
                     self.keys_mut()[idx].since_ms = now.max(1);
                     self.servers_mut()[cur].left_ms = now.max(1);
-                    self.transfer(cur, t, kl, now);
+                    // Its expected load moves with it, a new key's first login's prior
+                    // included: `cur` is spared that much, `t` takes it now, and that login's
+                    // answer adds no second one (`login`). So each new client that leaves a hot
+                    // server cools it as far as placement can tell, and no other one follows it
+                    // to `t` before the answer: new clients leave a hot server a few at a time.
+                    self.transfer(cur, t, brings, now);
+                    if grant > 0 {
+                        let tau = p.tau_ms.max(1);
+                        let e = &mut self.keys_mut()[idx];
+                        e.advance(now, tau);
+                        e.prior = e.prior.saturating_add(grant.saturating_mul(tau));
+                        e.expected = GRANTED;
+                    }
                     return Some((t, if t == home { Placed::Returned } else { Placed::MovedNow }));
                 }
             }
@@ -768,7 +825,7 @@ where
                     .unwrap_or(s)
             });
         self.set_moved(i, 0);
-        self.keys_mut()[i] = KeyEntry { key, at_ms: now, first_ms: now, seen_ms: now, ..KeyEntry::default() };
+        self.keys_mut()[i] = KeyEntry::new(key, now);
         i
     }
 }
@@ -1104,7 +1161,7 @@ mod tests {
     }
 
     #[test]
-    fn with_node_local_sessions_a_pool_opening_on_a_shared_home_leaves_one_session_behind() {
+    fn with_node_local_sessions_pools_opening_on_a_shared_home_leave_at_most_one_session_behind() {
         // Three BI servers whose home is server 0 open 6 sessions each, their logins
         // interleaved, before anything is measured. Returns, per client, the sessions left on
         // server 0 and where the rest went.
@@ -1121,20 +1178,60 @@ mod tests {
             }
             placed
         };
-        // Node-local: a session is expected to bring a whole request in flight, so the two
-        // clients that move do so at their second login, each leaving one session on server 0,
-        // which their sessions cannot leave; the third stays, and no two clients share a server.
+        // Node-local: a session is expected to bring a whole request in flight. The first two
+        // clients' first logins make server 0 hot; the third client is new there (nothing
+        // answered yet) and opens all its sessions elsewhere, placed for its first login's
+        // prior; the second moves at its second login, leaving one session on server 0, which
+        // its sessions cannot leave; the first stays. No two clients share a server.
         let local = open(true);
-        let mut movers: Vec<_> = local.iter().filter(|c| c[0] == 1).collect();
-        assert_eq!(movers.len(), 2, "{local:?}");
-        assert!(local.iter().any(|c| c[0] == 6), "{local:?}");
-        movers.sort();
-        assert!(movers.iter().all(|c| c.iter().filter(|&&n| n == 5).count() == 1), "{local:?}");
-        assert_ne!(movers[0], movers[1], "{local:?}");
+        let mut left: Vec<u32> = local.iter().map(|c| c[0]).collect();
+        left.sort();
+        assert_eq!(left, [0, 1, 6], "{local:?}");
+        let elsewhere: Vec<usize> = local.iter().filter(|c| c[0] < 6).filter_map(|c| (1..4).find(|&s| c[s] > 0)).collect();
+        assert!(local.iter().filter(|c| c[0] < 6).all(|c| c[1..].iter().filter(|&&n| n > 0).count() == 1), "{local:?}");
+        assert_eq!(elsewhere.len(), 2, "{local:?}");
+        assert_ne!(elsewhere[0], elsewhere[1], "{local:?}");
         // Shared: half a request per login, and the clients move at their third (their
         // sessions follow them later anyway).
         let shared = open(false);
         assert_eq!(shared.iter().filter(|c| c[0] == 2).count(), 2, "{shared:?}");
+    }
+
+    #[test]
+    fn new_clients_leave_a_hot_server_a_few_at_a_time_and_their_first_login_counts_once() {
+        let local = Params { local_sessions: true, ..D };
+        let now = 100_000;
+        let mut p = Placement::new(4, 64, local);
+        // Server 0 holds 4 requests in flight, the others nothing; 20 clients placement has
+        // never seen ask at once (nothing answered yet).
+        levels(&mut p, &[4, 0, 0, 0], now);
+        let placed: Vec<_> = (1..=20u64).map(|k| p.place(k, order(0, 4), |_| true, |_| 1, now).unwrap()).collect();
+        // Each that leaves spares server 0 its first login's prior (a whole request): it is
+        // not hot (2 requests) once three have left, and the others stay.
+        let moved = placed.iter().filter(|(_, how)| *how == Placed::MovedNow).count();
+        assert_eq!(moved, 3, "{placed:?}");
+        assert!(placed[..moved].iter().all(|&(s, _)| s != 0), "{placed:?}");
+        assert!(placed[moved..].iter().all(|&x| x == (0, Placed::Home)), "{placed:?}");
+        assert!(p.server_load(0, now) < D.hot_milli, "{}", p.server_load(0, now));
+        // A moved client's first login, answered, adds no second prior where it went; its next
+        // one does.
+        let t = placed[0].0;
+        let (load, key_load) = (p.server_load(t, now), p.key_load(1, now));
+        assert_eq!(key_load, local.local_session_milli);
+        p.login(1, t, now + 5);
+        assert!(p.server_load(t, now + 5) <= load, "{} > {load}", p.server_load(t, now + 5));
+        assert!(p.key_load(1, now + 5) <= key_load);
+        p.login(1, t, now + 10);
+        assert!(p.key_load(1, now + 10) > key_load + local.local_session_milli / 2);
+        // With shared sessions a login's prior (half a request) is not a major client's load:
+        // new clients stay home until their load is known.
+        let mut p = Placement::new(4, 64, D);
+        levels(&mut p, &[4, 0, 0, 0], now);
+        assert!((1..=20u64).all(|k| p.place(k, order(0, 4), |_| true, |_| 1, now) == Some((0, Placed::Home))));
+        // A new client whose home is not hot stays.
+        let mut p = Placement::new(4, 64, local);
+        levels(&mut p, &[0, 0, 0, 0], now);
+        assert_eq!(p.place(1, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
     }
 
     #[test]
