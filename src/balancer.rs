@@ -246,6 +246,12 @@ impl Request {
     pub fn follows_client(&self) -> bool {
         self.movable && self.balance == Balance::Clients && !self.sticky
     }
+
+    /// Whether the request may leave a server that is over `bound` at all.
+    #[inline(always)]
+    fn bounded(&self, bound: Bound) -> bool {
+        self.movable && self.balance == Balance::Requests && bound.is_on()
+    }
 }
 
 /// One group of servers: its ring, its live view and its current bound.
@@ -286,8 +292,7 @@ fn over<S: Servers>(g: &Group<'_, S>, i: usize) -> bool {
 /// server of the group is usable.
 #[inline(never)]
 fn within<S: Servers>(g: &mut Group<'_, S>, req: &Request, learned: Option<usize>) -> Option<(usize, Route, Option<usize>)> {
-    // Whether this request may leave an over-bound server at all.
-    let bounded = req.movable && req.balance == Balance::Requests && g.bound.is_on();
+    let bounded = req.bounded(g.bound);
     // A client that placement moved: its movable requests go where it lives now.
     let learned = if req.follows_client() {
         if let Some(m) = req.moved.filter(|&m| m < g.ring.peers()) {
@@ -360,7 +365,7 @@ where
 pub fn choose_primary<P: Servers>(req: &Request, mut primary: Group<'_, P>) -> Option<Choice> {
     if req.learned.is_none() && req.moved.is_none() {
         if let Some((owner, _)) = primary.ring.locate(req.key) {
-            let bounded = req.movable && req.balance == Balance::Requests && primary.bound.is_on();
+            let bounded = req.bounded(primary.bound);
             if primary.servers.usable(owner) && !(bounded && over(&primary, owner)) {
                 return Some(Choice { server: owner, backup: false, route: Route::Sticky, from: None });
             }

@@ -286,9 +286,11 @@ impl KeyEntry {
         u64::from(DISTINCT_MILLI[bits as usize])
     }
 
-    /// The entry [`Placement::entry`] makes for a new key.
-    fn new(key: u64, now: u64) -> KeyEntry {
-        KeyEntry { key: key.max(1), at_ms: now, first_ms: now, seen_ms: now, ..KeyEntry::default() }
+    /// Adds a login's expected load (`prior`, thousandths) to the key's load, which is known
+    /// from then on (`expected`: 1, or [`GRANTED`] when placement gives it ahead of the login).
+    fn add_prior(&mut self, prior: u64, tau: u64, expected: u32) {
+        self.prior = self.prior.saturating_add(prior.saturating_mul(tau));
+        self.expected = expected;
     }
 
     /// What a key placement knows nothing of yet (not known, no response measured) is
@@ -601,9 +603,8 @@ where
         if prior == 0 {
             return;
         }
-        e.prior = e.prior.saturating_add(prior.saturating_mul(tau));
         // Its load is known now (an estimate).
-        e.expected = 1;
+        e.add_prior(prior, tau, 1);
         let s = &mut self.servers_mut()[i];
         s.avg_milli = s.avg_at(now, p.tau_ms).saturating_add(prior);
         s.at_ms = now.max(s.at_ms);
@@ -765,8 +766,7 @@ where
                         let tau = p.tau_ms.max(1);
                         let e = &mut self.keys_mut()[idx];
                         e.advance(now, tau);
-                        e.prior = e.prior.saturating_add(grant.saturating_mul(tau));
-                        e.expected = GRANTED;
+                        e.add_prior(grant, tau, GRANTED);
                     }
                     return Some((t, if t == home { Placed::Returned } else { Placed::MovedNow }));
                 }
@@ -825,7 +825,7 @@ where
                     .unwrap_or(s)
             });
         self.set_moved(i, 0);
-        self.keys_mut()[i] = KeyEntry::new(key, now);
+        self.keys_mut()[i] = KeyEntry { key, at_ms: now, first_ms: now, seen_ms: now, ..KeyEntry::default() };
         i
     }
 }
