@@ -159,6 +159,23 @@ pub struct ServerLoad {
     /// milliseconds x 1000, as of `behind_ms`.
     behind: u64,
     behind_ms: u64,
+    /// When a search for a server to move a key off this one last found none (0: never) ...
+    nofit_ms: u64,
+    /// ... and for what: the load the key would have brought (high 32 bits) and its own
+    /// measured load (low 32 bits), thousandths, saturated.
+    nofit: u64,
+}
+
+/// How long a search that found no server to move a key to stands for the keys of the same
+/// server that would bring as much load or more, while no server's load changes
+/// ([`Placement::place_reported`]): the glue's sample period (`shm::PLACEMENT_SAMPLE_MS`),
+/// within which the averages move by a hundredth of `tau` at most.
+pub const NO_TARGET_MS: u64 = 10;
+
+/// `(brings, kl)` packed for [`ServerLoad::nofit`].
+#[inline]
+fn nofit_pack(brings: u64, kl: u64) -> u64 {
+    (brings.min(u64::from(u32::MAX)) << 32) | kl.min(u64::from(u32::MAX))
 }
 
 /// `x * tau / (tau + dt)`: exponential decay over `dt`, to first order, exact for dt = 0.
@@ -746,12 +763,42 @@ where
                 // the least loaded.
                 let fits = |s: &Self, t: usize| t != cur && !saturated(t) && per(s, t, brings) + p.margin_milli <= lc;
                 let left_behind = lc.saturating_sub(kl / weight(cur).max(1));
-                let target = order.iter().copied().find(|&t| fits(self, t) && per(self, t, brings) <= left_behind).or_else(|| {
-                    // A client whose open sessions stay behind must relieve the hot server by
-                    // half its load at least.
-                    let m = if p.local_sessions { p.margin_milli.max(brings / 2 / weight(cur).max(1)) } else { p.margin_milli };
-                    order.iter().copied().filter(|&t| t != cur && !saturated(t) && per(self, t, brings) + m <= lc).min_by_key(|&t| per(self, t, 0))
-                });
+                // Both searches get harder as `brings` and `kl` grow, and every key of `cur`
+                // searches the same servers (in another order): a search from `cur` that found
+                // nothing stands for a key bringing as much or more, until a server's load
+                // changes or NO_TARGET_MS pass (a client that fills its server alone would
+                // otherwise search again on every request).
+                // "As much" allows for the decay of the key's loads since then: the same key
+                // asking again `dt` later brings `tau / (tau + dt)` of what it brought (plus a
+                // thousandth for the rounding of the integer decay).
+                let s_cur = self.servers()[cur];
+                let (nb, nk) = (s_cur.nofit >> 32, s_cur.nofit & u64::from(u32::MAX));
+                let dt = now.saturating_sub(s_cur.nofit_ms);
+                let at_least = |x: u64, then: u64| {
+                    let tau = u128::from(p.tau_ms.max(1));
+                    let x = u128::from(x.min(u64::from(u32::MAX))) + u128::from(dt > 0);
+                    x * (tau + u128::from(dt)) >= u128::from(then) * tau
+                };
+                let stands = s_cur.nofit_ms != 0
+                    && dt < NO_TARGET_MS
+                    && at_least(brings, nb)
+                    && at_least(kl, nk)
+                    && order.iter().all(|&i| self.servers()[i].at_ms < s_cur.nofit_ms);
+                let target = if stands {
+                    None
+                } else {
+                    order.iter().copied().find(|&t| fits(self, t) && per(self, t, brings) <= left_behind).or_else(|| {
+                        // A client whose open sessions stay behind must relieve the hot server by
+                        // half its load at least.
+                        let m = if p.local_sessions { p.margin_milli.max(brings / 2 / weight(cur).max(1)) } else { p.margin_milli };
+                        order.iter().copied().filter(|&t| t != cur && !saturated(t) && per(self, t, brings) + m <= lc).min_by_key(|&t| per(self, t, 0))
+                    })
+                };
+                if target.is_none() && !stands {
+                    let s = &mut self.servers_mut()[cur];
+                    s.nofit_ms = now.max(1);
+                    s.nofit = nofit_pack(brings, kl);
+                }
                 if let Some(t) = target {
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
                     self.keys_mut()[idx].since_ms = now.max(1);
@@ -1377,6 +1424,43 @@ mod tests {
     }
 
     #[test]
+    fn a_search_that_found_no_server_stands_for_heavier_keys_until_a_load_changes() {
+        let mut p = Placement::new(4, 16, D);
+        let now = 100_000;
+        // Key 5 fills server 0 alone: no other server would end less busy with it.
+        levels(&mut p, &[8, 0, 0, 0], now - 5);
+        key(&mut p, 5, 8_000, now - 5);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now);
+        // The next request of it, a millisecond later: the search stands (not made again).
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 1), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now);
+        // A lighter key of the same server searches, and finds server 1.
+        key(&mut p, 6, 3_000, now + 1);
+        assert_eq!(p.place(6, order(0, 4), |_| true, |_| 1, now + 1), Some((1, Placed::MovedNow)));
+        // That move changed two servers' loads: key 5 searches again (and still finds none).
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 2), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now + 2);
+        // A sample (every server's load changes) ends it too, as does NO_TARGET_MS.
+        levels(&mut p, &[8, 2, 0, 0], now + 3);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 3), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now + 3);
+        // (A search in the millisecond of a change stands for nothing: the change may have
+        // come after it.)
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 4), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now + 4);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 5), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now + 4);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 4 + NO_TARGET_MS), Some((0, Placed::Home)));
+        assert_eq!(p.sv[0].nofit_ms, now + 4 + NO_TARGET_MS);
+        // A server whose load drops (its sample) is found at once.
+        levels(&mut p, &[8, 0, 0, 0], now + 4 + NO_TARGET_MS);
+        p.sv[2] = ServerLoad { avg_milli: 0, level: 0, at_ms: now + 4 + NO_TARGET_MS, ..p.sv[2] };
+        key(&mut p, 5, 2_000, now + 4 + NO_TARGET_MS);
+        assert_eq!(p.place(5, order(0, 4), |_| true, |_| 1, now + 4 + NO_TARGET_MS).map(|x| x.1), Some(Placed::MovedNow));
+    }
+
+    #[test]
     fn a_saturated_server_is_hot_and_no_target() {
         let mut p = Placement::new(4, 16, D);
         let mut now = 100_000;
@@ -1444,6 +1528,60 @@ mod tests {
                 prop_assert_eq!(x, y);
                 prop_assert_eq!(&a.sv, &b.sv);
                 prop_assert_eq!(&a.ks, &b.ks);
+            }
+        }
+
+        /// A search that stands (found nothing for a key of the same server bringing as
+        /// much or less, no server's load changed since) gives what a new search would, the
+        /// server tables aside: both searches only get harder with the key's load, its own
+        /// measured load, and what moved keys left on its server.
+        #[test]
+        fn a_search_that_stands_decides_as_a_new_search_would(
+            // Bursts of operations at one instant (the averages do not move within one), then a
+            // step of NO_TARGET_MS or more, after which no search stands.
+            // Keys past 8 are mostly new ones (a first login's prior, nothing measured).
+            ops in proptest::collection::vec((0u64..16, 0usize..4, 0u8..6, 0u64..3000, 0u8..10), 1..300),
+            local in proptest::bool::ANY,
+            n in 2usize..5,
+        ) {
+            let mut a = Placement::new(n, 16, D);
+            let mut b = Placement::new(n, 16, D);
+            a.set_local_sessions(local);
+            b.set_local_sessions(local);
+            let mut now = 50_000u64;
+            for (k, server, op, x, step) in ops {
+                if step == 0 {
+                    now += NO_TARGET_MS + x;
+                }
+                for p in [&mut a, &mut b] {
+                    match op {
+                        0 if k < 8 => p.key_done_on(k, server % n, x / 3, k, now),
+                        1 => p.login(k, server % n, now),
+                        2 => p.server_inflight(server % n, x / 300, now),
+                        _ => {}
+                    }
+                }
+                // A server's load changed: what follows comes a millisecond later, so that the
+                // searches made then can stand for each other (not for anything at `now`).
+                if op == 1 || op == 2 {
+                    now += 1;
+                }
+                // Some requests come twice in the same millisecond (the same key, or the next
+                // one of the same home).
+                for k in [k, if op == 4 { k } else { k + 2 }].into_iter().take(if op >= 4 { 2 } else { 1 }) {
+                    // b never keeps a search's result: it searches every time.
+                    for s in b.sv.iter_mut() {
+                        s.nofit_ms = 0;
+                    }
+                    // Homes on two servers, so that keys share them.
+                    let x = a.place(k, order(k as usize % 2, n), |_| true, |_| 1, now);
+                    let y = b.place(k, order(k as usize % 2, n), |_| true, |_| 1, now);
+                    prop_assert_eq!(x, y);
+                    prop_assert_eq!(&a.ks, &b.ks);
+                    for (s, t) in a.sv.iter().zip(b.sv.iter()) {
+                        prop_assert_eq!(ServerLoad { nofit_ms: 0, nofit: 0, ..*s }, ServerLoad { nofit_ms: 0, nofit: 0, ..*t });
+                    }
+                }
             }
         }
 

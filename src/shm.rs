@@ -533,6 +533,8 @@ pub const PLACEMENT_SERVERS: usize = 64;
 pub const PLACEMENT_KEYS: usize = 4096;
 /// How often the servers' in-flight counts are sampled into their averages, milliseconds.
 pub const PLACEMENT_SAMPLE_MS: u64 = 10;
+// A search for a server that found none stands for one sample period (placement.rs).
+const _: () = assert!(crate::placement::NO_TARGET_MS == PLACEMENT_SAMPLE_MS);
 
 #[repr(C)]
 struct PlacementRegion {
@@ -548,7 +550,7 @@ struct PlacementRegion {
     keys: [KeyEntry; PLACEMENT_KEYS],
 }
 
-const PLACEMENT_MAGIC: u64 = 0x6b796c_696e_706c_03;
+const PLACEMENT_MAGIC: u64 = 0x6b796c_696e_706c_04;
 
 /// The name of an upstream's placement zone.
 fn placement_zone_name(upstream: &[u8]) -> Vec<u8> {
