@@ -251,7 +251,8 @@ class Scenario:
         after = self.clients("ramp", "n1")
         self.check("reload: a node a reload adds ramps up; the others keep their clients (those n3 takes aside)",
                    counts and counts[0] <= 0.35 * max(plain) and counts[-1] == plain[-1] > 0 and after <= before,
-                   "counts %s, without slow start %s" % (counts, plain))
+                   "counts %s, without slow start %s; on n1 %d clients before, %d after, new there: %s"
+                   % (counts, plain, len(before), len(after), sorted(after - before)[:10]))
 
     def cleanup(self):
         for n in self.nodes:
