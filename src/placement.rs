@@ -767,8 +767,9 @@ where
                 // searches the same servers (in another order): a search from `cur` that found
                 // nothing stands for a key bringing as much or more, until a server's load
                 // changes or NO_TARGET_MS pass (a client that fills its server alone would
-                // otherwise search again on every request).
-                // "As much" allows for the decay of the key's loads since then: the same key
+                // otherwise search again on every request). A server turning unusable or
+                // usable, or its report saturated or calm, within that time is seen at the
+                // next search, as the averages' own drift is. "As much" allows for the decay of the key's loads since then: the same key
                 // asking again `dt` later brings `tau / (tau + dt)` of what it brought (plus a
                 // thousandth for the rounding of the integer decay).
                 let s_cur = self.servers()[cur];
