@@ -4,6 +4,16 @@
 //!
 //! `nginx-sys` must be a direct dependency for its `DEP_NGINX_*` variables to reach us.
 fn main() {
+    // The module is linked by the system's GNU ld, as before Rust 1.90 made its own LLD the
+    // default on x86_64 Linux: valgrind 3.19 (Debian 12) cannot map the debug info of an
+    // LLD-linked .so ("ELF section outside all mapped regions", every frame "???"), and
+    // scripts/test-valgrind checks this very file, not a build of its own. The last -fuse-ld
+    // wins, and this comes after rustc's.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+    {
+        println!("cargo::rustc-cdylib-link-arg=-fuse-ld=bfd");
+    }
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES_CHECK");
     println!(
         "cargo::rustc-check-cfg=cfg(ngx_feature, values({}))",
