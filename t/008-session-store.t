@@ -63,7 +63,7 @@ __DATA__
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
         kylin_balance requests;
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -86,7 +86,7 @@ $main::SPREAD
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -110,7 +110,7 @@ $main::STAY
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
         kylin_balance requests;
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -130,7 +130,7 @@ $main::SPREAD
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat-keep-route timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat-keep-route timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -151,7 +151,7 @@ $main::STAY
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
         kylin_balance requests;
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=spring timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=spring timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -174,7 +174,7 @@ $main::SPREAD
 <<'_EOC_' . main::slow_nodes()
     kylin_upstream kylin_nodes {
         kylin_balance requests;
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT "key=app:sess:{id}:v" timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT "key=app:sess:{id}:v" timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -214,7 +214,7 @@ $main::SPREAD
 === TEST 8: an http-level kylin_session_store applies to upstreams without their own
 --- http_config eval
 <<'_EOC_' . main::slow_nodes()
-    kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+    kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
     kylin_upstream kylin_nodes {
         kylin_balance requests;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
@@ -240,7 +240,7 @@ session the store cannot check: unknown (it stays on its server and keeps a lear
 The last request reads the store's lookup count (zero).
 --- http_config
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1\n"; }
@@ -355,7 +355,7 @@ second to fourth session run on a reused client connection; each must still be a
         keepalive 4;
     }
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; return 200 "n1"; }

@@ -32,7 +32,7 @@ __DATA__
 --- http_config
     large_client_header_buffers 4 16k;
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=300ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
     }

@@ -47,7 +47,7 @@ queues, and a task posted there crashed them.
 --- http_config
     proxy_cache_path cache keys_zone=kylin_cache:1m loader_sleep=10ms loader_files=1;
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=200ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { return 200 "n1"; } }
@@ -73,7 +73,7 @@ one request that passes the rate limit is.
 --- http_config
     limit_req_zone $binary_remote_addr zone=one:1m rate=1r/m;
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server { listen 127.0.0.1:$TEST_NGINX_B1_PORT; location / { return 200 "n1"; } }
@@ -98,7 +98,7 @@ only kylin:* keys (the README's ACL). The first request takes over a second, so 
 worker's first health check has run before the status is read.
 --- http_config
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://kylin:Kylin-Test-Pw@127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=500ms;
+        kylin_session_store redis://kylin:Kylin-Test-Pw@127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server {
@@ -169,7 +169,7 @@ unknown: it stays on the server that created it, whatever the client address.
 --- http_config
     map $cookie_JSESSIONID $login_cookie { "" "JSESSIONID=5EC0DE5EC0DE5EC0DE5EC0DE5EC0DE77; Path=/"; default ""; }
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=spring timeout=500ms;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=spring timeout=2s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
         server 127.0.0.1:$TEST_NGINX_B2_PORT;
         server 127.0.0.1:$TEST_NGINX_B3_PORT;
@@ -255,7 +255,7 @@ The user may not run EXISTS: three lookups fail and open the breaker; the health
 seconds later succeeds (SET and GET are allowed), and the breaker stays open.
 --- http_config
     kylin_upstream kylin_nodes {
-        kylin_session_store redis://noexists:Kylin-Test-Pw@127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=500ms fail_threshold=3 fail_backoff=60s;
+        kylin_session_store redis://noexists:Kylin-Test-Pw@127.0.0.1:$TEST_NGINX_REDIS_PORT timeout=2s fail_threshold=3 fail_backoff=60s;
         server 127.0.0.1:$TEST_NGINX_B1_PORT;
     }
     server {

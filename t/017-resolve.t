@@ -110,7 +110,7 @@ our $HTTP_CONFIG = main::client_server() . <<'_EOC_';
     kylin_upstream kylin_nodes {
         zone kylin_nodes 256k;
         resolver 127.0.0.1:$TEST_NGINX_DNS_PORT valid=1s ipv6=off;
-        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=500ms cache_invalid=1s;
+        kylin_session_store redis://127.0.0.1:$TEST_NGINX_REDIS_PORT format=tomcat timeout=2s cache_invalid=1s;
         kylin_session_routes zone=kylin_dns_routes:1m timeout=10s;
         server kylin.test:$TEST_NGINX_BACKEND_PORT resolve;
     }
