@@ -1,7 +1,7 @@
 //! Deterministic simulations: the placement model of issue #13 (`cluster`, the default) and
 //! the older queueing model used to choose the default `kylin_balance_factor` (`factor`).
 //!
-//!     factor_sim [cluster] [--layouts N] [--seeds S] [--duration SECONDS] [--think MS]
+//!     factor_sim [cluster] [--layouts N | --layout L] [--seeds S] [--duration SECONDS] [--warmup SECONDS] [--think MS]
 //!                [--adhoc SHARE] [--bi N] [--sessions N] [--per-session LO,HI] [--only NAME]
 //!                [--detail]
 //!     factor_sim factor [REQUESTS_PER_RUN [RUNS [LOAD]]]      defaults: 200000 20 0.8
@@ -36,7 +36,9 @@
 //! Candidates: today's module (`src/balancer.rs` `choose`, factor 1.25 and others), request
 //! spills gated by saturation or by an EWMA of response times (as nginx's `least_time`
 //! averages them), and client placement (`src/placement.rs`) with several settings.
-//! Defaults: 16 layouts, 3 seeds. `SIM_TRACE=1` prints every client move to stderr.
+//! Defaults: 16 layouts, 3 seeds, 30 s runs of which the first 5 s (`--warmup`) are not counted;
+//! `--layout L` runs layout L alone. `SIM_TRACE=1` prints every client move to stderr,
+//! `SIM_TRACE_LOGINS=1` every login.
 //! Every run lasts 30 s of simulated time, the first 5 s not counted (as `scripts/bench`); each
 //! cell (layout x session kind x cache kind) is the mean of S workload seeds (default 3), the
 //! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
@@ -423,8 +425,10 @@ fn candidates() -> Vec<(String, Kind)> {
 
 fn cluster_main(args: &[String]) {
     let mut layouts = 16u64;
+    let mut only_layout: Option<u64> = None;
     let mut seeds = 3u64;
     let mut duration = 30.0f64;
+    let mut warmup = 5.0f64;
     let mut detail = false;
     let mut only: Option<String> = None;
     let mut base = Config::issue();
@@ -435,12 +439,20 @@ fn cluster_main(args: &[String]) {
                 layouts = args[i + 1].parse().expect("--layouts N");
                 i += 1;
             }
+            "--layout" => {
+                only_layout = Some(args[i + 1].parse().expect("--layout L"));
+                i += 1;
+            }
             "--seeds" => {
                 seeds = args[i + 1].parse().expect("--seeds S");
                 i += 1;
             }
             "--duration" => {
                 duration = args[i + 1].parse().expect("--duration SECONDS");
+                i += 1;
+            }
+            "--warmup" => {
+                warmup = args[i + 1].parse().expect("--warmup SECONDS");
                 i += 1;
             }
             "--only" => {
@@ -474,7 +486,7 @@ fn cluster_main(args: &[String]) {
         i += 1;
     }
     let started = std::time::Instant::now();
-    let base = Config { duration_ms: duration * 1000.0, warmup_ms: 5000.0, ..base };
+    let base = Config { duration_ms: duration * 1000.0, warmup_ms: warmup * 1000.0, ..base };
     let clients = base.bi_servers + base.light;
     let cands: Vec<(String, Kind)> = candidates().into_iter().filter(|(n, _)| only.as_ref().is_none_or(|o| n.contains(o.as_str()))).collect();
     println!(
@@ -483,7 +495,7 @@ fn cluster_main(args: &[String]) {
     );
     println!(
         "{layouts} layouts x node-local/Redis-shared sessions x bounded (256)/unbounded caches; {seeds} workload seeds per cell, \
-         {duration:.0} s per run (first 5 s not counted).\n"
+         {duration:.0} s per run (first {warmup:.0} s not counted).\n"
     );
     // results[candidate] = per cell (label, qps ratio, p99 ratio, 401s, hit)
     let mut results: Vec<Vec<(String, f64, f64, u64, f64, f64)>> = vec![Vec::new(); cands.len()];
@@ -494,7 +506,7 @@ fn cluster_main(args: &[String]) {
             if detail {
                 validation += &format!("\n### {sess_label} sessions, {cache_label} cache\n\n| layout | balancer | queries/s | p50 ms | p99 ms | cache hits | 401s | busiest/mean | BI servers' nodes |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
             }
-            for l in 1..=layouts {
+            for l in (1..=layouts).filter(|&l| only_layout.is_none_or(|o| o == l)) {
                 let layout = Layout::random(l, clients);
                 let stock: Vec<(&str, Outcome)> = anchors().into_iter().map(|(n, k)| (n, cell(&cfg, &layout, k, seeds))).collect();
                 let (best_name, best) = stock.iter().max_by(|a, b| a.1.qps.total_cmp(&b.1.qps)).unwrap();
