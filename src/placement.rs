@@ -51,7 +51,9 @@
 //!   never looks much busier than it is. With node-local sessions the login is the only moment
 //!   a client's load can move.
 //! - **Hysteresis**: a moved key stays for at least `residence` before it may move again or
-//!   return; it returns home only when home, with the key back, would not be hot
+//!   return, unless it was moved on its first login's prior, before its load was measured
+//!   (two pools opening at once look alike then, and both may land on the same server): that
+//!   move is judged again once its load has been measured for `tau`. It returns home only when home, with the key back, would not be hot
 //!   (`L(home) + k < hot`) and would not be busier than where it is. Optionally, after a key
 //!   leaves a server, no other key leaves that server for `cooldown` (0 by default: the
 //!   expected-load transfer already prevents a herd).
@@ -307,14 +309,29 @@ impl KeyEntry {
     /// from then on (`expected`: 1, or [`GRANTED`] when placement gives it ahead of the login).
     fn add_prior(&mut self, prior: u64, tau: u64, expected: u32) {
         self.prior = self.prior.saturating_add(prior.saturating_mul(tau));
-        self.expected = expected;
+        self.expected = expected | self.expected & GUESSED;
+    }
+
+    /// `expected` without the [`GUESSED`] flag.
+    #[inline]
+    fn expectation(&self) -> u32 {
+        self.expected & !GUESSED
+    }
+
+    /// Whether the key's move was made on a guess ([`GUESSED`]) and its load has been measured
+    /// for `tau` since, the move being `tau` old at least: the move may be judged again.
+    fn guess_measured(&self, now: u64, tau: u64) -> bool {
+        self.expected & GUESSED != 0
+            && self.measured_ms != 0
+            && now.saturating_sub(self.measured_ms) >= tau
+            && now.saturating_sub(self.since_ms) >= tau
     }
 
     /// What a key placement knows nothing of yet (not known, no response measured) is
     /// expected to bring: the prior of its first login; 0 for any other key.
     fn cold_start(&self, now: u64, p: &Params) -> u64 {
         let tau = p.tau_ms.max(1);
-        if self.expected != 0 || now.saturating_sub(self.first_ms) >= tau || self.measured_ms != 0 {
+        if self.expectation() != 0 || now.saturating_sub(self.first_ms) >= tau || self.measured_ms != 0 {
             return 0;
         }
         let mut e = *self;
@@ -358,6 +375,13 @@ pub enum Placed {
 /// `KeyEntry::expected` of a key that [`Placement::place`] moved before any of its logins
 /// was answered, giving it its first login's prior then.
 const GRANTED: u32 = 2;
+
+/// A flag in `KeyEntry::expected`, beside its value: the key's current move was made before
+/// its load was measured, on its first login's prior ([`Placement::place`]). Two pools that
+/// open at once look alike then, and such a move can put two heavy clients together. So the
+/// move is judged again once the key's load has been measured for `tau`, rather than held for
+/// `residence`; a move made on measured loads clears the flag.
+const GUESSED: u32 = 4;
 
 /// Probe window of the key table: a key lives in one of this many entries from its slot.
 const PROBE: usize = 8;
@@ -610,8 +634,8 @@ where
         e.advance(now, tau);
         let prior = e.login_prior(now, &p);
         e.logins = e.logins.saturating_add(tau.saturating_mul(1000));
-        if e.expected == GRANTED {
-            e.expected = 1;
+        if e.expectation() == GRANTED {
+            e.expected = 1 | e.expected & GUESSED;
             // Placement gave it this login's prior when it moved the key (within `tau`).
             if now.saturating_sub(e.since_ms) < tau {
                 return;
@@ -708,7 +732,7 @@ where
                 l
             }
         };
-        let settled = now.saturating_sub(e.since_ms) >= p.residence_ms || e.since_ms == 0;
+        let settled = now.saturating_sub(e.since_ms) >= p.residence_ms || e.since_ms == 0 || e.guess_measured(now, p.tau_ms);
 
         // A moved key returns home when home, with it back, is not hot and not busier.
         if let Some(m) = moved {
@@ -716,7 +740,9 @@ where
                 let back = per(self, home, kl);
                 if back < p.hot_milli && back <= per(self, m, 0) {
                     self.set_moved(idx, 0);
-                    self.keys_mut()[idx].since_ms = now.max(1);
+                    let e = &mut self.keys_mut()[idx];
+                    e.since_ms = now.max(1);
+                    e.expected &= !GUESSED;
                     self.transfer(m, home, kl, now);
                     return Some((home, Placed::Returned));
                 }
@@ -744,7 +770,7 @@ where
         // every client stays on its home however hot, and with node-local sessions stays
         // there. A key with responses but not known yet waits to be (a few response times say
         // little).
-        let known = e.expected != 0 || now.saturating_sub(e.first_ms) >= p.tau_ms;
+        let known = e.expectation() != 0 || now.saturating_sub(e.first_ms) >= p.tau_ms;
         let grant = e.cold_start(now, &p);
         // The load the key brings where it goes.
         let brings = kl.saturating_add(grant);
@@ -802,7 +828,15 @@ where
                 }
                 if let Some(t) = target {
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
-                    self.keys_mut()[idx].since_ms = now.max(1);
+                    let e = &mut self.keys_mut()[idx];
+                    e.since_ms = now.max(1);
+                    // A move on the first login's prior (the key's load not measured yet)
+                    // is a guess; one on measured loads is not.
+                    if grant > 0 && t != home {
+                        e.expected |= GUESSED;
+                    } else {
+                        e.expected &= !GUESSED;
+                    }
                     self.servers_mut()[cur].left_ms = now.max(1);
                     // Its expected load moves with it, a new key's first login's prior
                     // included: `cur` is spared that much, `t` takes it now, and that login's
@@ -1245,6 +1279,43 @@ mod tests {
         // sessions follow them later anyway).
         let shared = open(false);
         assert_eq!(shared.iter().filter(|c| c[0] == 2).count(), 2, "{shared:?}");
+    }
+
+    #[test]
+    fn two_clients_moved_together_on_their_first_logins_part_once_their_loads_are_measured() {
+        // Server 0 is hot; two BI servers it has never seen open their pools at once, both
+        // with server 3 next in their order. On their first logins they look alike (one
+        // login's prior each) and both go to server 3. Once measured, each brings 6 requests
+        // in flight there, while servers 1 and 2 are idle: the first to log in again leaves
+        // (within its residence, which a move on measured loads would hold), the second
+        // stays, and neither moves again.
+        let local = Params { local_sessions: true, ..D };
+        let mut p = Placement::new(4, 64, local);
+        let mut now = 100_000;
+        levels(&mut p, &[4, 0, 0, 0], now);
+        let (x, y) = (vec![0, 3, 1, 2], vec![0, 3, 2, 1]);
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, now), Some((3, Placed::MovedNow)));
+        p.login(1, 3, now);
+        assert_eq!(p.place(2, y.clone(), |_| true, |_| 1, now), Some((3, Placed::MovedNow)));
+        p.login(2, 3, now);
+        // Six sessions each, one request of 50 ms always in flight per session, for 3 tau.
+        let end = now + 3 * D.tau_ms;
+        while now < end {
+            now += 50;
+            for s in 0..6 {
+                p.key_done_in(1, 50, 1_000 + s, now);
+                p.key_done_in(2, 50, 2_000 + s, now);
+            }
+        }
+        levels(&mut p, &[4, 0, 0, 12], now);
+        assert!(p.key_load(1, now) > 5_000 && p.key_load(2, now) > 5_000, "{} {}", p.key_load(1, now), p.key_load(2, now));
+        assert!(now - 100_000 < D.residence_ms);
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        assert_eq!(p.place(2, y.clone(), |_| true, |_| 1, now + 1), Some((3, Placed::Moved)));
+        // The new move was made on measured loads: it holds for its residence.
+        levels(&mut p, &[4, 12, 0, 6], now + 2);
+        assert_eq!(p.place(1, x, |_| true, |_| 1, now + 2 * D.tau_ms), Some((1, Placed::Moved)));
+        assert_eq!(p.place(2, y, |_| true, |_| 1, now + 2 * D.tau_ms), Some((3, Placed::Moved)));
     }
 
     #[test]
