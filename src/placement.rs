@@ -51,9 +51,9 @@
 //!   never looks much busier than it is. With node-local sessions the login is the only moment
 //!   a client's load can move.
 //! - **Hysteresis**: a moved key stays for at least `residence` before it may move again or
-//!   return, unless it was moved on its first login's prior, before its load was measured
-//!   (two pools opening at once look alike then, and both may land on the same server): that
-//!   move is judged again once its load has been measured for `tau`. It returns home only when home, with the key back, would not be hot
+//!   return, unless it was moved on its logins' priors, before its load had been measured
+//!   for `tau` (two pools opening at once look alike then, and both may land on the same
+//!   server): that move is judged again once its load has been measured for `tau`. It returns home only when home, with the key back, would not be hot
 //!   (`L(home) + k < hot`) and would not be busier than where it is. Optionally, after a key
 //!   leaves a server, no other key leaves that server for `cooldown` (0 by default: the
 //!   expected-load transfer already prevents a herd).
@@ -318,13 +318,15 @@ impl KeyEntry {
         self.expected & !GUESSED
     }
 
+    /// Whether the key's response times have been measured for `tau` without a gap.
+    fn measured(&self, now: u64, tau: u64) -> bool {
+        self.measured_ms != 0 && now.saturating_sub(self.measured_ms) >= tau
+    }
+
     /// Whether the key's move was made on a guess ([`GUESSED`]) and its load has been measured
     /// for `tau` since, the move being `tau` old at least: the move may be judged again.
     fn guess_measured(&self, now: u64, tau: u64) -> bool {
-        self.expected & GUESSED != 0
-            && self.measured_ms != 0
-            && now.saturating_sub(self.measured_ms) >= tau
-            && now.saturating_sub(self.since_ms) >= tau
+        self.expected & GUESSED != 0 && self.measured(now, tau) && now.saturating_sub(self.since_ms) >= tau
     }
 
     /// What a key placement knows nothing of yet (not known, no response measured) is
@@ -377,10 +379,10 @@ pub enum Placed {
 const GRANTED: u32 = 2;
 
 /// A flag in `KeyEntry::expected`, beside its value: the key's current move was made before
-/// its load was measured, on its first login's prior ([`Placement::place`]). Two pools that
-/// open at once look alike then, and such a move can put two heavy clients together. So the
-/// move is judged again once the key's load has been measured for `tau`, rather than held for
-/// `residence`; a move made on measured loads clears the flag.
+/// its load had been measured for `tau`, on its logins' priors ([`Placement::place`]). Two
+/// pools that open at once look alike then, and such a move can put two heavy clients
+/// together. So the move is judged again once the key's load has been measured for `tau`,
+/// rather than held for `residence`; a move made on measured loads clears the flag.
 const GUESSED: u32 = 4;
 
 /// Probe window of the key table: a key lives in one of this many entries from its slot.
@@ -830,9 +832,9 @@ where
                     self.set_moved(idx, if t == home { 0 } else { t as u32 + 1 });
                     let e = &mut self.keys_mut()[idx];
                     e.since_ms = now.max(1);
-                    // A move on the first login's prior (the key's load not measured yet)
+                    // A move on logins' priors (the key's load not measured for `tau` yet)
                     // is a guess; one on measured loads is not.
-                    if grant > 0 && t != home {
+                    if t != home && (grant > 0 || !e.measured(now, p.tau_ms)) {
                         e.expected |= GUESSED;
                     } else {
                         e.expected &= !GUESSED;
@@ -1281,6 +1283,21 @@ mod tests {
         assert_eq!(shared.iter().filter(|c| c[0] == 2).count(), 2, "{shared:?}");
     }
 
+    /// Six sessions each for `keys`, one request of 50 ms always in flight per session, for
+    /// 3 tau from `now`; returns the time it ends.
+    fn six_sessions_busy(p: &mut Placement, keys: &[u64], mut now: u64) -> u64 {
+        let end = now + 3 * D.tau_ms;
+        while now < end {
+            now += 50;
+            for &k in keys {
+                for s in 0..6 {
+                    p.key_done_in(k, 50, k * 1_000 + s, now);
+                }
+            }
+        }
+        now
+    }
+
     #[test]
     fn two_clients_moved_together_on_their_first_logins_part_once_their_loads_are_measured() {
         // Server 0 is hot; two BI servers it has never seen open their pools at once, both
@@ -1291,31 +1308,46 @@ mod tests {
         // stays, and neither moves again.
         let local = Params { local_sessions: true, ..D };
         let mut p = Placement::new(4, 64, local);
-        let mut now = 100_000;
-        levels(&mut p, &[4, 0, 0, 0], now);
+        let start = 100_000;
+        levels(&mut p, &[4, 0, 0, 0], start);
         let (x, y) = (vec![0, 3, 1, 2], vec![0, 3, 2, 1]);
-        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, now), Some((3, Placed::MovedNow)));
-        p.login(1, 3, now);
-        assert_eq!(p.place(2, y.clone(), |_| true, |_| 1, now), Some((3, Placed::MovedNow)));
-        p.login(2, 3, now);
-        // Six sessions each, one request of 50 ms always in flight per session, for 3 tau.
-        let end = now + 3 * D.tau_ms;
-        while now < end {
-            now += 50;
-            for s in 0..6 {
-                p.key_done_in(1, 50, 1_000 + s, now);
-                p.key_done_in(2, 50, 2_000 + s, now);
-            }
-        }
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, start), Some((3, Placed::MovedNow)));
+        p.login(1, 3, start);
+        assert_eq!(p.place(2, y.clone(), |_| true, |_| 1, start), Some((3, Placed::MovedNow)));
+        p.login(2, 3, start);
+        let now = six_sessions_busy(&mut p, &[1, 2], start);
         levels(&mut p, &[4, 0, 0, 12], now);
         assert!(p.key_load(1, now) > 5_000 && p.key_load(2, now) > 5_000, "{} {}", p.key_load(1, now), p.key_load(2, now));
-        assert!(now - 100_000 < D.residence_ms);
+        assert!(now - start < D.residence_ms);
         assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
         assert_eq!(p.place(2, y.clone(), |_| true, |_| 1, now + 1), Some((3, Placed::Moved)));
         // The new move was made on measured loads: it holds for its residence.
         levels(&mut p, &[4, 12, 0, 6], now + 2);
         assert_eq!(p.place(1, x, |_| true, |_| 1, now + 2 * D.tau_ms), Some((1, Placed::Moved)));
         assert_eq!(p.place(2, y, |_| true, |_| 1, now + 2 * D.tau_ms), Some((3, Placed::Moved)));
+    }
+
+    #[test]
+    fn a_client_moved_at_a_later_login_before_it_was_measured_is_judged_again() {
+        // Its first login stays home (server 0 calm); at its second, server 0 is hot and it
+        // moves on its logins' prior (nothing of it measured yet) to server 3. Measured, it
+        // brings 6 requests in flight, and server 3 turns out busy with others as well while
+        // servers 1 and 2 are idle: it moves again within its residence, and then stays.
+        let local = Params { local_sessions: true, ..D };
+        let mut p = Placement::new(4, 64, local);
+        let start = 100_000;
+        let x = vec![0, 3, 1, 2];
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, start), Some((0, Placed::Home)));
+        p.login(1, 0, start);
+        levels(&mut p, &[3, 0, 0, 0], start + 10);
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, start + 10), Some((3, Placed::MovedNow)));
+        p.login(1, 3, start + 10);
+        let now = six_sessions_busy(&mut p, &[1], start + 10);
+        levels(&mut p, &[3, 0, 0, 12], now);
+        assert!(now - start < D.residence_ms);
+        assert_eq!(p.place(1, x.clone(), |_| true, |_| 1, now), Some((1, Placed::MovedNow)));
+        levels(&mut p, &[3, 12, 0, 0], now + 2);
+        assert_eq!(p.place(1, x, |_| true, |_| 1, now + 2 * D.tau_ms), Some((1, Placed::Moved)));
     }
 
     #[test]
@@ -1759,7 +1791,8 @@ mod tests {
     proptest! {
         /// Whatever the loads and history: the answer is a usable server; a key at home is
         /// at its first usable server; asking again at the same moment gives the same answer;
-        /// and a key never moves twice within its residence.
+        /// and a key moves again within its residence only once, `tau` after a move made on a
+        /// guess (its load not yet measured), and that second move holds for its residence.
         #[test]
         fn placement_is_usable_stable_and_deterministic(
             n in 1usize..8,
@@ -1768,7 +1801,7 @@ mod tests {
         ) {
             let mut p = Placement::new(n, 8, D);
             let mut now = 1u64;
-            let mut last_move = std::collections::HashMap::new();
+            let mut last_move: std::collections::HashMap<u64, (u64, bool)> = std::collections::HashMap::new();
             for (key, server, level, dt, done) in ops {
                 now += dt;
                 p.server_inflight(server % n, level, now);
@@ -1786,10 +1819,14 @@ mod tests {
                             prop_assert_eq!(s, home);
                         }
                         if how == Placed::MovedNow || how == Placed::Returned {
-                            if let Some(&t) = last_move.get(&key) {
-                                prop_assert!(now - t >= D.residence_ms);
+                            let mut short = false;
+                            if let Some(&(t, was_short)) = last_move.get(&key) {
+                                if now - t < D.residence_ms {
+                                    prop_assert!(now - t >= D.tau_ms && !was_short, "{} ms after the last move", now - t);
+                                    short = true;
+                                }
                             }
-                            last_move.insert(key, now);
+                            last_move.insert(key, (now, short));
                         }
                         let again = p.place(key, ord.clone(), usable, |_| 1, now).unwrap();
                         prop_assert_eq!(again.0, s);
