@@ -39,7 +39,7 @@
 //! Defaults: 16 layouts, 3 seeds, 30 s runs of which the first 5 s (`--warmup`) are not counted;
 //! `--layout L` runs layout L alone. `SIM_TRACE=1` prints every client move to stderr,
 //! `SIM_TRACE_LOGINS=1` every login.
-//! Every run lasts 30 s of simulated time, the first 5 s not counted (as `scripts/bench`); each
+//! Each
 //! cell (layout x session kind x cache kind) is the mean of S workload seeds (default 3), the
 //! same seeds for every balancer. Reported: queries/s, p99 latency, cache hit rate, 401s,
 //! busiest/mean time-averaged in-flight, and per candidate its ratio to the best anchor of the

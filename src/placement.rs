@@ -53,7 +53,8 @@
 //! - **Hysteresis**: a moved key stays for at least `residence` before it may move again or
 //!   return, unless it was moved on its logins' priors, before its load had been measured
 //!   for `tau` (two pools opening at once look alike then, and both may land on the same
-//!   server): that move is judged again once its load has been measured for `tau`. It returns home only when home, with the key back, would not be hot
+//!   server): that move is judged again once its load has been measured for `tau`. It
+//!   returns home only when home, with the key back, would not be hot
 //!   (`L(home) + k < hot`) and would not be busier than where it is. Optionally, after a key
 //!   leaves a server, no other key leaves that server for `cooldown` (0 by default: the
 //!   expected-load transfer already prevents a herd).
@@ -234,7 +235,8 @@ pub struct KeyEntry {
     moved: u32,
     /// 1 once a login gave it an expected load (its load is known then, or once the entry is
     /// `tau` old); [`GRANTED`] when [`Placement::place`] moved it before any login was
-    /// answered and gave it its first login's prior then; 0 otherwise.
+    /// answered and gave it its first login's prior then; 0 otherwise. Beside that value, the
+    /// [`GUESSED`] flag ([`KeyEntry::expectation`] reads the value without it).
     expected: u32,
     /// When the key last moved (or returned).
     since_ms: u64,
